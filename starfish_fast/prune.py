@@ -1,0 +1,358 @@
+"""Mask makers: magnitude (unstructured), N:M (semi-structured) and structured masks over the
+reference's prune scopes, in the reference's mask format.
+
+    from starfish_fast.prune import magnitude_masks, nm_masks, structured_masks, sparsity_summary
+    masks = magnitude_masks(model, 0.5, scope="qkv_out_mlp", per="global")  # {state_dict key: bool tensor}
+    masks = nm_masks(model, n=2, m=4, scope="qkv")              # 2 kept of every 4 along the reduction dim
+    masks = structured_masks(model, 0.5, scope="qk_mlp", kind="qk_mlp")  # whole MLP neurons and QK dims
+    print(format_summary(sparsity_summary(masks)))              # per-layer and total sparsity
+    torch.save(masks, "masks.pt")                               # loads in the reference's load_masks
+
+    starfish-fast prune --model-name fashion_vit --method nm --output masks.safetensors
+
+Every maker returns a mask (True = keep and train) for every weight of the scope, on the CPU,
+and logs its summary. Importance is the weight magnitude unless ``score`` says otherwise: a
+``score(key, weight) -> tensor`` of the weight's shape (larger = more important); structured
+makers add the scores of a group's entries (L1 norm of a row for magnitude).
+
+Conventions:
+- sparsity is the fraction of weights removed, in ``[0, 1)``; the count pruned is
+  ``round(sparsity * size)`` per layer (``per="layer"``) or over the whole scope (``"global"``).
+- N:M groups run along the reduction dimension: the input features of a linear, and for a conv
+  each output channel's ``in_channels/groups * kh * kw`` entries in memory order (the im2col
+  GEMM's reduction). A weight whose reduction size is not a multiple of M is refused rather than
+  letting groups straddle filters.
+- structured ``mlp``: hidden neurons of each block (fc1 row and the fc2 column of the same neuron;
+  fc1's bias is left alone: its neuron then feeds a zero fc2 column). ``qk``: head dimensions,
+  the same count in every head, removing the q row and the k row of a (head, dim) pair inside the
+  fused qkv weight (timm ``qkv.weight`` and torchvision ``in_proj_weight``, rows ``[q | k | v]``);
+  v is untouched, so the qkv tensor's own sparsity is two thirds of the requested one.
+  ``channel`` (MobileNetV1): whole output filters of every conv of the scope. The next layer's
+  matching inputs are left alone: BatchNorm turns a zeroed channel into a constant, not a zero, so
+  zeroing them would change what the network computes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from starfish_fast.models import adapter_for, prunable_weights
+
+log = logging.getLogger(__name__)
+
+ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]
+STRUCTURED_KINDS = ("mlp", "qk", "qk_mlp", "channel")
+VIT_FAMILIES = ("timm_vit", "torchvision_vit")
+# (fc1, fc2) key suffixes of one MLP, per family
+MLP_PAIRS = {"timm_vit": (".mlp.fc1.weight", ".mlp.fc2.weight"),
+             "torchvision_vit": (".mlp.0.weight", ".mlp.3.weight")}
+# fused q|k|v weight key suffix -> suffix of the attention module (which knows num_heads)
+QKV_SUFFIXES = {".attn.qkv.weight": ".attn", ".self_attention.in_proj_weight": ".self_attention"}
+
+
+def magnitude_score(key: str, weight: torch.Tensor) -> torch.Tensor:
+    """Importance of each entry: its absolute value."""
+    return weight.detach().abs().float()
+
+
+# ----------------------------------------------------------------------------- checks and helpers
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of weights removed), got {sparsity!r}")
+    return float(sparsity)
+
+
+def _scope_weights(model: nn.Module, scope: str):
+    """The adapter, the resolved scope name and ``{key: weight}`` of the scope (``ValueError`` if empty)."""
+    adapter = adapter_for(model)
+    resolved = adapter.check_scope(scope)
+    weights = prunable_weights(model, adapter.scope_predicate(resolved))
+    if not weights:
+        raise ValueError(f"prune scope {resolved!r} selects no weights of this {adapter.family} model")
+    return adapter, resolved, weights
+
+
+def _scores(weights: Mapping[str, torch.Tensor], score: ScoreFn) -> dict[str, torch.Tensor]:
+    scores = {}
+    for key, weight in weights.items():
+        value = score(key, weight)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(weight.shape):
+            raise ValueError(f"score({key!r}) must return a tensor of the weight's shape {tuple(weight.shape)}, "
+                             f"got {getattr(value, 'shape', type(value).__name__)}")
+        value = value.detach().float()
+        if not torch.isfinite(value).all():
+            raise ValueError(f"score({key!r}) has non-finite values")
+        scores[key] = value
+    return scores
+
+
+def _keep_largest(scores: torch.Tensor, n_prune: int, dim: int | None = None) -> torch.Tensor:
+    """Bool keep-mask removing exactly the ``n_prune`` lowest scores along ``dim`` (or overall)."""
+    values = scores.flatten() if dim is None else scores
+    axis = -1 if dim is None else dim
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if n_prune:
+        keep.scatter_(axis, torch.topk(values, n_prune, dim=axis, largest=False, sorted=False).indices, False)
+    return keep.view(scores.shape)
+
+
+def _finish(masks: dict[str, torch.Tensor], title: str) -> dict[str, torch.Tensor]:
+    masks = {key: mask.to("cpu", torch.bool).contiguous() for key, mask in masks.items()}
+    log.info("%s\n%s", title, format_summary(sparsity_summary(masks)))
+    return masks
+
+
+# ----------------------------------------------------------------------------- unstructured
+def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "auto", per: str = "layer",
+                    score: ScoreFn = magnitude_score) -> dict[str, torch.Tensor]:
+    """Unstructured masks removing the lowest-scoring ``sparsity`` fraction of each layer
+    (``per="layer"``) or of the whole scope at once (``per="global"``)."""
+    sparsity = _check_sparsity(sparsity)
+    if per not in ("layer", "global"):
+        raise ValueError(f"per must be 'layer' or 'global', got {per!r}")
+    _, resolved, weights = _scope_weights(model, scope)
+    scores = _scores(weights, score)
+    if per == "layer":
+        masks = {key: _keep_largest(value, round(sparsity * value.numel())) for key, value in scores.items()}
+    else:
+        masks = _global_masks(scores, sparsity)
+    return _finish(masks, f"magnitude pruning, {per}, sparsity {sparsity:g}, scope {resolved}")
+
+
+def _global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """One threshold over the scope; ties at the threshold are pruned in layer order until the
+    count is exact. kthvalue on the concatenated scores needs two float32 copies of the scope
+    (5 GB for DeiT3-H's 629M prunable weights) but no int64 index arrays of that size."""
+    total = sum(value.numel() for value in scores.values())
+    n_prune = round(sparsity * total)
+    if n_prune == 0:
+        return {key: torch.ones_like(value, dtype=torch.bool) for key, value in scores.items()}
+    threshold = torch.kthvalue(torch.cat([value.flatten() for value in scores.values()]), n_prune).values
+    ties_to_prune = n_prune - sum(int((value < threshold).sum()) for value in scores.values())
+    masks = {}
+    for key, value in scores.items():
+        keep = (value >= threshold).flatten()
+        if ties_to_prune:
+            ties = (value.flatten() == threshold).nonzero().squeeze(1)[:ties_to_prune]   # (<= ties_to_prune,)
+            keep[ties] = False
+            ties_to_prune -= ties.numel()
+        masks[key] = keep.view(value.shape)
+    return masks
+
+
+# ----------------------------------------------------------------------------- N:M
+def nm_masks(model: nn.Module, n: int = 2, m: int = 4, scope: str = "auto",
+             score: ScoreFn = magnitude_score) -> dict[str, torch.Tensor]:
+    """N:M masks: in every group of ``m`` consecutive entries along each weight's reduction
+    dimension, exactly ``n`` (the highest-scoring) are kept."""
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int) \
+            or not 1 <= n < m:
+        raise ValueError(f"N:M needs integers 1 <= n < m, got n={n!r}, m={m!r}")
+    _, resolved, weights = _scope_weights(model, scope)
+    misfits = [f"{key} {tuple(weight.shape)} (reduction size {weight[0].numel()})"
+               for key, weight in weights.items() if weight[0].numel() % m]
+    if misfits:
+        raise ValueError(f"{n}:{m} sparsity needs the reduction size of every weight (in_features, or "
+                         f"in_channels/groups*kh*kw for a conv) to be a multiple of m={m}; scope {resolved!r} "
+                         f"has {len(misfits)} that are not: {'; '.join(misfits[:5])}")
+    masks = {}
+    for key, value in _scores(weights, score).items():
+        groups = value.reshape(value.shape[0], -1, m)          # (out, reduction/m, m)
+        masks[key] = _keep_largest(groups, m - n, dim=-1).view(value.shape)
+    return _finish(masks, f"{n}:{m} pruning, scope {resolved}")
+
+
+# ----------------------------------------------------------------------------- structured
+def structured_masks(model: nn.Module, sparsity: float, scope: str = "auto", kind: str | None = None,
+                     score: ScoreFn = magnitude_score) -> dict[str, torch.Tensor]:
+    """Structured masks: whole MLP neurons (``mlp``), QK head dimensions (``qk``), both
+    (``qk_mlp``), or conv output channels (``channel``, MobileNetV1); ``sparsity`` of each layer's
+    groups is removed. Without ``kind``: ``channel`` for MobileNetV1; for ViTs ``qk`` with the
+    attention-only scopes (qk, qkv, qkv_out), ``qk_mlp`` with qk_mlp, ``mlp`` otherwise.
+    Weights of the scope that the kind does not touch get all-True masks."""
+    sparsity = _check_sparsity(sparsity)
+    adapter, resolved, weights = _scope_weights(model, scope)
+    kind = kind if kind is not None else _default_kind(adapter.family, resolved)
+    if kind not in STRUCTURED_KINDS:
+        raise ValueError(f"unknown structured kind {kind!r}; allowed: {', '.join(STRUCTURED_KINDS)}")
+    allowed = ("channel",) if adapter.family == "mobilenetv1" else ("mlp", "qk", "qk_mlp")
+    if kind not in allowed:
+        raise ValueError(f"structured kind {kind!r} does not apply to {adapter.family} models; allowed: "
+                         f"{', '.join(allowed)}")
+    scores = _scores(weights, score)
+    masks = {key: torch.ones_like(value, dtype=torch.bool) for key, value in scores.items()}
+    if kind in ("mlp", "qk_mlp"):
+        masks.update(_mlp_neuron_masks(adapter.family, scores, sparsity, resolved))
+    if kind in ("qk", "qk_mlp"):
+        masks.update(_qk_masks(model, scores, sparsity, resolved))
+    if kind == "channel":
+        masks.update(_channel_masks(model, scores, sparsity, resolved))
+    return _finish(masks, f"structured {kind} pruning, sparsity {sparsity:g}, scope {resolved}")
+
+
+def _default_kind(family: str, scope: str) -> str:
+    if family == "mobilenetv1":
+        return "channel"
+    return {"qk": "qk", "qkv": "qk", "qkv_out": "qk", "qk_mlp": "qk_mlp"}.get(scope, "mlp")
+
+
+def _mlp_neuron_masks(family: str, scores, sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    fc1_suffix, fc2_suffix = MLP_PAIRS[family]
+    masks = {}
+    for fc1_key in [key for key in scores if key.endswith(fc1_suffix)]:
+        fc2_key = fc1_key[:-len(fc1_suffix)] + fc2_suffix
+        if fc2_key not in scores:
+            raise ValueError(f"structured mlp pruning needs {fc2_key} in the scope beside {fc1_key}")
+        neuron_scores = scores[fc1_key].sum(1) + scores[fc2_key].sum(0)   # (hidden,): fc1 row + fc2 column
+        keep = _keep_largest(neuron_scores, round(sparsity * neuron_scores.numel()))
+        masks[fc1_key] = keep[:, None].expand_as(scores[fc1_key])          # (hidden, D)
+        masks[fc2_key] = keep[None, :].expand_as(scores[fc2_key])          # (D, hidden)
+    if not masks:
+        raise ValueError(f"structured mlp pruning needs the MLP weights in the prune scope; {scope!r} has none "
+                         f"(use mlp, qk_mlp or qkv_out_mlp)")
+    return masks
+
+
+def _qk_masks(model: nn.Module, scores, sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    masks = {}
+    for key, value in scores.items():
+        suffix = next((s for s in QKV_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        attention = model.get_submodule(key[:-len(suffix)] + QKV_SUFFIXES[suffix])
+        heads = attention.num_heads
+        inner = value.shape[0] // 3                   # rows [q | k | v], each heads * head_dim
+        if value.shape[0] % 3 or inner % heads:
+            raise ValueError(f"{key} {tuple(value.shape)}: rows are not [q | k | v] with {heads} equal heads")
+        row_scores = value.sum(1)                                                 # (3 * inner,)
+        pair_scores = (row_scores[:inner] + row_scores[inner:2 * inner]).view(heads, -1)  # (heads, head_dim)
+        keep = _keep_largest(pair_scores, round(sparsity * pair_scores.shape[1]), dim=1).flatten()  # (inner,)
+        rows = torch.cat([keep, keep, torch.ones_like(keep)])                    # (3 * inner,): v kept
+        masks[key] = rows[:, None].expand_as(value)
+    if not masks:
+        raise ValueError(f"structured qk pruning needs the fused qkv weights in the prune scope; {scope!r} has "
+                         f"none (use qk, qkv, qkv_out, qk_mlp or qkv_out_mlp)")
+    return masks
+
+
+def _channel_masks(model: nn.Module, scores, sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    masks = {}
+    for key, value in scores.items():
+        if not isinstance(modules.get(key[:-len(".weight")]), nn.Conv2d):
+            continue
+        filter_scores = value.flatten(1).sum(1)                                   # (out_channels,)
+        keep = _keep_largest(filter_scores, round(sparsity * filter_scores.numel()))
+        masks[key] = keep.view(-1, 1, 1, 1).expand_as(value)                     # whole filters
+    if not masks:
+        raise ValueError(f"structured channel pruning needs convs in the prune scope; {scope!r} has none "
+                         f"(use conv_only, conv_fc, conv_dw or all)")
+    return masks
+
+
+# ----------------------------------------------------------------------------- summary
+def sparsity_summary(masks: Mapping[str, torch.Tensor]) -> dict:
+    """``{"layers": {key: {shape, total, pruned, sparsity}}, "total", "pruned", "sparsity"}``."""
+    layers = {}
+    for key, mask in masks.items():
+        total = mask.numel()
+        pruned = total - int(torch.count_nonzero(mask))
+        layers[key] = {"shape": list(mask.shape), "total": total, "pruned": pruned,
+                       "sparsity": pruned / total if total else 0.0}
+    total = sum(layer["total"] for layer in layers.values())
+    pruned = sum(layer["pruned"] for layer in layers.values())
+    return {"layers": layers, "total": total, "pruned": pruned, "sparsity": pruned / total if total else 0.0}
+
+
+def format_summary(summary: Mapping) -> str:
+    width = max([len(key) for key in summary["layers"]] + [5])
+    lines = [f"{key:<{width}}  {str(tuple(layer['shape'])):>20}  sparsity {layer['sparsity']:.4f}"
+             for key, layer in summary["layers"].items()]
+    lines.append(f"{'total':<{width}}  {summary['total']:>20,}  sparsity {summary['sparsity']:.4f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+MASK_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``starfish-fast prune``."""
+    parser.add_argument("--model-name", required=True, help="a supported model name; fashion_vit is the bundled one")
+    parser.add_argument("--dense-path", default=None,
+                        help="dense checkpoint (state dict or {'state_dict': ...}); optional for fashion_vit")
+    parser.add_argument("--method", choices=("magnitude", "nm", "structured"), default="magnitude")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="fraction of weights removed, in [0, 1) (magnitude, structured; N:M fixes it)")
+    parser.add_argument("--per", choices=("layer", "global"), default="layer", help="magnitude: threshold scope")
+    parser.add_argument("--n", type=int, default=2, help="N:M: weights kept per group")
+    parser.add_argument("--m", type=int, default=4, help="N:M: group size along the reduction dimension")
+    parser.add_argument("--kind", choices=STRUCTURED_KINDS, default=None,
+                        help="structured: what to remove (default: from the model and scope)")
+    parser.add_argument("--prune-scope", default="auto", help="reference prune scope (auto = the model's default)")
+    parser.add_argument("--output", required=True, help="mask file: .pt/.pth (torch.save, reference format) or "
+                                                        ".safetensors")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="unpickle a non-weights-only checkpoint (only for files you trust)")
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Make masks as ``args`` say and write them; 0 on success, 2 on a usage or input error
+    (reported on stderr). Everything is checked before anything is written."""
+    try:
+        masks, summary = _prune_from_args(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"starfish-fast prune: error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"wrote {len(masks)} masks to {args.output}")
+    return 0
+
+
+def _prune_from_args(args: argparse.Namespace):
+    from starfish_fast.checkpoint import save_safetensors_atomic, save_torch_atomic
+    from starfish_fast.masks import validate_masks
+
+    if not str(args.output).endswith(MASK_SUFFIXES):
+        raise ValueError(f"--output must end with one of {', '.join(MASK_SUFFIXES)}, got {args.output!r}")
+    if args.method == "nm":
+        if args.sparsity is not None:
+            raise ValueError("--sparsity does not apply to --method nm: N:M fixes it at 1 - n/m")
+    elif args.sparsity is None:
+        raise ValueError(f"--method {args.method} needs --sparsity")
+    else:
+        _check_sparsity(args.sparsity)
+    model = _load_dense_model(args)
+    if args.method == "magnitude":
+        masks = magnitude_masks(model, args.sparsity, args.prune_scope, per=args.per)
+    elif args.method == "nm":
+        masks = nm_masks(model, n=args.n, m=args.m, scope=args.prune_scope)
+    else:
+        masks = structured_masks(model, args.sparsity, args.prune_scope, kind=args.kind)
+    adapter = adapter_for(model)
+    validate_masks(masks, model, adapter.scope_predicate(args.prune_scope), source="generated masks")
+    summary = sparsity_summary(masks)
+    if str(args.output).endswith(".safetensors"):
+        metadata = {"model_name": args.model_name, "method": args.method, "prune_scope": adapter.check_scope(
+            args.prune_scope), "sparsity": f"{summary['sparsity']:.6f}"}
+        save_safetensors_atomic(masks, args.output, metadata=metadata)
+    else:
+        save_torch_atomic(masks, args.output)
+    return masks, summary
+
+
+def _load_dense_model(args: argparse.Namespace) -> nn.Module:
+    from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
+    from starfish_fast.models import infer_model_kind, load_model
+
+    infer_model_kind(args.model_name)
+    if args.dense_path is None:
+        if args.model_name != BUNDLED_MODEL_NAME:
+            raise ValueError(f"--dense-path is required for {args.model_name} (only {BUNDLED_MODEL_NAME} is bundled)")
+        return load_bundled_model()[0]
+    return load_model(args.model_name, args.dense_path, "cpu", allow_unsafe_pickle=args.allow_unsafe_pickle)

@@ -1,0 +1,244 @@
+"""Teacher store: the dense model's block outputs (and logits) for every calibration batch.
+
+    store = make_teacher_store("auto", dense_model, adapter, block_names, batches, device)
+    targets = store.get(i)          # list of (B, T, D) tensors on `device`, one per block (+ logits last if kept)
+    store.prefetch(i + 1)           # pinned store: starts the next copy on a side stream
+
+Kinds: ``memory`` (plain tensors on the device: the GPU-resident store on CUDA, the CPU
+store on CPU), ``pinned`` (pinned host memory in fixed-size chunks, the next batch
+copied on a side CUDA stream while the current step runs), ``disk`` (a memory-mapped
+file, for caches larger than RAM), ``recompute`` (the teacher runs every step).
+``auto`` picks from the sizes and the free memory and logs why.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+STORE_KINDS = ("auto", "gpu", "pinned", "disk", "recompute", "memory")
+# The caching allocator rounds each pinned allocation up to a power of two: 256 MiB chunks
+# waste at most one partly used chunk instead of up to half of a single huge allocation.
+PINNED_CHUNK_BYTES = 256 << 20
+# Keep this fraction of free memory for the student's activations, weights and optimizer.
+GPU_HEADROOM_FRACTION = 0.5
+HOST_HEADROOM_FRACTION = 0.5
+
+
+@torch.no_grad()
+def teacher_outputs(dense_model: nn.Module, adapter, block_names: Sequence[str], images: torch.Tensor,
+                    keep_logits: bool, keep_blocks: bool = True) -> list[torch.Tensor]:
+    """Block outputs (and logits, last) of one dense forward pass."""
+    logits, reps = adapter.forward_blocks(dense_model, images, block_names if keep_blocks else [],
+                                          need_logits=keep_logits)
+    return (list(reps) if keep_blocks else []) + ([logits] if keep_logits else [])
+
+
+class TeacherStore:
+    kind = "memory"
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def get(self, index: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def prefetch(self, index: int) -> None:
+        """Start bringing batch ``index`` to the device (no-op unless the store streams)."""
+
+
+class MemoryStore(TeacherStore):
+    """Targets held as plain tensors on ``device`` (GPU-resident on CUDA, RAM on CPU)."""
+
+    def __init__(self, outputs_per_batch: list[list[torch.Tensor]], kind: str = "memory"):
+        self.outputs, self.num_batches, self.kind = outputs_per_batch, len(outputs_per_batch), kind
+
+    def get(self, index):
+        return self.outputs[index]
+
+
+class PinnedStore(TeacherStore):
+    """Targets in pinned host chunks; ``prefetch`` copies the next batch on a side stream (double buffered)."""
+
+    kind = "pinned"
+
+    def __init__(self, host_outputs: list[list[torch.Tensor]], device: torch.device):
+        self.host, self.num_batches, self.device = host_outputs, len(host_outputs), device
+        self.copy_stream = torch.cuda.Stream(device=device)
+        self.pending: dict[int, tuple[list[torch.Tensor], torch.cuda.Event]] = {}
+
+    def prefetch(self, index):
+        if index >= self.num_batches or index in self.pending:
+            return
+        with torch.cuda.stream(self.copy_stream):
+            tensors = [t.to(self.device, non_blocking=True) for t in self.host[index]]
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        self.pending[index] = (tensors, ready)
+
+    def get(self, index):
+        self.prefetch(index)
+        tensors, ready = self.pending.pop(index)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(ready)              # GPU-side wait: the host never blocks
+        for t in tensors:                      # memory made on the copy stream is used on the compute stream
+            t.record_stream(compute)
+        return tensors
+
+
+class RecomputeStore(TeacherStore):
+    """No cache: the dense model runs on every access (the reference's ``--no-dense-cache``)."""
+
+    kind = "recompute"
+
+    def __init__(self, dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype):
+        self.args = (dense_model, adapter, block_names)
+        self.batches, self.num_batches, self.device = batches, len(batches), device
+        self.keep_logits, self.keep_blocks, self.dtype = keep_logits, keep_blocks, dtype
+
+    def get(self, index):
+        dense_model, adapter, block_names = self.args
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return teacher_outputs(dense_model, adapter, block_names, self.batches[index].to(self.device),
+                                   self.keep_logits, self.keep_blocks)
+
+
+class ChunkedHostBuffer:
+    """Carves tensors out of fixed-size host chunks: pinned memory, or one memory-mapped file."""
+
+    def __init__(self, total_bytes: int, pinned: bool = False, path: Path | None = None):
+        self.pinned, self.offset, self.chunks = pinned, 0, []
+        if path is not None:  # one file, mapped shared so pages go back to the OS under pressure
+            os.truncate(path, max(total_bytes, 1))
+            self.file_storage = torch.from_file(str(path), shared=True, size=max(total_bytes, 1),
+                                                dtype=torch.uint8)
+        else:
+            self.file_storage = None
+
+    def allocate(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * itemsize
+        self.offset = (self.offset + 63) // 64 * 64                  # 64-byte alignment for vector copies
+        if self.file_storage is not None:
+            raw = self.file_storage[self.offset:self.offset + nbytes]
+            self.offset += nbytes
+            return raw.view(dtype).view(shape)
+        if not self.chunks or self.offset + nbytes > self.chunks[-1].numel():
+            self.chunks.append(torch.empty(max(PINNED_CHUNK_BYTES, nbytes), dtype=torch.uint8,
+                                           pin_memory=self.pinned))
+            self.offset = 0
+        raw = self.chunks[-1][self.offset:self.offset + nbytes]
+        self.offset += nbytes
+        return raw.view(dtype).view(shape)
+
+
+def _fill_host(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype, buffer_of):
+    """Run the teacher once over ``batches`` and copy every output into host memory from ``buffer_of``."""
+    host = []
+    buffer = None
+    for images in batches:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
+            outputs = teacher_outputs(dense_model, adapter, block_names, images.to(device), keep_logits, keep_blocks)
+        if buffer is None:
+            per_batch = sum(t.numel() for t in outputs) * torch.empty((), dtype=dtype).element_size()
+            buffer = buffer_of(per_batch * len(batches) + 64 * len(outputs) * len(batches))
+        stored = []
+        for t in outputs:
+            slot = buffer.allocate(t.shape, dtype)
+            slot.copy_(t.to(dtype))
+            stored.append(slot)
+        host.append(stored)
+    return host
+
+
+def estimate_bytes(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype) -> int:
+    """Bytes of the whole cache, from one teacher pass over the first batch."""
+    outputs = teacher_outputs(dense_model, adapter, block_names, batches[0][:1].to(device), keep_logits, keep_blocks)
+    per_image = sum(t.numel() for t in outputs) * torch.empty((), dtype=dtype).element_size()
+    return per_image * sum(b.shape[0] for b in batches)
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def choose_store(requested: str, cache_bytes: int, device: torch.device) -> tuple[str, str]:
+    """The store kind to use and why."""
+    if requested not in STORE_KINDS:
+        raise ValueError(f"unknown teacher store {requested!r}; allowed: {', '.join(STORE_KINDS)}")
+    if requested in ("gpu", "pinned") and device.type != "cuda":
+        raise ValueError(f"teacher store {requested!r} needs a CUDA device, got {device}")
+    if requested != "auto":
+        return requested, "requested"
+    host_free = _host_available_bytes()
+    if device.type != "cuda":
+        if cache_bytes <= HOST_HEADROOM_FRACTION * host_free or host_free == 0:
+            return "memory", f"cache {cache_bytes / 2**30:.2f} GiB fits in RAM ({host_free / 2**30:.1f} GiB free)"
+        return "disk", f"cache {cache_bytes / 2**30:.2f} GiB exceeds half the free RAM ({host_free / 2**30:.1f} GiB)"
+    gpu_free, _ = torch.cuda.mem_get_info(device)
+    if cache_bytes <= GPU_HEADROOM_FRACTION * gpu_free:
+        return "gpu", f"cache {cache_bytes / 2**30:.2f} GiB fits in half the free GPU memory ({gpu_free / 2**30:.1f} GiB)"
+    if cache_bytes <= HOST_HEADROOM_FRACTION * host_free:
+        return "pinned", (f"cache {cache_bytes / 2**30:.2f} GiB exceeds half the free GPU memory "
+                          f"({gpu_free / 2**30:.1f} GiB) but fits in pinned host memory")
+    return "disk", f"cache {cache_bytes / 2**30:.2f} GiB exceeds GPU and host memory: memory-mapped file"
+
+
+def make_teacher_store(requested: str, dense_model: nn.Module, adapter, block_names: Sequence[str],
+                       batches: Sequence[torch.Tensor], device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
+                       keep_logits: bool = False, keep_blocks: bool = True,
+                       disk_dir: str | os.PathLike | None = None) -> TeacherStore:
+    """Build the store (one dense pass over ``batches`` unless recomputing)."""
+    dense_model.eval()
+    cache_bytes = estimate_bytes(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype)
+    kind, reason = choose_store(requested, cache_bytes, device)
+    log.info("teacher store: %s (%s)", kind, reason)
+    common = (dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype)
+    if kind == "recompute":
+        return RecomputeStore(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype)
+    if kind in ("memory", "gpu"):
+        outputs = []
+        for images in batches:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
+                step = teacher_outputs(dense_model, adapter, block_names, images.to(device), keep_logits, keep_blocks)
+            outputs.append([t.to(dtype) for t in step])
+        return MemoryStore(outputs, kind)
+    if kind == "pinned":
+        host = _fill_host(*common, buffer_of=lambda n: ChunkedHostBuffer(n, pinned=True))
+        return PinnedStore(host, device)
+    directory = Path(disk_dir or tempfile.gettempdir())
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="starfish_teacher_", suffix=".bin", dir=directory)
+    os.close(fd)
+    try:
+        host = _fill_host(*common, buffer_of=lambda n: ChunkedHostBuffer(n, path=Path(path)))
+    finally:
+        os.unlink(path)   # the mapping stays valid; the file vanishes when the store does
+    store = MemoryStore(host, "disk")
+    return _DeviceCopyStore(store, device) if device.type == "cuda" else store
+
+
+class _DeviceCopyStore(TeacherStore):
+    """Wraps a host store whose tensors must be copied to a CUDA device on access."""
+
+    def __init__(self, host_store: TeacherStore, device: torch.device):
+        self.host_store, self.device = host_store, device
+        self.num_batches, self.kind = host_store.num_batches, host_store.kind
+
+    def get(self, index):
+        return [t.to(self.device, non_blocking=False) for t in self.host_store.get(index)]

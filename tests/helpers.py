@@ -1,0 +1,32 @@
+"""Tiny models and masks shared by the tests (random weights, nothing downloaded)."""
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from starfish_fast.models import adapter_for, prunable_weights
+
+
+def tiny_vit(seed: int = 0, **overrides) -> VisionTransformer:
+    torch.manual_seed(seed)
+    arch = dict(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    arch.update(overrides)
+    return VisionTransformer(**arch).eval()
+
+
+def tiny_mobilenet(seed: int = 0):
+    from timm.models.efficientnet import _gen_mobilenet_v1
+
+    torch.manual_seed(seed)
+    # Same block structure as mobilenetv1_100 (stages 1,2,2,6,2), a quarter of the channels.
+    return _gen_mobilenet_v1("mobilenetv1_100", channel_multiplier=0.25, num_classes=10).eval()
+
+
+def random_masks(model, scope: str = "auto", density: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weights = prunable_weights(model, adapter_for(model).scope_predicate(scope))
+    return {key: torch.rand(w.shape, generator=generator) < density for key, w in weights.items()}
+
+
+def images(n: int, size: int = 16, channels: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))

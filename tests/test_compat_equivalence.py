@@ -1,0 +1,164 @@
+"""compat.starfish_recovery against a plain implementation of the reference semantics
+(written here from REFERENCE_API.md for clarity, not speed)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import images, random_masks, tiny_mobilenet, tiny_vit
+from starfish_fast import compat
+
+
+def reference_recovery(pruned, dense, kind, block_names, masks, calib_batches, is_prunable, config):
+    """The reference loop: hooks, fp16 CPU teacher cache, non-foreach Adam/AdamW, per-step
+    cosine schedule, gradient-masking hooks, masks re-applied after each step, train mode."""
+    modules = dict(pruned.named_modules())
+
+    def capture(model, batch):
+        outputs, handles = {}, []
+        named = dict(model.named_modules())
+        for name in block_names:
+            def hook(_m, _i, out, name=name):
+                out = out[0] if isinstance(out, tuple) else out
+                outputs[name] = out
+            handles.append(named[name].register_forward_hook(hook))
+        model(batch)
+        for h in handles:
+            h.remove()
+        return outputs
+
+    dense.eval()
+    with torch.no_grad():
+        targets = [{k: v.to(torch.float16) for k, v in capture(dense, b).items()} for b in calib_batches]
+    for p in pruned.parameters():
+        p.requires_grad_(False)
+    params = []
+    for name, module in pruned.named_modules():
+        if is_prunable(name, module):
+            key, tensor = compat.get_weight_key_and_tensor(name, module)
+            tensor.requires_grad_(True)
+            params.append(tensor)
+    state = dict(pruned.named_parameters())
+    with torch.no_grad():
+        for key, mask in masks.items():
+            state[key].mul_(mask.float())
+    for key, mask in masks.items():
+        state[key].register_hook(lambda g, m=mask.float(): g * m)
+    if config.weight_decay == 0:
+        optimizer = torch.optim.Adam(params, lr=config.lr, foreach=False)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+    total = config.epochs * len(calib_batches)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=config.min_lr)
+    pruned.train()
+    history = []
+    for epoch in range(config.epochs):
+        losses = []
+        for batch, target in zip(calib_batches, targets):
+            reps = capture(pruned, batch)
+            per_block = []
+            for name in block_names:
+                s, t = reps[name], target[name].to(reps[name].dtype)
+                if kind == "vit":
+                    s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+                else:
+                    s, t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
+                cos = (F.normalize(s, dim=1, eps=1e-12) * F.normalize(t, dim=1, eps=1e-12)).sum(1)
+                per_block.append((1 - cos).mean())
+            loss = torch.stack(per_block).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                for key, mask in masks.items():
+                    state[key].mul_(mask.float())
+            losses.append(loss.item())
+        history.append({"epoch": float(epoch + 1), "loss": sum(losses) / len(losses)})
+    pruned.eval()
+    return history
+
+
+CASES = [
+    ("vit", tiny_vit, "qkv_out_mlp", 16, 0.0, 0.0),
+    ("vit", tiny_vit, "qk_mlp", 16, 0.05, 0.5),
+    ("mobilenet", tiny_mobilenet, "conv_fc", 32, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("kind,make,scope,size,weight_decay,grad_clip", CASES)
+def test_starfish_recovery_matches_reference(kind, make, scope, size, weight_decay, grad_clip):
+    dense = make()
+    masks = random_masks(dense, scope, density=0.4)
+    predicate = compat.is_prunable_weight("deit_tiny_patch16_224" if kind == "vit" else "mobilenetv1_100", scope)
+    block_names = [f"blocks.{i}" for i in range(len(dense.blocks))] if kind == "vit" else \
+        [f"blocks.{s}.{i}" for s, stage in enumerate(dense.blocks) for i in range(len(stage))]
+    batches = list(images(12, size=size).split(4))
+    config = compat.RecoveryConfig(epochs=2, lr=1e-3, min_lr=1e-5, lr_schedule="cosine", weight_decay=weight_decay,
+                                   grad_clip=grad_clip, store_dense_float16=True)
+    ours, theirs = copy.deepcopy(dense), copy.deepcopy(dense)
+    history = compat.starfish_recovery(pruned_model=ours, dense_model=dense, kind=kind, block_names=block_names,
+                                       masks=masks, calib_batches=batches, device="cpu", is_prunable_weight=predicate,
+                                       config=config)
+    expected = reference_recovery(theirs, copy.deepcopy(dense), kind, block_names, masks, batches, predicate, config)
+    assert [h["epoch"] for h in history] == [1.0, 2.0]
+    for got, want in zip(history, expected):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5, abs_tol=1e-7)
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    for key in theirs_state:
+        torch.testing.assert_close(ours_state[key], theirs_state[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not ours.training
+    for key, mask in masks.items():
+        assert (ours_state[key][~mask] == 0).all(), key
+
+
+def test_frozen_parameters_unchanged_and_masked_zero():
+    dense = tiny_vit()
+    pruned = copy.deepcopy(dense)
+    masks = random_masks(dense, "qkv_out_mlp", density=0.3)
+    predicate = compat.is_prunable_weight("deit_tiny_patch16_224", "qkv_out_mlp")
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    config = compat.RecoveryConfig(epochs=2, lr=1e-2, min_lr=1e-4, lr_schedule="constant", weight_decay=0.1,
+                                   grad_clip=0.0, store_dense_float16=False)
+    compat.starfish_recovery(pruned_model=pruned, dense_model=dense, kind="vit", block_names=["blocks.0", "blocks.1"],
+                             masks=masks, calib_batches=list(images(8).split(4)), device="cpu",
+                             is_prunable_weight=predicate, config=config)
+    after = pruned.state_dict()
+    for key in before:
+        if key in masks:
+            assert (after[key][~masks[key]] == 0).all()
+            assert not torch.equal(after[key], before[key] * masks[key])   # trained
+        else:
+            assert torch.equal(after[key], before[key]), f"{key} is frozen but changed"
+
+
+def test_no_dense_cache_equals_cached_fp32():
+    dense = tiny_vit()
+    masks = random_masks(dense)
+    predicate = compat.is_prunable_weight("deit_tiny_patch16_224", "qkv_out_mlp")
+    batches = list(images(8).split(4))
+    results = []
+    for no_cache in (False, True):
+        config = compat.RecoveryConfig(epochs=1, lr=1e-3, min_lr=1e-5, lr_schedule="cosine", weight_decay=0.0,
+                                       grad_clip=0.0, store_dense_float16=False, no_dense_cache=no_cache)
+        results.append(compat.starfish_recovery(
+            pruned_model=copy.deepcopy(dense), dense_model=dense, kind="vit", block_names=["blocks.0", "blocks.1"],
+            masks=masks, calib_batches=batches, device="cpu", is_prunable_weight=predicate, config=config))
+    assert math.isclose(results[0][0]["loss"], results[1][0]["loss"], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(calib=[])])
+def test_starfish_recovery_rejects_bad_arguments(bad):
+    dense = tiny_vit()
+    config = compat.RecoveryConfig(epochs=bad.get("epochs", 1), lr=1e-3, min_lr=0.0, lr_schedule="cosine",
+                                   weight_decay=0.0, grad_clip=0.0, store_dense_float16=True)
+    with pytest.raises(ValueError):
+        compat.starfish_recovery(pruned_model=copy.deepcopy(dense), dense_model=dense, kind="vit",
+                                 block_names=["blocks.0"], masks=random_masks(dense),
+                                 calib_batches=bad.get("calib", [images(4)]), device="cpu",
+                                 is_prunable_weight=compat.is_prunable_weight("deit_tiny_patch16_224", "auto"),
+                                 config=config)
