@@ -25,7 +25,7 @@ from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
 from starfish_fast.data import (FASHION_MNIST_DIR, TensorLoader, load_fashion_mnist, load_image_folder,
                                 select_calibration, split_batches)
 from starfish_fast.evaluate import evaluate_top1, evaluate_top1_tensors
-from starfish_fast.heal import HealConfig, heal, resolve_device
+from starfish_fast.engine import HealConfig, heal, resolve_device
 from starfish_fast.masks import apply_masks, load_masks, mask_density
 from starfish_fast.models import adapter_for, infer_model_kind, supported_model_names
 

@@ -25,7 +25,7 @@ from starfish_fast.checkpoint import atomic_path, save_json_atomic
 from starfish_fast.data import (build_transform, cache_calibration_data, make_calibration_loader,  # noqa: F401
                                 make_eval_loader)
 from starfish_fast.evaluate import evaluate_top1  # noqa: F401
-from starfish_fast.heal import HealConfig, heal, resolve_device
+from starfish_fast.engine import HealConfig, heal, resolve_device
 from starfish_fast.masks import (apply_masks, load_masks, mask_density, model_nonzero_fraction,  # noqa: F401
                                  register_zero_freeze_hooks)
 from starfish_fast.models import (adapter_for, all_block_names, build_empty_model, default_prune_scope,  # noqa: F401

@@ -138,7 +138,7 @@ class ModelAdapter:
         if any(name not in position for name in block_names):
             return forward_with_hooks(model, images, block_names, self.kind)
         wanted = {position[name] for name in block_names}
-        last = len(own) - 1 if need_logits else max(wanted)
+        last = len(own) - 1 if need_logits or not wanted else max(wanted)
         checkpointing = bool(getattr(model, "grad_checkpointing", False)) and torch.is_grad_enabled()
         outputs: dict[int, torch.Tensor] = {}
         x = self._embed(model, images)

@@ -17,8 +17,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from starfish_fast.kernels import multi_block_cosine_loss, multi_block_cosine_loss_reference
+from starfish_fast.kernels._dispatch import use_triton
+
 OBJECTIVES = ("starfish", "mse", "kl", "ce", "starfish+kl")
-NORMALIZE_EPS = 1e-12   # F.normalize's default, as the reference
 
 
 def needs_blocks(objective: str) -> bool:
@@ -35,17 +37,6 @@ def check_objective(objective: str) -> str:
     return objective
 
 
-def rows_for_cosine(rep: torch.Tensor, per: str = "auto") -> torch.Tensor:
-    """(B, T, D) -> (B*T, D) per token; (B, ...) -> (B, prod) per sample."""
-    if per == "auto":
-        per = "token" if rep.dim() == 3 else "sample"
-    if per == "token":
-        return rep.reshape(-1, rep.shape[-1])
-    if per == "sample":
-        return rep.reshape(rep.shape[0], -1)
-    raise ValueError(f"unknown cosine granularity {per!r}; allowed: auto, token, sample")
-
-
 def _weighted_block_mean(per_block: list[torch.Tensor], block_weights: Sequence[float] | None) -> torch.Tensor:
     stacked = torch.stack(per_block)                                  # (L,)
     if block_weights is None:
@@ -57,16 +48,18 @@ def _weighted_block_mean(per_block: list[torch.Tensor], block_weights: Sequence[
 
 
 def block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], per: str = "auto",
-                      block_weights: Sequence[float] | None = None) -> torch.Tensor:
-    """STARFISH loss; the teacher is cast to the student's dtype first (reference rule)."""
+                      block_weights: Sequence[float] | None = None, kernels: str = "torch") -> torch.Tensor:
+    """STARFISH loss; the teacher is cast to the student's dtype first (reference rule).
+
+    ``kernels``: ``torch`` (plain reference), ``triton`` or ``auto`` (the fused Triton loss
+    where the dispatch table says it wins: CUDA)."""
     if len(students) != len(teachers) or not students:
         raise ValueError(f"need the same non-zero number of student and teacher blocks, got "
                          f"{len(students)} and {len(teachers)}")
-    per_block = []
-    for student, teacher in zip(students, teachers):
-        s = F.normalize(rows_for_cosine(student, per), dim=1, eps=NORMALIZE_EPS)                     # (R, F)
-        t = F.normalize(rows_for_cosine(teacher.to(student.dtype), per), dim=1, eps=NORMALIZE_EPS)   # (R, F)
-        per_block.append((1.0 - (s * t).sum(dim=1)).mean())
+    if block_weights is None:
+        fused = use_triton("cosine_loss", students[0], kernels)
+        return multi_block_cosine_loss(list(students), list(teachers), per, kernel=fused)
+    per_block = [multi_block_cosine_loss_reference([s], [t], per) for s, t in zip(students, teachers)]
     return _weighted_block_mean(per_block, block_weights)
 
 
@@ -84,10 +77,10 @@ def kl_dense_to_pruned(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 def objective_loss(objective: str, *, student_reps=None, teacher_reps=None, student_logits=None,
                    teacher_logits=None, labels=None, per: str = "auto",
-                   block_weights: Sequence[float] | None = None) -> torch.Tensor:
+                   block_weights: Sequence[float] | None = None, kernels: str = "torch") -> torch.Tensor:
     """The scalar healing loss of ``objective`` (see the module docstring)."""
     if objective == "starfish":
-        return block_cosine_loss(student_reps, teacher_reps, per, block_weights)
+        return block_cosine_loss(student_reps, teacher_reps, per, block_weights, kernels)
     if objective == "mse":
         return block_mse_loss(student_reps, teacher_reps, block_weights)
     if objective == "kl":
@@ -97,6 +90,6 @@ def objective_loss(objective: str, *, student_reps=None, teacher_reps=None, stud
             raise ValueError("objective 'ce' needs labels with the calibration batches")
         return F.cross_entropy(student_logits.float(), labels)
     if objective == "starfish+kl":
-        return 0.5 * block_cosine_loss(student_reps, teacher_reps, per, block_weights) + \
+        return 0.5 * block_cosine_loss(student_reps, teacher_reps, per, block_weights, kernels) + \
             0.5 * kl_dense_to_pruned(student_logits, teacher_logits)
     raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")

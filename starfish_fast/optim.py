@@ -7,7 +7,8 @@ weights stay exactly zero without a separate masking pass or gradient hooks.
 
 Only the prunable weights are in it. Moments may be kept in bf16 (``moments_dtype``)
 to halve optimizer memory on large models. The update is the kernels'
-``masked_adam_step``: a Triton kernel on CUDA, ``torch._foreach`` ops on CPU.
+``masked_adam_step``: a Triton kernel on CUDA (``kernels="auto"|"triton"``),
+``torch._foreach`` ops on CPU or with ``kernels="torch"``.
 """
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from typing import Sequence
 
 import torch
 
+from starfish_fast.kernels import masked_adam_step
+from starfish_fast.kernels._dispatch import use_triton
+
 
 class MaskedAdam:
     """Adam (``weight_decay == 0``, or L2 when ``decoupled=False``) / AdamW (decoupled) with masks."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], masks: Sequence[torch.Tensor], *, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool | None = None,
-                 moments_dtype: torch.dtype | None = None):
+                 moments_dtype: torch.dtype | None = None, kernels: str = "auto"):
         if len(params) != len(masks):
             raise ValueError(f"{len(params)} parameters but {len(masks)} masks")
         for p, m in zip(params, masks):
@@ -33,6 +37,8 @@ class MaskedAdam:
         # The reference picks Adam when weight_decay == 0, else AdamW.
         self.decoupled = weight_decay > 0 if decoupled is None else decoupled
         self.moments_dtype = moments_dtype
+        # One decision per optimizer: Triton on CUDA by the kernels' dispatch table, foreach torch on CPU.
+        self.use_kernel = use_triton("masked_adam", self.params[0], kernels) if self.params else False
         self.exp_avgs = [torch.zeros_like(p, dtype=moments_dtype or p.dtype) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p, dtype=moments_dtype or p.dtype) for p in self.params]
         self.step_count = 0
@@ -43,13 +49,11 @@ class MaskedAdam:
 
     @torch.no_grad()
     def step(self, lr: float | torch.Tensor) -> None:
-        from starfish_fast.kernels import masked_adam_step
-
         self.step_count += 1
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         masked_adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.masks, lr=lr,
                          beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
-                         step=self.step_count, decoupled=self.decoupled)
+                         step=self.step_count, decoupled=self.decoupled, kernel=self.use_kernel)
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "exp_avgs": [t.clone() for t in self.exp_avgs],

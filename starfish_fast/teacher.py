@@ -106,7 +106,9 @@ class RecomputeStore(TeacherStore):
 
     def get(self, index):
         dense_model, adapter, block_names = self.args
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        # Like the reference's LazyDenseTargets: outputs as computed, no cast; bf16/fp16 autocast on CUDA only.
+        autocast = self.dtype != torch.float32 and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
             return teacher_outputs(dense_model, adapter, block_names, self.batches[index].to(self.device),
                                    self.keep_logits, self.keep_blocks)
 

@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 
 from starfish_fast import objectives
 from starfish_fast.checkpoint import load_tensor_file, save_torch_atomic
-from starfish_fast.data import as_batches
+from starfish_fast.data import as_batches, split_batches
 from starfish_fast.masks import apply_masks, register_zero_freeze_hooks, validate_masks
 from starfish_fast.models import WeightPredicate, adapter_for, freeze_all, prunable_weights
 from starfish_fast.optim import MaskedAdam
-from starfish_fast.teacher import STORE_KINDS, make_teacher_store
+from starfish_fast.teacher import STORE_KINDS, MemoryStore, make_teacher_store
 
 log = logging.getLogger(__name__)
 
@@ -168,25 +168,14 @@ def _resolve_dtypes(config: HealConfig, device: torch.device) -> tuple[torch.dty
     return precision, torch.bfloat16 if device.type == "cuda" else torch.float16
 
 
-def _loss_fn(config: HealConfig, device: torch.device) -> Callable:
-    """The objective; the STARFISH cosine uses the fused Triton kernel where it runs (CUDA)."""
-    use_triton = config.mode == "fast" and config.objective == "starfish" and (
-        config.kernels == "triton" or (config.kernels == "auto" and device.type == "cuda"))
-    if use_triton:
-        from starfish_fast.kernels import multi_block_cosine_loss
+def _loss_fn(config: HealConfig) -> Callable:
+    """The objective; fast mode lets the kernels' dispatch pick the fused Triton loss (CUDA)."""
+    kernels = config.kernels if config.mode == "fast" else "torch"
 
-        per = "token" if config.cosine_per == "auto" else config.cosine_per
-
-        def fused(student_reps, teacher_reps, **_):
-            if config.block_weights is not None or (config.cosine_per == "auto" and student_reps[0].dim() != 3):
-                return objectives.block_cosine_loss(student_reps, teacher_reps, config.cosine_per, config.block_weights)
-            return multi_block_cosine_loss(list(student_reps), list(teacher_reps), per=per)
-        return fused
-
-    def plain(**kwargs):
+    def loss(**kwargs):
         return objectives.objective_loss(config.objective, per=config.cosine_per, block_weights=config.block_weights,
-                                         **kwargs)
-    return plain
+                                         kernels=kernels, **kwargs)
+    return loss
 
 
 def _write_metrics(path: str | None, record: dict) -> None:
@@ -241,8 +230,8 @@ class _Run:
         if config.objective == "ce":
             if labels is None:
                 raise ValueError("objective 'ce' needs labels: pass labels=[label batch per calibration batch]")
-            self.labels = [torch.as_tensor(y) for y in as_batches(labels, config.batch_size)] \
-                if isinstance(labels, torch.Tensor) else [torch.as_tensor(y) for y in labels]
+            self.labels = split_batches(labels, config.batch_size) if isinstance(labels, torch.Tensor) \
+                else [torch.as_tensor(y) for y in labels]
             if [len(y) for y in self.labels] != [b.shape[0] for b in self.batches]:
                 raise ValueError("labels do not match the calibration batches one for one")
         self.student, self.dense = pruned_model.to(self.device), dense_model.to(self.device).eval()
@@ -312,11 +301,10 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
     config = config or HealConfig()
     run = _Run(pruned_model, dense_model, masks, calib, config, labels, block_names, predicate)
     started = time.perf_counter()
-    store = make_teacher_store(
-        "recompute" if config.teacher_store == "recompute" else config.teacher_store,
-        run.dense, run.adapter, run.block_names, run.batches, run.device, dtype=run.teacher_dtype,
-        keep_logits=objectives.needs_teacher_logits(config.objective),
-        keep_blocks=objectives.needs_blocks(config.objective), disk_dir=config.teacher_dir)
+    keep_blocks, keep_logits = objectives.needs_blocks(config.objective), objectives.needs_teacher_logits(config.objective)
+    store = MemoryStore([[] for _ in run.batches], "none") if not (keep_blocks or keep_logits) else make_teacher_store(
+        config.teacher_store, run.dense, run.adapter, run.block_names, run.batches, run.device, dtype=run.teacher_dtype,
+        keep_logits=keep_logits, keep_blocks=keep_blocks, disk_dir=config.teacher_dir)
     teacher_seconds = time.perf_counter() - started
     loop = _exact_loop if config.mode == "exact" else _fast_loop
     started = time.perf_counter()
@@ -373,7 +361,7 @@ def _exact_loop(run: _Run, store) -> list[float]:
             if scheduler is not None:
                 scheduler.load_state_dict(state["scheduler"])
             start, step_losses = state["step"], list(state["step_losses"])
-    loss_fn = _loss_fn(config, run.device)
+    loss_fn = _loss_fn(config)
     run.student.train()
     bar = _progress(run, start)
     tick = time.perf_counter()
@@ -425,7 +413,7 @@ def _fast_loop(run: _Run, store) -> list[float]:
     if compile_on:
         _compile_blocks(run)
     masks = [run.masks[key] for key in run.keys]
-    optimizer = MaskedAdam(run.params, masks, weight_decay=config.weight_decay,
+    optimizer = MaskedAdam(run.params, masks, weight_decay=config.weight_decay, kernels=config.kernels,
                            moments_dtype=torch.bfloat16 if config.moments_dtype == "bf16" else None)
     device_masks = optimizer.masks
     lrs = torch.tensor(lr_schedule_values(config, run.total_steps), dtype=torch.float32, device=device)  # (S,)
@@ -445,7 +433,7 @@ def _fast_loop(run: _Run, store) -> list[float]:
     scaler = torch.amp.GradScaler(device.type) if run.precision == torch.float16 else None
     scaler_view = _ScalerView(optimizer)
     need_logits = objectives.needs_teacher_logits(config.objective) or config.objective == "ce"
-    loss_fn = _loss_fn(config, device)
+    loss_fn = _loss_fn(config)
     run.student.train()
     bar = _progress(run, start)
     last_logged, tick = start, time.perf_counter()

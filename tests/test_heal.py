@@ -1,0 +1,208 @@
+"""The engine: fast vs exact, teacher stores, resume, masked optimizer, config strictness, outputs."""
+import copy
+import json
+
+import pytest
+import torch
+
+import starfish_fast.engine as engine
+from helpers import images, random_masks, tiny_mobilenet, tiny_vit
+from starfish_fast import HealConfig, heal
+from starfish_fast.models import adapter_for, prunable_weights
+from starfish_fast.teacher import make_teacher_store, teacher_outputs
+
+
+def _setup(seed=0, density=0.4):
+    dense = tiny_vit(seed=seed)
+    return dense, copy.deepcopy(dense), random_masks(dense, density=density), images(20)
+
+
+def _config(**overrides):
+    base = dict(epochs=2, batch_size=8, lr=2e-3, min_lr=1e-5, progress=False)
+    base.update(overrides)
+    return HealConfig(**base)
+
+
+@pytest.mark.parametrize("weight_decay,grad_clip", [(0.0, 0.0), (0.05, 0.3)])
+def test_fast_matches_exact_per_step(weight_decay, grad_clip):
+    dense, pruned, masks, calib = _setup()
+    exact_model, fast_model = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    exact = heal(exact_model, dense, masks, calib, _config(mode="exact", weight_decay=weight_decay, grad_clip=grad_clip))
+    fast = heal(fast_model, dense, masks, calib, _config(mode="fast", weight_decay=weight_decay, grad_clip=grad_clip,
+                                                         log_every=2))
+    assert len(exact.step_losses) == len(fast.step_losses) == 6
+    for e, f in zip(exact.step_losses, fast.step_losses):
+        assert abs(e - f) <= 1e-4 * max(1.0, abs(e))
+    for key, value in exact_model.state_dict().items():
+        torch.testing.assert_close(fast_model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    assert fast.history[0]["epoch"] == 1.0 and exact.teacher_store == fast.teacher_store == "memory"
+
+
+def test_fast_mode_keeps_masked_weights_zero_and_heals():
+    dense, pruned, masks, calib = _setup(density=0.3)
+    result = heal(pruned, dense, masks, calib, _config(epochs=4, weight_decay=0.1, moments_dtype="bf16"))
+    state = pruned.state_dict()
+    for key, mask in masks.items():
+        assert (state[key][~mask] == 0).all(), key
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert not pruned.training and result.images == 80 and result.images_per_second > 0
+
+
+def test_mobilenet_fast_heals_with_batchnorm_in_train_mode():
+    dense = tiny_mobilenet()
+    pruned = copy.deepcopy(dense)
+    running_mean = pruned.blocks[0][0].bn1.running_mean.clone()
+    masks = random_masks(dense, "conv_fc", density=0.5)
+    result = heal(pruned, dense, masks, images(8, size=32), _config(epochs=1, batch_size=4, scope="conv_fc"))
+    assert not torch.equal(pruned.blocks[0][0].bn1.running_mean, running_mean)   # student ran in train mode
+    assert len(result.step_losses) == 2
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_teacher_stores_match_direct_forward(tmp_path, kind, dtype):
+    dense = tiny_vit()
+    adapter = adapter_for(dense)
+    names = adapter.block_names(dense)
+    batches = list(images(10).split(4))
+    store = make_teacher_store(kind, dense, adapter, names, batches, torch.device("cpu"), dtype=dtype,
+                               keep_logits=True, disk_dir=tmp_path)
+    assert store.kind == kind and len(store) == 3
+    for i, batch in enumerate(batches):
+        direct = teacher_outputs(dense, adapter, names, batch, keep_logits=True)
+        got = store.get(i)
+        assert len(got) == len(names) + 1
+        for a, b in zip(got, direct):
+            if kind == "recompute":
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            else:
+                assert a.dtype == dtype
+                torch.testing.assert_close(a, b.to(dtype), rtol=0, atol=0)
+    assert not list(tmp_path.iterdir()), "the disk store's file is unlinked once mapped"
+
+
+def test_store_auto_and_errors():
+    dense = tiny_vit()
+    adapter = adapter_for(dense)
+    store = make_teacher_store("auto", dense, adapter, ["blocks.0"], [images(2)], torch.device("cpu"))
+    assert store.kind == "memory"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        make_teacher_store("pinned", dense, adapter, ["blocks.0"], [images(2)], torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown teacher store 'ram'"):
+        make_teacher_store("ram", dense, adapter, ["blocks.0"], [images(2)], torch.device("cpu"))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, mode):
+    dense, pruned, masks, calib = _setup()
+    uninterrupted = copy.deepcopy(pruned)
+    full = heal(uninterrupted, dense, masks, calib, _config(mode=mode, epochs=3))
+    interrupt_at = int(torch.randint(1, full.steps - 1, (1,), generator=torch.Generator().manual_seed(7)))
+    checkpoint = tmp_path / "run.resume"
+    save = engine._save_resume
+
+    def save_then_crash(run, path, step, *args):
+        save(run, path, step, *args)
+        if step == interrupt_at:
+            raise _Interrupted
+    monkeypatch.setattr(engine, "_save_resume", save_then_crash)
+    config = _config(mode=mode, epochs=3, checkpoint_every=1, checkpoint_path=str(checkpoint), resume=True)
+    with pytest.raises(_Interrupted):
+        heal(copy.deepcopy(pruned), dense, masks, calib, config)
+    monkeypatch.setattr(engine, "_save_resume", save)
+    resumed_model = copy.deepcopy(pruned)
+    resumed = heal(resumed_model, dense, masks, calib, config)
+    assert resumed.step_losses == full.step_losses
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    other_masks = random_masks(dense, density=0.4, seed=5)
+    with pytest.raises(ValueError, match="refusing to resume.*masks differs"):
+        heal(copy.deepcopy(pruned), dense, other_masks, calib, config)
+
+
+def test_config_is_strict():
+    with pytest.raises(ValueError, match=r"unknown HealConfig keys \['epoch'\]"):
+        HealConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="HealConfig.mode='slow'; allowed: fast, exact"):
+        HealConfig(mode="slow")
+    with pytest.raises(ValueError, match="epochs must be positive"):
+        HealConfig(epochs=0)
+    with pytest.raises(ValueError, match="checkpoint_path is needed"):
+        HealConfig(checkpoint_every=5)
+    assert HealConfig.from_dict({"epochs": 3, "compile": False}).compile == "off"
+
+
+def test_metrics_and_plot_written(tmp_path):
+    dense, pruned, masks, calib = _setup()
+    config = _config(metrics_path=str(tmp_path / "m.jsonl"), plot_path=str(tmp_path / "loss.png"), log_every=1)
+    heal(pruned, dense, masks, calib, config)
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "step"] == list(range(1, 7))
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1.0, 2.0]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("objective", ["mse", "kl", "starfish+kl"])
+def test_other_objectives_train(objective):
+    dense, pruned, masks, calib = _setup()
+    result = heal(pruned, dense, masks, calib, _config(objective=objective, epochs=3))
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_ce_objective_needs_labels():
+    dense, pruned, masks, calib = _setup()
+    with pytest.raises(ValueError, match="needs labels"):
+        heal(pruned, dense, masks, calib, _config(objective="ce"))
+    labels = torch.randint(0, 10, (20,))
+    result = heal(pruned, dense, masks, calib, _config(objective="ce", epochs=1), labels=labels)
+    assert len(result.step_losses) == 3
+
+
+def test_calibration_forms_are_equivalent():
+    dense, pruned, masks, calib = _setup()
+    as_tensor = heal(copy.deepcopy(pruned), dense, masks, calib, _config(epochs=1))
+    as_images = heal(copy.deepcopy(pruned), dense, masks, list(calib), _config(epochs=1))
+    as_pairs = heal(copy.deepcopy(pruned), dense, masks, [(b, torch.zeros(len(b))) for b in calib.split(8)],
+                    _config(epochs=1))
+    assert as_tensor.step_losses == as_images.step_losses == as_pairs.step_losses
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("store", ["gpu", "pinned", "disk", "recompute"])
+def test_cuda_fast_bf16_compiled_matches_fp32(store, tmp_path):
+    dense, pruned, masks, calib = _setup()
+    fp32 = heal(copy.deepcopy(pruned), dense, masks, calib,
+                _config(mode="exact", device="cuda", teacher_store="gpu", teacher_dtype="bf16", epochs=2))
+    fast_model = copy.deepcopy(pruned)
+    fast = heal(fast_model, dense, masks, calib, _config(device="cuda", teacher_store=store, teacher_dir=str(tmp_path),
+                                                         compile="on", precision="bf16", epochs=2))
+    assert fast.teacher_store == store
+    for e, f in zip(fp32.history, fast.history):
+        assert abs(e["loss"] - f["loss"]) <= 0.05 * e["loss"] + 1e-3
+    state = fast_model.state_dict()
+    assert all((state[k][~m.cuda()] == 0).all() for k, m in masks.items())
+
+
+@pytest.mark.cuda
+def test_cuda_pinned_store_matches_direct():
+    dense = tiny_vit().cuda()
+    adapter = adapter_for(dense)
+    batches = list(images(10).split(4))
+    store = make_teacher_store("pinned", dense, adapter, adapter.block_names(dense), batches, torch.device("cuda"),
+                               dtype=torch.bfloat16)
+    for i, batch in enumerate(batches):
+        store.prefetch(i + 1)
+        direct = teacher_outputs(dense, adapter, adapter.block_names(dense), batch.cuda(), keep_logits=False)
+        for a, b in zip(store.get(i), direct):
+            torch.testing.assert_close(a.float(), b.to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_prunable_weights_are_the_only_trainable():
+    dense, pruned, masks, calib = _setup()
+    heal(pruned, dense, masks, calib, _config(epochs=1))
+    trainable = {k for k, p in pruned.named_parameters() if p.requires_grad}
+    assert trainable == set(prunable_weights(pruned, adapter_for(pruned).scope_predicate("auto")))
