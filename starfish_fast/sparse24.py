@@ -46,7 +46,7 @@ def is_two_four(mask: torch.Tensor) -> bool:
     layout 2:4 kernels take; fewer kept is fine, the packed format stores the zeros)."""
     if mask.dim() != 2 or mask.shape[1] % 4:
         return False
-    kept_per_group = (mask != 0).view(mask.shape[0], -1, 4).sum(-1)    # (rows, cols / 4)
+    kept_per_group = (mask != 0).reshape(mask.shape[0], -1, 4).sum(-1)    # (rows, cols / 4)
     return bool((kept_per_group <= 2).all())
 
 
@@ -153,8 +153,9 @@ class _SemiStructuredMatmul(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-# Dynamo cannot build the sparse tensor subclass inside an autograd.Function it traces: a compiled
-# step runs this one call eagerly (a graph break) and compiles the rest.
+# Kept out of torch.compile graphs: whether Dynamo can trace the sparse tensor subclass being built
+# inside an autograd.Function is unverified (no GPU here), so a compiled step runs this one call
+# eagerly (a graph break) and compiles the rest.
 @torch.compiler.disable
 def _sparse_linear(x, weight, bias, mask, dtype, backend):
     with torch.autocast(x.device.type, enabled=False):   # the Function casts to `dtype` itself
