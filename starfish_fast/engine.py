@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from starfish_fast import objectives
 from starfish_fast.checkpoint import load_tensor_file, save_torch_atomic
+from starfish_fast.compaction import compact_model, expand_into, mlp_compaction_plan
 from starfish_fast.data import as_batches, split_batches
 from starfish_fast.masks import apply_masks, register_zero_freeze_hooks, validate_masks
 from starfish_fast.models import WeightPredicate, adapter_for, freeze_all, prunable_weights
@@ -69,6 +70,7 @@ class HealConfig:
     teacher_dir: str | None = None         # directory of the disk store
     moments_dtype: str = "fp32"            # fp32 | bf16 (fast mode)
     kernels: str = "auto"                  # auto | triton | torch: the loss/optimizer implementation
+    compact: str = "auto"                  # auto (fast mode) | on | off: drop MLP neurons pruned in fc1 and fc2
     grad_checkpointing: bool = False
     device: str | None = None              # default: cuda if available, else cpu
     log_every: int = 10                    # steps between loss reads (host syncs) in fast mode
@@ -84,7 +86,8 @@ class HealConfig:
                    "objective": objectives.OBJECTIVES, "cosine_per": ("auto", "token", "sample"),
                    "precision": ("auto", *DTYPES), "compile": ("auto", "on", "off"),
                    "teacher_store": STORE_KINDS, "teacher_dtype": ("auto", *DTYPES),
-                   "moments_dtype": ("fp32", "bf16"), "kernels": ("auto", "triton", "torch")}
+                   "moments_dtype": ("fp32", "bf16"), "kernels": ("auto", "triton", "torch"),
+                   "compact": ("auto", "on", "off")}
         if isinstance(self.compile, bool):
             self.compile = "on" if self.compile else "off"
         for key, allowed in choices.items():
@@ -299,6 +302,26 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
     ``predicate``: which modules' weights train (default: ``config.scope`` of the adapter).
     """
     config = config or HealConfig()
+    if config.compact == "on" or (config.compact == "auto" and config.mode == "fast"):
+        predicate = predicate or adapter_for(pruned_model).scope_predicate(config.scope)
+        validated = validate_masks(masks, pruned_model, predicate)
+        plan = mlp_compaction_plan(pruned_model, validated)
+        if plan:
+            student, student_masks = compact_model(pruned_model, validated, plan)
+            result = _heal_model(student, dense_model, student_masks, calib, config, labels, block_names, predicate)
+            pruned_model.to(resolve_device(config.device))
+            expand_into(pruned_model, student, plan)
+            apply_masks(pruned_model, validated)
+            trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+            for name, parameter in pruned_model.named_parameters():
+                parameter.requires_grad_(name in trainable)
+            pruned_model.eval()
+            return result
+    return _heal_model(pruned_model, dense_model, masks, calib, config, labels, block_names, predicate)
+
+
+def _heal_model(pruned_model, dense_model, masks, calib, config: HealConfig, labels, block_names,
+                predicate) -> HealResult:
     run = _Run(pruned_model, dense_model, masks, calib, config, labels, block_names, predicate)
     started = time.perf_counter()
     keep_blocks, keep_logits = objectives.needs_blocks(config.objective), objectives.needs_teacher_logits(config.objective)

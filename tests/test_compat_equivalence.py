@@ -1,86 +1,14 @@
 """compat.starfish_recovery against a plain implementation of the reference semantics
-(written here from REFERENCE_API.md for clarity, not speed)."""
+(starfish_fast.baseline: written from REFERENCE_API.md for clarity, sharing no engine code)."""
 import copy
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import images, random_masks, tiny_mobilenet, tiny_vit
 from starfish_fast import compat
-
-
-def reference_recovery(pruned, dense, kind, block_names, masks, calib_batches, is_prunable, config):
-    """The reference loop: hooks, fp16 CPU teacher cache, non-foreach Adam/AdamW, per-step
-    cosine schedule, gradient-masking hooks, masks re-applied after each step, train mode."""
-    modules = dict(pruned.named_modules())
-
-    def capture(model, batch):
-        outputs, handles = {}, []
-        named = dict(model.named_modules())
-        for name in block_names:
-            def hook(_m, _i, out, name=name):
-                out = out[0] if isinstance(out, tuple) else out
-                outputs[name] = out
-            handles.append(named[name].register_forward_hook(hook))
-        model(batch)
-        for h in handles:
-            h.remove()
-        return outputs
-
-    dense.eval()
-    with torch.no_grad():
-        targets = [{k: v.to(torch.float16) for k, v in capture(dense, b).items()} for b in calib_batches]
-    for p in pruned.parameters():
-        p.requires_grad_(False)
-    params = []
-    for name, module in pruned.named_modules():
-        if is_prunable(name, module):
-            key, tensor = compat.get_weight_key_and_tensor(name, module)
-            tensor.requires_grad_(True)
-            params.append(tensor)
-    state = dict(pruned.named_parameters())
-    with torch.no_grad():
-        for key, mask in masks.items():
-            state[key].mul_(mask.float())
-    for key, mask in masks.items():
-        state[key].register_hook(lambda g, m=mask.float(): g * m)
-    if config.weight_decay == 0:
-        optimizer = torch.optim.Adam(params, lr=config.lr, foreach=False)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
-    total = config.epochs * len(calib_batches)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=config.min_lr)
-    pruned.train()
-    history = []
-    for epoch in range(config.epochs):
-        losses = []
-        for batch, target in zip(calib_batches, targets):
-            reps = capture(pruned, batch)
-            per_block = []
-            for name in block_names:
-                s, t = reps[name], target[name].to(reps[name].dtype)
-                if kind == "vit":
-                    s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
-                else:
-                    s, t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
-                cos = (F.normalize(s, dim=1, eps=1e-12) * F.normalize(t, dim=1, eps=1e-12)).sum(1)
-                per_block.append((1 - cos).mean())
-            loss = torch.stack(per_block).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                for key, mask in masks.items():
-                    state[key].mul_(mask.float())
-            losses.append(loss.item())
-        history.append({"epoch": float(epoch + 1), "loss": sum(losses) / len(losses)})
-    pruned.eval()
-    return history
+from starfish_fast.baseline import reference_recovery
 
 
 CASES = [
@@ -104,7 +32,8 @@ def test_starfish_recovery_matches_reference(kind, make, scope, size, weight_dec
     history = compat.starfish_recovery(pruned_model=ours, dense_model=dense, kind=kind, block_names=block_names,
                                        masks=masks, calib_batches=batches, device="cpu", is_prunable_weight=predicate,
                                        config=config)
-    expected = reference_recovery(theirs, copy.deepcopy(dense), kind, block_names, masks, batches, predicate, config)
+    expected, _ = reference_recovery(theirs, copy.deepcopy(dense), kind, block_names, masks, batches, predicate,
+                                     config)
     assert [h["epoch"] for h in history] == [1.0, 2.0]
     for got, want in zip(history, expected):
         assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5, abs_tol=1e-7)

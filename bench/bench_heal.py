@@ -1,0 +1,176 @@
+"""End-to-end healing throughput: the reference-equivalent loop vs starfish_fast's fast mode.
+
+    python bench/bench_heal.py --model fashion_vit --batch-size 64 --steps 30          # CPU
+    python bench/bench_heal.py --model deit_base_patch16_224 --batch-size 128 --steps 40 --stores gpu pinned
+    python bench/bench_heal.py --model deit3_huge_patch14_224 --batch-size 32 --steps 20
+
+Both runs use the same model (random weights unless it is the bundled one), the same
+50% magnitude masks on qkv+proj+MLP, the same calibration batches and batch size. The
+reference-equivalent loop is ``starfish_fast.baseline.reference_recovery`` (fp32,
+hooks, non-pinned fp16 CPU teacher cache copied every step, a host sync every step,
+non-foreach Adam). Reported: images/s of each and their ratio, median step time,
+achieved TFLOP/s and fraction of the device's bf16 peak (FLOPs counted from the model's
+shapes), peak memory, the teacher store, and both runs' losses over the same steps.
+Results go to ``bench/results/heal_<model>_<device>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from starfish_fast import HealConfig, heal
+from starfish_fast.baseline import reference_recovery
+from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
+from starfish_fast.compat import RecoveryConfig
+from starfish_fast.models import adapter_for, build_empty_model
+from starfish_fast.prune import magnitude_masks
+
+log = logging.getLogger("bench_heal")
+RESULTS = Path(__file__).resolve().parent / "results"
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def bf16_peak(name: str) -> float | None:
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def step_flops_per_image(model: torch.nn.Module, image_size: int, in_chans: int) -> float:
+    """FLOPs of one healing step per image: student forward (1x) + backward (2x: input and weight
+    gradients) over the blocks' linears and attention products. Teacher excluded (cached)."""
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        _, reps = adapter.forward_blocks(model, torch.zeros(1, in_chans, image_size, image_size),
+                                         adapter.block_names(model)[:1], need_logits=False)
+    tokens = reps[0].shape[1]                                                   # T
+    forward = 0.0
+    for block in adapter._blocks(model):
+        for module in block.modules():
+            if isinstance(module, torch.nn.Linear):
+                forward += 2.0 * tokens * module.in_features * module.out_features
+        width = reps[0].shape[2]
+        forward += 2.0 * 2.0 * tokens * tokens * width                          # QK^T and AV
+    return 3.0 * forward
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.model == BUNDLED_MODEL_NAME:
+        dense, _ = load_bundled_model()
+        image_size, in_chans = 28, 1
+    else:
+        dense = build_empty_model(args.model).eval()
+        image_size, in_chans = dense.patch_embed.img_size[0], 3
+    masks = magnitude_masks(dense, sparsity=args.sparsity, scope="qkv_out_mlp")
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(args.batch_size, in_chans, image_size, image_size, generator=generator)
+               for _ in range(args.steps)]
+    adapter = adapter_for(dense)
+    blocks = adapter.block_names(dense)
+    flops = step_flops_per_image(dense, image_size, in_chans)
+    name = device_name(device)
+    peak = bf16_peak(name)
+    report = {"model": args.model, "device": name, "torch": torch.__version__,
+              "triton": _triton_version(), "batch_size": args.batch_size, "steps": args.steps,
+              "warmup_steps": args.warmup, "sparsity": args.sparsity, "step_gflops_per_image": flops / 1e9,
+              "bf16_peak_tflops": peak, "runs": {}}
+
+    def summarize(label, step_seconds, losses, extra):
+        """``step_seconds``: steady-state seconds per step (warm-up already left out)."""
+        median = statistics.median(steady)
+        tflops = flops * args.batch_size / median / 1e12
+        entry = {"median_step_s": median, "images_per_s": args.batch_size / median, "tflops": tflops,
+                 "fraction_of_bf16_peak": tflops / peak if peak else None, "losses": losses, **extra}
+        if device.type == "cuda":
+            entry["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            entry["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        report["runs"][label] = entry
+        log.info("%-22s %8.1f img/s  median step %.4fs  %.2f TFLOP/s", label, entry["images_per_s"], median, tflops)
+
+    if not args.skip_reference:
+        config = RecoveryConfig(epochs=1, lr=6e-4, min_lr=1e-6, lr_schedule="cosine", weight_decay=0.0,
+                                grad_clip=0.0, store_dense_float16=True)
+        predicate = adapter.scope_predicate("qkv_out_mlp")
+        history, seconds = reference_recovery(copy.deepcopy(dense), dense, "vit", blocks, masks, batches, predicate,
+                                              config, device=device)
+        summarize("reference", seconds[args.warmup:], [history[0]["loss"]], {"teacher_store": "cpu-fp16-unpinned"})
+    for store in args.stores:
+        # The loss is read (a host sync) once per warm-up-sized window; each metrics record gives
+        # that window's images/s, and the first window (compile, caches) is left out.
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = Path(tmp) / "metrics.jsonl"
+            config = HealConfig(epochs=1, lr=6e-4, min_lr=1e-6, batch_size=args.batch_size, mode="fast",
+                                teacher_store=store, device=str(device), log_every=args.warmup,
+                                metrics_path=str(metrics), progress=False, compile=args.compile)
+            result = heal(copy.deepcopy(dense), dense, masks, batches, config)
+            records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        windows = [r for r in records if r["type"] == "step"][1:]
+        seconds = [args.batch_size / r["images_per_s"] for r in windows]
+        summarize(f"fast[{store}]", seconds, [result.history[0]["loss"]],
+                  {"teacher_store": result.teacher_store, "teacher_seconds": result.teacher_seconds})
+    reference = report["runs"].get("reference")
+    for label, entry in report["runs"].items():
+        if reference and label != "reference":
+            entry["speedup_vs_reference"] = entry["images_per_s"] / reference["images_per_s"]
+            entry["epoch_loss_rel_diff_vs_reference"] = abs(entry["losses"][0] - reference["losses"][0]) / \
+                reference["losses"][0]
+    return report
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=BUNDLED_MODEL_NAME)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median (compile, caches)")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--stores", nargs="+", default=["auto"], help="teacher stores of the fast runs")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--output", default=None, help="JSON path (default bench/results/heal_<model>_<device>.json)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not 0 < args.warmup <= args.steps // 2:
+        parser.error(f"--warmup {args.warmup} must be in [1, steps/2] (steps {args.steps})")
+    report = run(args)
+    slug = report["device"].replace(" ", "_").replace("/", "_")
+    output = Path(args.output or RESULTS / f"heal_{args.model}_{slug}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
+    for label, entry in report["runs"].items():
+        print(f"{label:>22}: {entry['images_per_s']:9.1f} img/s  x{entry.get('speedup_vs_reference', 1.0):5.2f}  "
+              f"{entry['tflops']:.3f} TFLOP/s  loss {entry['losses'][0]:.5f}")
+    print(f"wrote {output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
