@@ -2,7 +2,7 @@
 
     starfish-fast demo                                   # bundled Fashion-MNIST ViT: prune 75%, heal, report
     starfish-fast prune --model-name fashion_vit --method magnitude --sparsity 0.75 --output masks.pt
-    starfish-fast recover --model-name fashion_vit --mask-path masks.pt --calib-samples 1000 --eval-samples 10000
+    starfish-fast recover --model-name fashion_vit --mask-path masks.pt --calib-source train --eval-samples 10000
     starfish-fast eval --model-name fashion_vit --checkpoint outputs/recovered.pt
 
 ``recover`` takes every flag of the reference ``starfish.py`` with the same defaults
@@ -322,7 +322,12 @@ def build_prune_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="starfish-fast", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="starfish-fast", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Heal pruned networks with STARFISH: train the surviving weights so that every block's "
+                    "output aligns with the dense model's.",
+        epilog="examples:\n" + "\n".join(line.strip() for line in __doc__.splitlines() if "starfish-fast " in line
+                                          and not line.startswith("The")))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for build in (build_demo_parser, build_recover_parser, build_eval_parser, build_prune_parser):
