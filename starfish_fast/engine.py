@@ -36,6 +36,7 @@ from starfish_fast import objectives
 from starfish_fast.checkpoint import load_tensor_file, save_torch_atomic
 from starfish_fast.compaction import compact_model, expand_into, mlp_compaction_plan
 from starfish_fast.data import as_batches, split_batches
+from starfish_fast.kernels._dispatch import use_triton
 from starfish_fast.masks import apply_masks, register_zero_freeze_hooks, validate_masks
 from starfish_fast.models import WeightPredicate, adapter_for, freeze_all, prunable_weights
 from starfish_fast.optim import MaskedAdam
@@ -429,10 +430,34 @@ def _compile_blocks(run: _Run) -> None:
         block.compile(dynamic=False)
 
 
+def _swap_in_masked_linears(run: _Run) -> list[tuple[str, nn.Linear]]:
+    """Replace the trained ``nn.Linear`` layers by the Triton ``MaskedLinear`` (same Parameters)."""
+    from starfish_fast.kernels import MaskedLinear
+
+    swapped = []
+    for key in run.keys:
+        path = key.rpartition(".")[0]
+        module = run.student.get_submodule(path)
+        if type(module) is nn.Linear:
+            layer = MaskedLinear.from_linear(module, run.masks[key].to(run.device, torch.bool))
+            layer.kernel = True
+            _set_submodule(run.student, path, layer)
+            swapped.append((path, module))
+    return swapped
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
+
+
 def _fast_loop(run: _Run, store) -> list[float]:
     """Mask folded into a fused Adam step, lr from a device tensor, no host sync between log points."""
     config, device = run.config, run.device
     compile_on = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+    # The masked-linear kernel only where the dispatch table (bench_kernels.py) says it beats cuBLAS.
+    swapped = _swap_in_masked_linears(run) if run.params and use_triton("masked_linear", run.params[0],
+                                                                          config.kernels) else []
     if compile_on:
         _compile_blocks(run)
     masks = [run.masks[key] for key in run.keys]
@@ -499,6 +524,8 @@ def _fast_loop(run: _Run, store) -> list[float]:
                              losses[:step + 1].tolist(), fingerprints)
     finally:
         bar.close()
+        for path, linear in swapped:
+            _set_submodule(run.student, path, linear)
     return losses.tolist()
 
 

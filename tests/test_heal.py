@@ -38,6 +38,22 @@ def test_fast_matches_exact_per_step(weight_decay, grad_clip):
     assert fast.history[0]["epoch"] == 1.0 and exact.teacher_store == fast.teacher_store == "memory"
 
 
+def test_triton_kernels_in_the_loop_match_torch():
+    """kernels="triton" (the interpreter here): masked linear, fused loss and Adam kernels in the fast loop."""
+    dense, pruned, masks, calib = _setup()
+    runs = {}
+    for kernels in ("torch", "triton"):
+        model = copy.deepcopy(pruned)
+        runs[kernels] = (heal(model, dense, masks, calib[:16], _config(kernels=kernels, weight_decay=0.05)), model)
+    for a, b in zip(runs["torch"][0].step_losses, runs["triton"][0].step_losses):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    model = runs["triton"][1]
+    assert type(model.blocks[0].mlp.fc1) is torch.nn.Linear          # the plain layers are put back
+    for key, value in runs["torch"][1].state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    assert all((model.state_dict()[k][~m] == 0).all() for k, m in masks.items())
+
+
 def test_fast_mode_keeps_masked_weights_zero_and_heals():
     dense, pruned, masks, calib = _setup(density=0.3)
     result = heal(pruned, dense, masks, calib, _config(epochs=4, weight_decay=0.1, moments_dtype="bf16"))
