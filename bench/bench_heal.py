@@ -11,7 +11,7 @@ hooks, non-pinned fp16 CPU teacher cache copied every step, a host sync every st
 non-foreach Adam). Reported: images/s of each and their ratio, median step time,
 achieved TFLOP/s and fraction of the device's bf16 peak (FLOPs counted from the model's
 shapes), peak memory, the teacher store, and both runs' losses over the same steps.
-Results go to ``bench/results/heal_<model>_<device>.json``.
+Results go to ``bench/results/heal_<model>_<device tag>.json``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import resource
 import statistics
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from devices import device_peaks, device_tag, environment  # bench/ is on sys.path
 from starfish_fast import HealConfig, heal
 from starfish_fast.baseline import reference_recovery
 from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
@@ -37,20 +37,6 @@ from starfish_fast.prune import magnitude_masks
 
 log = logging.getLogger("bench_heal")
 RESULTS = Path(__file__).resolve().parent / "results"
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets.
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
-
-
-def bf16_peak(name: str) -> float | None:
-    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
-
-
 def step_flops_per_image(model: torch.nn.Module, image_size: int, in_chans: int) -> float:
     """FLOPs of one healing step per image: student forward (1x) + backward (2x: input and weight
     gradients) over the blocks' linears and attention products. Teacher excluded (cached)."""
@@ -85,16 +71,14 @@ def run(args) -> dict:
     adapter = adapter_for(dense)
     blocks = adapter.block_names(dense)
     flops = step_flops_per_image(dense, image_size, in_chans)
-    name = device_name(device)
-    peak = bf16_peak(name)
-    report = {"model": args.model, "device": name, "torch": torch.__version__,
-              "triton": _triton_version(), "batch_size": args.batch_size, "steps": args.steps,
+    peak = (device_peaks() or {}).get("bf16_tflops") if device.type == "cuda" else None
+    report = {"model": args.model, **environment(), "batch_size": args.batch_size, "steps": args.steps,
               "warmup_steps": args.warmup, "sparsity": args.sparsity, "step_gflops_per_image": flops / 1e9,
               "bf16_peak_tflops": peak, "runs": {}}
 
     def summarize(label, step_seconds, losses, extra):
         """``step_seconds``: steady-state seconds per step (warm-up already left out)."""
-        median = statistics.median(steady)
+        median = statistics.median(step_seconds)
         tflops = flops * args.batch_size / median / 1e12
         entry = {"median_step_s": median, "images_per_s": args.batch_size / median, "tflops": tflops,
                  "fraction_of_bf16_peak": tflops / peak if peak else None, "losses": losses, **extra}
@@ -136,14 +120,6 @@ def run(args) -> dict:
     return report
 
 
-def _triton_version() -> str | None:
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=BUNDLED_MODEL_NAME)
@@ -161,8 +137,7 @@ def main() -> None:
     if not 0 < args.warmup <= args.steps // 2:
         parser.error(f"--warmup {args.warmup} must be in [1, steps/2] (steps {args.steps})")
     report = run(args)
-    slug = report["device"].replace(" ", "_").replace("/", "_")
-    output = Path(args.output or RESULTS / f"heal_{args.model}_{slug}.json")
+    output = Path(args.output or RESULTS / f"heal_{args.model}_{device_tag()}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))

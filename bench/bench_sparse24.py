@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from devices import device_peaks, device_tag, environment  # bench/ is on sys.path
 from starfish_fast.sparse24 import benchmark_layer, cuda_median_ms
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -34,19 +32,12 @@ MODELS = {  # tokens per image, width, MLP hidden width, (quick, full) batch siz
     "deit_base_patch16_224": dict(tokens=197, dim=768, hidden=3072, batches=(32, 128), model_batch=(16, 64)),
     "deit3_huge_patch14_224": dict(tokens=257, dim=1280, hidden=5120, batches=(8, 32), model_batch=(4, 16)),
 }
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name fragment.
-DENSE_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
-                          "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0}
 
 
 def linear_shapes(spec: dict) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each linear of one block."""
     dim, hidden = spec["dim"], spec["hidden"]
     return {"qkv": (3 * dim, dim), "proj": (dim, dim), "fc1": (hidden, dim), "fc2": (dim, hidden)}
-
-
-def dense_peak(device_name: str) -> float | None:
-    return next((peak for fragment, peak in DENSE_BF16_PEAK_TFLOPS.items() if fragment in device_name), None)
 
 
 def backends_on_this_gpu() -> dict[str, type]:
@@ -100,24 +91,6 @@ def time_model(model_name: str, batch: int, iters: int) -> dict:
             "images_per_s_sparse": batch * 1e3 / sparse_ms, "max_abs_logit_difference": difference}
 
 
-def environment() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M")}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        info.update(device=torch.cuda.get_device_name(), capability=f"sm{major}{minor}", cuda=torch.version.cuda,
-                    cusparselt=torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available()
-                    else None)
-    else:
-        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
-    return info
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -128,14 +101,14 @@ def main() -> int:
     args = parser.parse_args()
     report = {"benchmark": "sparse24", **environment()}
     output = Path(args.output) if args.output else \
-        RESULTS_DIR / f"sparse24_{re.sub(r'[^A-Za-z0-9]+', '_', report['device']).strip('_').lower()}.json"
+        RESULTS_DIR / f"sparse24_{device_tag()}.json"
 
     if not torch.cuda.is_available():
         report.update(status="skipped", reason="2:4 semi-structured sparsity needs a CUDA GPU (sm80+); "
                                                  "nothing was measured on this CPU-only machine")
         print(report["reason"])
     else:
-        peak = dense_peak(report["device"])
+        peak = (device_peaks() or {}).get("bf16_tflops")
         report.update(status="measured", dtype="bfloat16", dense_bf16_peak_tflops=peak, linears=[], models=[])
         for model_name in args.models:
             spec = MODELS[model_name]

@@ -6,28 +6,13 @@ Only acts when bench_kernels.py is being run (other scripts in bench/ are plain 
 """
 from __future__ import annotations
 
-import platform
-import re
 from pathlib import Path
 
 import pytest
-import torch
+from devices import device_peaks, device_tag, environment  # bench/ is on sys.path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# Vendor data-sheet peaks by device-name fragment (first match wins, so the specific names come first):
-# dense bf16 tensor-core TFLOP/s, fp32 (non-tensor) TFLOP/s, memory GB/s.
-PEAKS = {
-    "H200": (989.0, 67.0, 4800.0),
-    "H100 NVL": (835.0, 60.0, 3900.0),
-    "H100 PCIe": (756.0, 51.0, 2000.0),
-    "H100": (989.0, 67.0, 3350.0),          # SXM5 80 GB (HBM3)
-    "A100 80GB PCIe": (312.0, 19.5, 1935.0),
-    "A100-SXM4-80GB": (312.0, 19.5, 2039.0),
-    "A100": (312.0, 19.5, 1555.0),          # 40 GB
-    "A10G": (70.0, 31.2, 600.0),
-    "A10": (125.0, 31.2, 600.0),
-}
 
 TARGETS = {  # (op, mask) -> list of (name, metric, threshold)
     ("cosine_loss", None): [("fraction of memory bandwidth", "fraction", 0.70),
@@ -37,43 +22,6 @@ TARGETS = {  # (op, mask) -> list of (name, metric, threshold)
     ("masked_linear", "rows50"): [("speed-up over F.linear + mask multiply", "speedup_vs_eager", 1.6)],
     ("masked_adam", None): [("fraction of memory bandwidth", "fraction", 0.70)],
 }
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"cpu ({model}, {torch.get_num_threads()} threads)"
-
-
-def device_tag() -> str:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
-
-
-def device_peaks() -> dict | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for fragment, (bf16, fp32, gbs) in PEAKS.items():
-        if fragment in name:
-            return {"match": fragment, "bf16_tflops": bf16, "fp32_tflops": fp32, "memory_gbs": gbs}
-    return None
-
-
-def _versions() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:  # pragma: no cover
-        triton_version = None
-    return {"device": device_name(), "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(), "peaks": device_peaks()}
 
 
 def _running_kernels_bench(config) -> bool:
@@ -95,7 +43,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["starfish"] = _versions()
+    machine_info["starfish"] = environment()
 
 
 @pytest.fixture
@@ -148,7 +96,7 @@ def summarize(rows: list[dict]) -> dict:
                 entry["status"] = "met" if value >= threshold else f"missed by {100 * (1 - value / threshold):.0f}%"
             checks.append(entry)
     recommend = {op: all(w) for op, w in wins.items()}
-    return {**_versions(), "targets": checks, "recommended_auto_triton_on_cuda": recommend or None}
+    return {**environment(), "targets": checks, "recommended_auto_triton_on_cuda": recommend or None}
 
 
 def _fmt(v, spec):

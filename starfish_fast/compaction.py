@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from starfish_fast.models import MLP_LAYERS, adapter_for, set_submodule
+
 log = logging.getLogger(__name__)
 
-# (fc1, fc2) module paths inside a block, per adapter family.
-MLP_LAYERS = {"timm_vit": ("mlp.fc1", "mlp.fc2"), "torchvision_vit": ("mlp.0", "mlp.3")}
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,6 @@ class MlpCompaction:
 
 def mlp_compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[MlpCompaction]:
     """Blocks whose MLP has neurons pruned in both fc1 (row) and fc2 (column)."""
-    from starfish_fast.models import adapter_for
-
     adapter = adapter_for(model)
     if adapter.family not in MLP_LAYERS:
         return []
@@ -75,11 +73,6 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Ten
     return out
 
 
-def _swap(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, module)
-
-
 def compact_model(model: nn.Module, masks: dict[str, torch.Tensor], plan: list[MlpCompaction]
                   ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A copy of ``model`` with the planned MLPs narrowed, and the masks sliced to match."""
@@ -87,8 +80,8 @@ def compact_model(model: nn.Module, masks: dict[str, torch.Tensor], plan: list[M
     compact_masks = dict(masks)
     for item in plan:
         kept = item.kept.to(model.get_submodule(item.fc1).weight.device)
-        _swap(compact, item.fc1, _sliced_linear(model.get_submodule(item.fc1), kept, None))
-        _swap(compact, item.fc2, _sliced_linear(model.get_submodule(item.fc2), None, kept))
+        set_submodule(compact, item.fc1, _sliced_linear(model.get_submodule(item.fc1), kept, None))
+        set_submodule(compact, item.fc2, _sliced_linear(model.get_submodule(item.fc2), None, kept))
         compact_masks[f"{item.fc1}.weight"] = masks[f"{item.fc1}.weight"][item.kept]
         compact_masks[f"{item.fc2}.weight"] = masks[f"{item.fc2}.weight"][:, item.kept]
     removed = sum(item.hidden - item.kept.numel() for item in plan)

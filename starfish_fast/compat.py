@@ -22,18 +22,25 @@ import torch
 from torch import nn
 
 from starfish_fast.checkpoint import atomic_path, save_json_atomic
-from starfish_fast.data import (build_transform, cache_calibration_data, make_calibration_loader,  # noqa: F401
-                                make_eval_loader)
-from starfish_fast.evaluate import evaluate_top1  # noqa: F401
+from starfish_fast.data import build_transform, cache_calibration_data, make_calibration_loader, make_eval_loader
 from starfish_fast.engine import HealConfig, heal, resolve_device
-from starfish_fast.masks import (apply_masks, load_masks, mask_density, model_nonzero_fraction,  # noqa: F401
-                                 register_zero_freeze_hooks)
-from starfish_fast.models import (adapter_for, all_block_names, build_empty_model, default_prune_scope,  # noqa: F401
+from starfish_fast.evaluate import evaluate_top1
+from starfish_fast.masks import apply_masks, load_masks, mask_density, model_nonzero_fraction, register_zero_freeze_hooks
+from starfish_fast.models import (adapter_for, all_block_names, build_empty_model, default_prune_scope,
                                   enable_grad_checkpointing, force_mobilenet_str_runtime, forward_with_hooks,
                                   freeze_all, get_weight_key_and_tensor, infer_model_kind, is_prunable_weight,
                                   load_model)
 from starfish_fast.objectives import block_cosine_loss
-from starfish_fast.teacher import teacher_outputs
+
+
+__all__ = [  # the reference library's public names
+    "RecoveryConfig", "starfish_recovery", "extract_representations", "build_dense_targets", "LazyDenseTargets",
+    "cosine_alignment_loss", "load_masks", "apply_masks", "register_zero_freeze_hooks", "freeze_all",
+    "get_weight_key_and_tensor", "mask_density", "model_nonzero_fraction", "infer_model_kind", "build_empty_model",
+    "load_model", "force_mobilenet_str_runtime", "all_block_names", "is_prunable_weight", "default_prune_scope",
+    "enable_grad_checkpointing", "build_transform", "make_calibration_loader", "make_eval_loader",
+    "cache_calibration_data", "evaluate_top1", "save_recovered_checkpoint",
+]
 
 
 @dataclass

@@ -25,7 +25,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -38,7 +37,7 @@ from starfish_fast.compaction import compact_model, expand_into, mlp_compaction_
 from starfish_fast.data import as_batches, split_batches
 from starfish_fast.kernels._dispatch import use_triton
 from starfish_fast.masks import apply_masks, register_zero_freeze_hooks, validate_masks
-from starfish_fast.models import WeightPredicate, adapter_for, freeze_all, prunable_weights
+from starfish_fast.models import WeightPredicate, adapter_for, freeze_all, prunable_weights, set_submodule
 from starfish_fast.optim import MaskedAdam
 from starfish_fast.teacher import STORE_KINDS, MemoryStore, make_teacher_store
 
@@ -441,14 +440,9 @@ def _swap_in_masked_linears(run: _Run) -> list[tuple[str, nn.Linear]]:
         if type(module) is nn.Linear:
             layer = MaskedLinear.from_linear(module, run.masks[key].to(run.device, torch.bool))
             layer.kernel = True
-            _set_submodule(run.student, path, layer)
+            set_submodule(run.student, path, layer)
             swapped.append((path, module))
     return swapped
-
-
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, module)
 
 
 def _fast_loop(run: _Run, store) -> list[float]:
@@ -525,7 +519,7 @@ def _fast_loop(run: _Run, store) -> list[float]:
     finally:
         bar.close()
         for path, linear in swapped:
-            _set_submodule(run.student, path, linear)
+            set_submodule(run.student, path, linear)
     return losses.tolist()
 
 

@@ -33,6 +33,8 @@ TIMM_VIT_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base
                    "deit3_base_patch16_224", "deit3_large_patch16_224", "deit3_huge_patch14_224")
 MOBILENET_MODELS = ("mobilenetv1_100",)
 MOBILENET_STAGE_LAYOUT = (1, 2, 2, 6, 2)
+# (fc1, fc2) module paths of the MLP inside one block, per adapter family.
+MLP_LAYERS = {"timm_vit": ("mlp.fc1", "mlp.fc2"), "torchvision_vit": ("mlp.0", "mlp.3")}
 VIT_SCOPES = ("qkv", "qkv_out", "qkv_out_mlp", "mlp", "qk", "qk_mlp")
 MOBILENET_SCOPES = ("conv_only", "fc_only", "conv_fc", "conv_dw", "all")
 
@@ -335,6 +337,12 @@ def prunable_weights(model: nn.Module, predicate: WeightPredicate) -> dict[str, 
             if key is not None:
                 selected[key] = tensor
     return selected
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` (e.g. ``blocks.0.mlp.fc1``) by ``module``."""
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
 
 
 def freeze_all(model: nn.Module) -> None:

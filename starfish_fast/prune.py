@@ -41,16 +41,13 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from starfish_fast.models import adapter_for, prunable_weights
+from starfish_fast.models import MLP_LAYERS, adapter_for, prunable_weights
 
 log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]
 STRUCTURED_KINDS = ("mlp", "qk", "qk_mlp", "channel")
 VIT_FAMILIES = ("timm_vit", "torchvision_vit")
-# (fc1, fc2) key suffixes of one MLP, per family
-MLP_PAIRS = {"timm_vit": (".mlp.fc1.weight", ".mlp.fc2.weight"),
-             "torchvision_vit": (".mlp.0.weight", ".mlp.3.weight")}
 # fused q|k|v weight key suffix -> suffix of the attention module (which knows num_heads)
 QKV_SUFFIXES = {".attn.qkv.weight": ".attn", ".self_attention.in_proj_weight": ".self_attention"}
 
@@ -203,7 +200,7 @@ def _default_kind(family: str, scope: str) -> str:
 
 
 def _mlp_neuron_masks(family: str, scores, sparsity: float, scope: str) -> dict[str, torch.Tensor]:
-    fc1_suffix, fc2_suffix = MLP_PAIRS[family]
+    fc1_suffix, fc2_suffix = (f".{layer}.weight" for layer in MLP_LAYERS[family])
     masks = {}
     for fc1_key in [key for key in scores if key.endswith(fc1_suffix)]:
         fc2_key = fc1_key[:-len(fc1_suffix)] + fc2_suffix
