@@ -39,6 +39,7 @@ from starfish_fast.kernels._dispatch import use_triton
 from starfish_fast.masks import apply_masks, register_zero_freeze_hooks, validate_masks
 from starfish_fast.models import WeightPredicate, adapter_for, freeze_all, prunable_weights, set_submodule
 from starfish_fast.optim import MaskedAdam
+from starfish_fast.sparse24 import convert_linears, restore_linears
 from starfish_fast.teacher import STORE_KINDS, MemoryStore, make_teacher_store
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class HealConfig:
     moments_dtype: str = "fp32"            # fp32 | bf16 (fast mode)
     kernels: str = "auto"                  # auto | triton | torch: the loss/optimizer implementation
     compact: str = "auto"                  # auto (fast mode) | on | off: drop MLP neurons pruned in fc1 and fc2
+    # on: 2:4-masked linears run their forward through to_sparse_semi_structured (CUDA; else a
+    # warned fallback). auto = off until bench_sparse24.py measures a gain on the GPU at hand.
+    semi_structured: str = "auto"          # auto | on | off
     grad_checkpointing: bool = False
     device: str | None = None              # default: cuda if available, else cpu
     log_every: int = 10                    # steps between loss reads (host syncs) in fast mode
@@ -87,7 +91,7 @@ class HealConfig:
                    "precision": ("auto", *DTYPES), "compile": ("auto", "on", "off"),
                    "teacher_store": STORE_KINDS, "teacher_dtype": ("auto", *DTYPES),
                    "moments_dtype": ("fp32", "bf16"), "kernels": ("auto", "triton", "torch"),
-                   "compact": ("auto", "on", "off")}
+                   "compact": ("auto", "on", "off"), "semi_structured": ("auto", "on", "off")}
         if isinstance(self.compile, bool):
             self.compile = "on" if self.compile else "off"
         for key, allowed in choices.items():
@@ -449,6 +453,7 @@ def _fast_loop(run: _Run, store) -> list[float]:
     """Mask folded into a fused Adam step, lr from a device tensor, no host sync between log points."""
     config, device = run.config, run.device
     compile_on = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+    sparse_layers = convert_linears(run.student, run.masks) if config.semi_structured == "on" else []
     # The masked-linear kernel only where the dispatch table (bench_kernels.py) says it beats cuBLAS.
     swapped = _swap_in_masked_linears(run) if run.params and use_triton("masked_linear", run.params[0],
                                                                           config.kernels) else []
@@ -520,6 +525,8 @@ def _fast_loop(run: _Run, store) -> list[float]:
         bar.close()
         for path, linear in swapped:
             set_submodule(run.student, path, linear)
+        if sparse_layers:
+            restore_linears(run.student)
     return losses.tolist()
 
 

@@ -54,6 +54,19 @@ def test_triton_kernels_in_the_loop_match_torch():
     assert all((model.state_dict()[k][~m] == 0).all() for k, m in masks.items())
 
 
+def test_semi_structured_on_cpu_falls_back_to_the_same_result():
+    from starfish_fast.prune import nm_masks
+
+    dense = tiny_vit()
+    masks = nm_masks(dense, n=2, m=4, scope="qkv_out_mlp")
+    runs = {}
+    for setting in ("off", "on"):
+        model = copy.deepcopy(dense)
+        runs[setting] = heal(model, dense, masks, images(16), _config(semi_structured=setting)), model
+    assert runs["on"][0].step_losses == runs["off"][0].step_losses
+    assert type(runs["on"][1].blocks[0].mlp.fc1) is torch.nn.Linear
+
+
 def test_fast_mode_keeps_masked_weights_zero_and_heals():
     dense, pruned, masks, calib = _setup(density=0.3)
     result = heal(pruned, dense, masks, calib, _config(epochs=4, weight_decay=0.1, moments_dtype="bf16"))
