@@ -22,8 +22,8 @@ import torch
 
 from starfish_fast import compat
 from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
-from starfish_fast.data import (FASHION_MNIST_DIR, TensorLoader, load_fashion_mnist, load_image_folder,
-                                select_calibration, split_batches)
+from starfish_fast.data import (FASHION_MNIST_DIR, TensorLoader, build_transform, fashion_mnist_transform,
+                                image_folder_loader, load_fashion_mnist, select_calibration, split_batches)
 from starfish_fast.evaluate import evaluate_top1, evaluate_top1_tensors
 from starfish_fast.engine import HealConfig, heal, resolve_device
 from starfish_fast.masks import apply_masks, load_masks, mask_density
@@ -118,45 +118,46 @@ def _load_dense(args, device) -> torch.nn.Module:
     return compat.load_model(args.model_name, args.dense_path, device, allow_unsafe_pickle=args.allow_unsafe_pickle)
 
 
+def _image_transform(model_name: str):
+    return fashion_mnist_transform() if model_name == BUNDLED_MODEL_NAME else build_transform()
+
+
 def _recover_data(args):
     """(calibration batches, evaluation loader or None), from local files or Hugging Face."""
     fmnist = _fashion_mnist_dir(args)
-    eval_loader = None
-    if fmnist or args.calib_dir:
-        if fmnist:
-            split = "train" if args.calib_source == "train" else "test"
-            pool, _ = load_fashion_mnist(fmnist, split)
-        else:
-            pool, _ = load_image_folder(args.calib_dir)
-        generator = torch.Generator().manual_seed(args.seed)
-        order = torch.randperm(pool.shape[0], generator=generator)
+    calib_index = None          # Fashion-MNIST indices of the calibration images, to keep them out of evaluation
+    if args.calib_dir:
+        loader = image_folder_loader(args.calib_dir, batch_size=args.batch_size, transform=_image_transform(
+            args.model_name), num_samples=args.calib_samples, shuffle=True, seed=args.seed)
+        calib = compat.cache_calibration_data(loader, args.calib_samples)
+    elif fmnist:
+        pool, _ = load_fashion_mnist(fmnist, "train" if args.calib_source == "train" else "test")
         if args.calib_samples > pool.shape[0]:
             raise ValueError(f"calibration set too small: --calib-samples {args.calib_samples} but only "
                              f"{pool.shape[0]} images available")
-        calib = split_batches(pool[order[:args.calib_samples]], args.batch_size)
-        if args.eval_samples > 0:
-            if args.eval_dir:
-                images, labels = load_image_folder(args.eval_dir)
-                keep = torch.arange(images.shape[0])
-            else:
-                images, labels = load_fashion_mnist(fmnist or FASHION_MNIST_DIR, "test")
-                keep = torch.arange(images.shape[0])
-                if fmnist and args.calib_source == "val":       # evaluation skips the calibration images
-                    used = torch.zeros(images.shape[0], dtype=torch.bool)
-                    used[order[:args.calib_samples]] = True
-                    keep = keep[~used]
-            keep = keep[:args.eval_samples]
-            eval_loader = TensorLoader(images[keep], labels[keep], batch_size=256)
-        return calib, eval_loader
-    loader = compat.make_calibration_loader(dataset_name=args.hf_dataset, split_source=args.calib_source,
-                                            batch_size=args.batch_size, num_samples=args.calib_samples,
-                                            seed=args.seed, shuffle_buffer=args.shuffle_buffer)
-    calib = compat.cache_calibration_data(loader, args.calib_samples)
-    if args.eval_samples > 0:
-        skip = args.calib_samples if args.calib_source == "val" else 0
-        eval_loader = compat.make_eval_loader(dataset_name=args.hf_dataset, split_source="val", batch_size=256,
-                                              num_samples=args.eval_samples, skip_samples=skip, seed=args.seed)
-    return calib, eval_loader
+        calib_index = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(args.seed))
+        calib_index = calib_index[:args.calib_samples]
+        calib = split_batches(pool[calib_index], args.batch_size)
+    else:
+        loader = compat.make_calibration_loader(dataset_name=args.hf_dataset, split_source=args.calib_source,
+                                                batch_size=args.batch_size, num_samples=args.calib_samples,
+                                                seed=args.seed, shuffle_buffer=args.shuffle_buffer)
+        calib = compat.cache_calibration_data(loader, args.calib_samples)
+    if args.eval_samples <= 0:
+        return calib, None
+    if args.eval_dir:
+        return calib, image_folder_loader(args.eval_dir, batch_size=256, transform=_image_transform(args.model_name),
+                                          num_samples=args.eval_samples)
+    if fmnist:
+        images, labels = load_fashion_mnist(fmnist, "test")
+        keep = torch.ones(images.shape[0], dtype=torch.bool)
+        if calib_index is not None and args.calib_source == "val":      # evaluation skips the calibration images
+            keep[calib_index] = False
+        index = keep.nonzero().flatten()[:args.eval_samples]
+        return calib, TensorLoader(images[index], labels[index], batch_size=256)
+    skip = args.calib_samples if args.calib_source == "val" else 0
+    return calib, compat.make_eval_loader(dataset_name=args.hf_dataset, split_source="val", batch_size=256,
+                                          num_samples=args.eval_samples, skip_samples=skip, seed=args.seed)
 
 
 def run_recover(args) -> int:
@@ -229,8 +230,11 @@ def run_eval(args) -> int:
         model = compat.load_model(args.model_name, args.checkpoint, device,
                                   allow_unsafe_pickle=args.allow_unsafe_pickle)
     fmnist = _fashion_mnist_dir(args)
-    if args.eval_dir or fmnist:
-        images, labels = load_image_folder(args.eval_dir) if args.eval_dir else load_fashion_mnist(fmnist, "test")
+    if args.eval_dir:
+        loader = image_folder_loader(args.eval_dir, batch_size=args.batch_size,
+                                     transform=_image_transform(args.model_name), num_samples=args.eval_samples)
+    elif fmnist:
+        images, labels = load_fashion_mnist(fmnist, "test")
         if args.eval_samples > 0:
             images, labels = images[:args.eval_samples], labels[:args.eval_samples]
         loader = TensorLoader(images, labels, batch_size=args.batch_size)

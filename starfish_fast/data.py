@@ -77,22 +77,25 @@ def load_fashion_mnist(directory: str | os.PathLike = FASHION_MNIST_DIR, split: 
     return images, labels
 
 
-def load_image_folder(directory: str | os.PathLike, transform=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a torchvision ImageFolder tree as one tensor and their labels.
-    Default transform: the reference's ``build_transform()`` (ImageNet 224 crop)."""
+def image_folder_loader(directory: str | os.PathLike, batch_size: int = 32, transform=None, num_samples: int = 0,
+                        shuffle: bool = False, seed: int = 0, num_workers: int = 2):
+    """A ``DataLoader`` of ``(images, labels)`` over a torchvision ImageFolder tree, streamed from disk.
+    ``num_samples > 0`` takes that many (a seeded random subset when ``shuffle``); default
+    transform: the reference's ``build_transform()`` (ImageNet 224 crop)."""
+    from torch.utils.data import DataLoader, Subset
     from torchvision.datasets import ImageFolder
 
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image directory {directory} does not exist")
-    if transform is None:
-        transform = build_transform()
-    dataset = ImageFolder(str(directory), transform=transform)
+    dataset = ImageFolder(str(directory), transform=transform or build_transform())
     if len(dataset) == 0:
         raise ValueError(f"image directory {directory} holds no images")
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    labels = torch.tensor(dataset.targets, dtype=torch.long)
-    return images, labels
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)) if shuffle \
+        else torch.arange(len(dataset))
+    if num_samples > 0:
+        order = order[:num_samples]
+    return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 def build_transform():
@@ -104,6 +107,18 @@ def build_transform():
         transforms.CenterCrop(224),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def fashion_mnist_transform():
+    """Image files for the bundled model: grayscale 28x28, normalised like ``load_fashion_mnist``."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Grayscale(),
+        transforms.Resize((28, 28)),
+        transforms.ToTensor(),
+        transforms.Normalize((FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)),
     ])
 
 

@@ -105,6 +105,27 @@ def test_recover_bad_inputs_write_nothing(tmp_path, mask_file, capsys, case, mes
     assert not output.parent.exists() or not any(output.parent.iterdir())
 
 
+def test_recover_from_image_folders(tmp_path, mask_file, capsys):
+    from PIL import Image
+
+    from starfish_fast.data import load_fashion_mnist
+    images, labels = load_fashion_mnist(split="test", normalize=False)
+    for i in range(8):                                   # an ImageFolder tree of real test images
+        folder = tmp_path / "images" / f"class_{int(labels[i])}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((images[i, 0] * 255).byte().numpy()).save(folder / f"{i}.png")
+    output = tmp_path / "out" / "recovered.pt"
+    args = _recover_args(mask_file, output) + ["--calib-dir", str(tmp_path / "images"), "--eval-dir",
+                                                str(tmp_path / "images")]
+    args[args.index("--calib-samples") + 1] = "6"
+    args[args.index("--eval-samples") + 1] = "8"
+    assert cli.main(args) == 0
+    assert torch.load(output, weights_only=True)["metadata"]["calib_samples"] == 6
+    args[args.index("--calib-samples") + 1] = "9"
+    assert cli.main(args) == 2
+    assert "calibration set too small: 9 samples requested but the loader gave 8" in capsys.readouterr().err
+
+
 def test_unknown_model_name_is_rejected(tmp_path, mask_file, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["recover", "--model-name", "resnet50", "--mask-path", str(mask_file)])
