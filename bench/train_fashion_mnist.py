@@ -41,14 +41,15 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=FASHION_MNIST_DIR)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--warmup-epochs", type=float, default=0.5)
     # A first recipe with flips, 2-pixel shifts, label smoothing 0.1 and lr 2e-3 stalled at
-    # 78.7% after 5 of 12 epochs; the plain recipe below trains faster on this small model.
+    # 78.7% after 5 of 12 epochs; the plain recipe with lr 1e-3 and 10 epochs ended at 87.68%;
+    # these defaults (16 epochs, lr 1.5e-3) reach 88.39% in about 15 minutes on 2 cores.
     parser.add_argument("--max-shift", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(BUNDLED_WEIGHTS))
