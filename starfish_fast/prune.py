@@ -100,7 +100,9 @@ def _keep_largest(scores: torch.Tensor, n_prune: int, dim: int | None = None) ->
 
 def _finish(masks: dict[str, torch.Tensor], title: str) -> dict[str, torch.Tensor]:
     masks = {key: mask.to("cpu", torch.bool).contiguous() for key, mask in masks.items()}
-    log.info("%s\n%s", title, format_summary(sparsity_summary(masks)))
+    summary = sparsity_summary(masks)
+    log.info("%s: %d weights in %d tensors, sparsity %.4f", title, summary["total"], len(masks), summary["sparsity"])
+    log.debug("%s", format_summary(summary))    # per layer; `starfish-fast prune` prints it
     return masks
 
 
