@@ -48,7 +48,7 @@ def test_compacted_healing_matches_masked_dense(weight_decay):
     for compact in ("off", "on"):
         student = copy.deepcopy(dense)
         config = HealConfig(epochs=2, batch_size=8, lr=2e-3, weight_decay=weight_decay, compact=compact,
-                            progress=False)
+                            progress=False, precision="fp32")
         results.append(heal(student, dense, masks, calib, config))
         models.append(student)
     for a, b in zip(*(r.step_losses for r in results)):

@@ -18,7 +18,8 @@ def _setup(seed=0, density=0.4):
 
 
 def _config(**overrides):
-    base = dict(epochs=2, batch_size=8, lr=2e-3, min_lr=1e-5, progress=False)
+    # fp32 unless a test says otherwise: precision="auto" picks bf16 on CPUs with AVX512-BF16/AMX
+    base = dict(epochs=2, batch_size=8, lr=2e-3, min_lr=1e-5, progress=False, precision="fp32")
     base.update(overrides)
     return HealConfig(**base)
 
@@ -75,6 +76,31 @@ def test_fast_mode_keeps_masked_weights_zero_and_heals():
         assert (state[key][~mask] == 0).all(), key
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert not pruned.training and result.images == 80 and result.images_per_second > 0
+
+
+def test_cpu_bf16_autocast_tracks_fp32():
+    dense, pruned, masks, calib = _setup()
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = copy.deepcopy(pruned)
+        results[precision] = heal(model, dense, masks, calib, _config(precision=precision, epochs=3))
+        assert all((model.state_dict()[k][~m] == 0).all() for k, m in masks.items())
+    for a, b in zip(results["fp32"].history, results["bf16"].history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.1)
+    assert results["bf16"].config["precision"] == "bf16"
+
+
+def test_auto_precision_rule(monkeypatch):
+    config = HealConfig(progress=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert engine._resolve_dtypes(config, cpu, 192) == (torch.bfloat16, torch.bfloat16)
+    assert engine._resolve_dtypes(config, cpu, 64) == (torch.float32, torch.float16)
+    assert engine._resolve_dtypes(config, cuda, 64) == (torch.bfloat16, torch.bfloat16)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert engine._resolve_dtypes(config, cpu, 192) == (torch.float32, torch.float16)
+    exact = HealConfig(mode="exact", progress=False)
+    assert engine._resolve_dtypes(exact, cuda, 192) == (torch.float32, torch.float16)
 
 
 def test_mobilenet_fast_heals_with_batchnorm_in_train_mode():
