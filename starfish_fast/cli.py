@@ -214,13 +214,22 @@ def build_eval_parser(subparsers) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="load a pickled checkpoint with weights_only=False (trusted files only)")
+    group = parser.add_argument_group("diagnostics (the paper's Theorem 1)")
+    group.add_argument("--diagnostics", action="store_true",
+                       help="also KL(dense || model), its representation bounds and per-block cosine to the dense "
+                            "model; writes <checkpoint>.diagnostics.json and PNG plots")
+    group.add_argument("--dense-path", default=None,
+                       help=f"the dense reference checkpoint (default for {BUNDLED_MODEL_NAME}: the bundled weights)")
+    group.add_argument("--mask-path", default=None,
+                       help="masks: adds the pruned-before-healing model (dense weights x masks) for comparison")
+    group.add_argument("--prune-scope", default="auto")
     _add_local_data_flags(parser)
     parser.set_defaults(handler=run_eval)
 
 
 def run_eval(args) -> int:
     infer_model_kind(args.model_name)
-    _check_paths(args, "checkpoint", "fashion_mnist", "eval_dir")
+    _check_paths(args, "checkpoint", "fashion_mnist", "eval_dir", "dense_path", "mask_path")
     device = resolve_device(args.device)
     if args.checkpoint is None:
         if args.model_name != BUNDLED_MODEL_NAME:
@@ -241,8 +250,38 @@ def run_eval(args) -> int:
     else:
         loader = compat.make_eval_loader(dataset_name=args.hf_dataset, split_source="val", batch_size=args.batch_size,
                                          num_samples=args.eval_samples or 50000)
+    if args.diagnostics:
+        return _run_diagnostics(args, model, loader, device)
     top1 = evaluate_top1(model, loader, device)
     print(json.dumps({"model_name": args.model_name, "checkpoint": args.checkpoint, "top1": top1}))
+    return 0
+
+
+def _run_diagnostics(args, model, loader, device) -> int:
+    from starfish_fast.checkpoint import save_json_atomic
+    from starfish_fast.diagnostics import format_diagnostics, plot_block_cosine, plot_kl_bound, \
+        representation_diagnostics
+
+    dense = _load_dense(args, device)
+    before = None
+    if args.mask_path:
+        pruned = copy.deepcopy(dense)
+        scope = compat.default_prune_scope(args.model_name) if args.prune_scope == "auto" else args.prune_scope
+        masks = load_masks(args.mask_path, pruned, compat.is_prunable_weight(args.model_name, scope),
+                           allow_unsafe_pickle=args.allow_unsafe_pickle)
+        apply_masks(pruned, masks)
+        before = representation_diagnostics(dense, pruned, loader, device=device)
+        print(format_diagnostics(before, "pruned"))
+    after = representation_diagnostics(dense, model, loader, device=device)
+    print(format_diagnostics(after, "healed" if before else "model"))
+    stem = str(args.checkpoint or BUNDLED_MODEL_NAME)
+    save_json_atomic({"model_name": args.model_name, "checkpoint": args.checkpoint, "before": before,
+                      "after": after}, stem + ".diagnostics.json")
+    plot_block_cosine(before["block_cosine"] if before else None, after["block_cosine"],
+                      stem + ".block_cosine.png")
+    if before:
+        plot_kl_bound(before, after, stem + ".kl_bound.png")
+    print(f"wrote {stem}.diagnostics.json and plots")
     return 0
 
 

@@ -139,6 +139,21 @@ def test_eval_reports_top1(capsys):
     assert report["model_name"] == "fashion_vit" and 10 < report["top1"] <= 100
 
 
+def test_eval_diagnostics_before_and_after(tmp_path, mask_file, capsys):
+    output = tmp_path / "recovered.pt"
+    assert cli.main(_recover_args(mask_file, output)) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--model-name", "fashion_vit", "--checkpoint", str(output), "--eval-samples", "300",
+                     "--diagnostics", "--mask-path", str(mask_file)]) == 0
+    text = capsys.readouterr().out
+    assert "pruned: top-1" in text and "healed: top-1" in text and "KL(dense || healed)" in text
+    report = json.loads(Path(str(output) + ".diagnostics.json").read_text())
+    assert report["after"]["kl"] < report["before"]["kl"] <= report["before"]["bound_certified"]
+    assert len(report["after"]["block_cosine"]) == 6
+    for suffix in (".block_cosine.png", ".kl_bound.png"):
+        assert Path(str(output) + suffix).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_demo_reduced_improves_over_pruned(tmp_path):
     args = ["demo", "--calib-samples", "256", "--epochs", "3", "--eval-samples", "1000", "--output-dir",
             str(tmp_path), "--no-progress"]
