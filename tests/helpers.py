@@ -1,6 +1,7 @@
-"""Tiny models and masks shared by the tests (random weights, nothing downloaded)."""
+"""Tiny models, masks and comparison helpers shared by the tests (random weights, nothing downloaded)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -30,3 +31,23 @@ def random_masks(model, scope: str = "auto", density: float = 0.5, seed: int = 0
 
 def images(n: int, size: int = 16, channels: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# Relative tolerances by dtype (DESIGN.md: fp32 ~1e-5, fp16 ~1e-3, bf16 ~1e-2).
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max absolute error relative to the reference's max magnitude; ``a`` must be all finite
+    (a poisoned element a kernel never wrote stays NaN)."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (a poisoned element was never written?)"
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Kernel outputs pre-filled with NaN (see kernels/_dispatch.py POISON)."""
+    import starfish_fast.kernels._dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "POISON", True)

@@ -7,22 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import starfish_fast.kernels._dispatch as dispatch
+from helpers import TOL, poison, rel_err  # noqa: F401  (poison: autouse below)
 from starfish_fast.kernels import multi_block_cosine_loss, multi_block_cosine_loss_reference
-
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(dispatch, "POISON", True)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values (a poisoned element was never written?)"
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
 
 def as_rows(x: torch.Tensor, per: str) -> torch.Tensor:
     per = ("token" if x.dim() == 3 else "sample") if per == "auto" else per
@@ -215,3 +201,6 @@ def test_cuda_zero_rows_and_peak_memory():
     fused = peak(lambda s, t: multi_block_cosine_loss(s, t, kernel=True))
     eager = peak(multi_block_cosine_loss_reference)
     assert fused * 2 <= eager, (fused, eager)
+
+
+pytestmark = pytest.mark.usefixtures("poison")

@@ -7,18 +7,10 @@ masked parameter entries are additionally checked to be exactly zero.
 import pytest
 import torch
 
+from helpers import TOL, rel_err
 from starfish_fast.kernels import masked_adam_step, masked_adam_step_reference
 
 SHAPES = [(37, 5), (300,), (1, 1), (64, 48), (3, 5, 7)]   # odd sizes, a single element, chunk-crossing sizes
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
 def make(shapes, mask_kind, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     params = [torch.randn(*s, generator=g).to(device) for s in shapes]

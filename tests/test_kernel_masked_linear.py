@@ -8,22 +8,9 @@ import torch
 import torch.nn as nn
 
 import starfish_fast.kernels._dispatch as dispatch
+from helpers import TOL, poison, rel_err  # noqa: F401  (poison: autouse below)
 from starfish_fast.kernels import MaskedLinear, mask_plan, masked_linear, masked_linear_reference
 from starfish_fast.kernels.masked_linear import OCC_TILE
-
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(dispatch, "POISON", True)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values (a poisoned element was never written?)"
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
-
 
 def make_mask(kind: str, n: int, k: int, device="cpu", dtype=torch.bool, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -256,3 +243,6 @@ def test_default_configs_compile_for_sm86_within_shared_memory():
                                         "_masked_linear_dw_kernel"}
     too_big = [c for c in compiled if c[3] > 99 * 1024]
     assert not too_big, too_big
+
+
+pytestmark = pytest.mark.usefixtures("poison")
