@@ -431,7 +431,7 @@ def _exact_loop(run: _Run, store) -> list[float]:
             if scheduler is not None:
                 scheduler.step()
             apply_masks(run.student, run.masks)
-            step_losses.append(loss.item())
+            step_losses.append(loss.item())     # a host sync every step, as the reference (exact mode only)
             now = time.perf_counter()
             bar.update(1)
             bar.set_postfix(loss=f"{step_losses[-1]:.4f}", img_s=f"{images.shape[0] / (now - tick):.0f}")
