@@ -78,16 +78,18 @@ def test_fast_mode_keeps_masked_weights_zero_and_heals():
     assert not pruned.training and result.images == 80 and result.images_per_second > 0
 
 
-def test_cpu_bf16_autocast_tracks_fp32():
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cpu_low_precision_tracks_fp32(precision):
+    """bf16 autocast, and fp16 autocast with the grad scaler driving MaskedAdam."""
     dense, pruned, masks, calib = _setup()
     results = {}
-    for precision in ("fp32", "bf16"):
+    for setting in ("fp32", precision):
         model = copy.deepcopy(pruned)
-        results[precision] = heal(model, dense, masks, calib, _config(precision=precision, epochs=3))
+        results[setting] = heal(model, dense, masks, calib, _config(precision=setting, epochs=3))
         assert all((model.state_dict()[k][~m] == 0).all() for k, m in masks.items())
-    for a, b in zip(results["fp32"].history, results["bf16"].history):
+    for a, b in zip(results["fp32"].history, results[precision].history):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.1)
-    assert results["bf16"].config["precision"] == "bf16"
+    assert results[precision].history[-1]["loss"] < results[precision].history[0]["loss"]
 
 
 def test_auto_precision_rule(monkeypatch):
