@@ -315,44 +315,55 @@ def diagnostics_table(diagnostics: dict, sparsity: float, seed: int) -> str:
 
 
 def plot_retention(summary: list[dict], pruned: dict, objectives, path: Path, title: str) -> None:
-    """Retention vs sparsity per objective (magnitude pruning, std error bars) and, beside it,
-    the 2:4 and structured settings as grouped bars."""
+    """Retention vs sparsity per objective (magnitude pruning, std error bars) with the pruned
+    model; the same zoomed on the healed models (their spread is a few points against the
+    pruned model's tens); the 2:4 and structured settings as grouped bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {o: f"C{i}" for i, o in enumerate(objectives)}
     extras = list(dict.fromkeys((s["setting"], s["sparsity"]) for s in summary if s["setting"] != "magnitude"))
-    figure, axes = plt.subplots(1, 2 if extras else 1, figsize=(12 if extras else 7, 4.5), squeeze=False,
-                                gridspec_kw={"width_ratios": [2, 1]} if extras else None)
-    axis = axes[0][0]
+    figure, axes = plt.subplots(1, 3 if extras else 2, figsize=(16 if extras else 11, 4.5), squeeze=False,
+                                gridspec_kw={"width_ratios": [3, 3, 2] if extras else [1, 1]})
     sparsities = sorted({s["sparsity"] for s in summary if s["setting"] == "magnitude"})
-    axis.plot(sparsities, [100 * pruned[("magnitude", x)]["retention"] for x in sparsities], "k--", label="pruned")
-    for objective in objectives:
-        points = sorted((s["sparsity"], 100 * s["retention"], 100 * s["retention_std"]) for s in summary
-                        if s["setting"] == "magnitude" and s["objective"] == objective)
-        if points:
-            axis.errorbar(*zip(*points), marker="o", capsize=3, label=objective)
-    axis.set_xlabel("sparsity of qkv+proj+MLP (magnitude, per layer)")
-    axis.set_ylabel("retention: healed / dense top-1 (%)")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend()
+    for zoomed, axis in enumerate(axes[0][:2]):
+        if not zoomed:
+            axis.plot(sparsities, [100 * pruned[("magnitude", x)]["retention"] for x in sparsities], "k--",
+                      label="pruned")
+        for objective in objectives:
+            points = sorted((s["sparsity"], 100 * s["retention"], 100 * s["retention_std"]) for s in summary
+                            if s["setting"] == "magnitude" and s["objective"] == objective)
+            if points:
+                axis.errorbar(*zip(*points), marker="o", capsize=3, label=objective, color=colors[objective])
+        axis.set_xlabel("sparsity of the prune scope (magnitude, per layer)")
+        axis.set_ylabel("retention: healed / dense top-1 (%)")
+        axis.set_title(f"{title}, healed only" if zoomed else title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     if extras:
-        bars = axes[0][1]
-        width = 0.8 / (len(objectives) + 1)
-        for j, objective in enumerate(("pruned",) + tuple(objectives)):
-            values, errors = [], []
-            for key in extras:
-                s = pruned[key] if objective == "pruned" else next(
-                    (x for x in summary if (x["setting"], x["sparsity"], x["objective"]) == (*key, objective)), None)
-                values.append(100 * s["retention"] if s else 0)
-                errors.append(100 * s.get("retention_std", 0) if s else 0)
-            bars.bar([i + (j - len(objectives) / 2) * width for i in range(len(extras))], values, width,
-                     yerr=errors, capsize=2, label=objective, color="k" if objective == "pruned" else None)
+        bars = axes[0][2]
+        width = 0.8 / len(objectives)
+        lowest = 100.0
+        for j, objective in enumerate(objectives):
+            cells = [next((x for x in summary if (x["setting"], x["sparsity"], x["objective"]) == (*key, objective)),
+                          None) for key in extras]
+            values = [100 * c["retention"] if c else float("nan") for c in cells]
+            lowest = min([lowest] + [v for v in values if v == v])
+            bars.bar([i + (j - (len(objectives) - 1) / 2) * width for i in range(len(extras))], values, width,
+                     yerr=[100 * c["retention_std"] if c else 0 for c in cells], capsize=2, label=objective,
+                     color=colors[objective])
+        for i, key in enumerate(extras):
+            bars.hlines(100 * pruned[key]["retention"], i - 0.45, i + 0.45, colors="k", linestyles="--",
+                        label="pruned" if i == 0 else None)
+            lowest = min(lowest, 100 * pruned[key]["retention"])
+        bars.set_ylim(lowest - 2, 101.5)
         bars.set_xticks(range(len(extras)), [_setting_label(*key) for key in extras], fontsize=8)
         bars.set_ylabel("retention (%)")
+        bars.set_title("50% settings")
         bars.grid(alpha=0.3, axis="y")
+        bars.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
