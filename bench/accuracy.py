@@ -70,6 +70,8 @@ CSV_FIELDS = ("model", "setting", "sparsity", "objective", "seed", "dense_top1",
               "heal_seconds", "images_per_second", "epochs", "calib_samples", "eval_examples")
 TARGETS = {0.5: 0.97, 0.8: 0.90}          # STARFISH retention targets of the issue, by sparsity
 ORDER = ("starfish", "mse", "kl", "ce")   # the paper's ranking at high sparsity (Tables 1 and 3)
+STRUCTURED_WHAT = {"mlp": " (structured: whole MLP neurons, fc1 rows with their fc2 columns)",
+                   "channel": " (structured: whole output filters of the convs)"}
 
 
 @dataclass
@@ -243,7 +245,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def _setting_label(setting: str, sparsity: float) -> str:
     return {"magnitude": f"magnitude {sparsity:.2f}", "2:4": f"2:4 ({sparsity:.2f})",
-            "structured": f"structured MLP {sparsity:.2f}"}.get(setting, f"{setting} {sparsity:.2f}")
+            "structured": f"structured {sparsity:.2f}"}.get(setting, f"{setting} {sparsity:.2f}")
 
 
 def check_targets(summary: list[dict]) -> list[str]:
@@ -485,7 +487,8 @@ def _write_reports(args, task, prefix, summary, pruned, targets, diagnostics, de
     text = "\n".join([
         f"# Healing quality: {task.name}", "",
         f"Grid: sparsities {', '.join(f'{s:g}' for s in args.sparsities)} (magnitude, per layer, scope "
-        f"{task.scope}){' + ' + ', '.join(args.extras) if args.extras else ''}; objectives "
+        f"{task.scope}){' + ' + ', '.join(args.extras) if args.extras else ''}"
+        f"{STRUCTURED_WHAT[task.structured_kind] if 'structured' in args.extras else ''}; objectives "
         f"{', '.join(args.objectives)}; seeds {', '.join(map(str, args.seeds))}; {args.epochs} epochs, "
         f"{args.calib_samples} calibration images, batch {args.batch_size}, AdamW lr {args.lr:g} -> {args.min_lr:g} "
         f"cosine, weight decay {args.weight_decay:g}; device {task.device}, torch {torch.__version__}; "
