@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import resource
@@ -53,6 +54,18 @@ def step_flops_per_image(model: torch.nn.Module, image_size: int, in_chans: int)
         width = reps[0].shape[2]
         forward += 2.0 * 2.0 * tokens * tokens * width                          # QK^T and AV
     return 3.0 * forward
+
+
+def timed_heal(dense: torch.nn.Module, masks, batches, config: HealConfig):
+    """Heal a copy of ``dense``; the steady-state seconds per step of each ``config.log_every``-step
+    window (one host sync per window; the first window, with compile and cache warm-up, left out)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Path(tmp) / "metrics.jsonl"
+        config = dataclasses.replace(config, metrics_path=str(metrics))
+        result = heal(copy.deepcopy(dense), dense, masks, batches, config)
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    windows = [r for r in records if r["type"] == "step"][1:]
+    return result, [config.batch_size / r["images_per_s"] for r in windows]
 
 
 def run(args) -> dict:
@@ -98,17 +111,10 @@ def run(args) -> dict:
                                               config, device=device)
         summarize("reference", seconds[args.warmup:], [history[0]["loss"]], {"teacher_store": "cpu-fp16-unpinned"})
     for store in args.stores:
-        # The loss is read (a host sync) once per warm-up-sized window; each metrics record gives
-        # that window's images/s, and the first window (compile, caches) is left out.
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics = Path(tmp) / "metrics.jsonl"
-            config = HealConfig(epochs=1, lr=6e-4, min_lr=1e-6, batch_size=args.batch_size, mode="fast",
-                                teacher_store=store, device=str(device), log_every=args.warmup,
-                                metrics_path=str(metrics), progress=False, compile=args.compile)
-            result = heal(copy.deepcopy(dense), dense, masks, batches, config)
-            records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        windows = [r for r in records if r["type"] == "step"][1:]
-        seconds = [args.batch_size / r["images_per_s"] for r in windows]
+        config = HealConfig(epochs=1, lr=6e-4, min_lr=1e-6, batch_size=args.batch_size, mode="fast",
+                            teacher_store=store, device=str(device), log_every=args.warmup, progress=False,
+                            compile=args.compile)
+        result, seconds = timed_heal(dense, masks, batches, config)
         summarize(f"fast[{store}]", seconds, [result.history[0]["loss"]],
                   {"teacher_store": result.teacher_store, "teacher_seconds": result.teacher_seconds})
     reference = report["runs"].get("reference")

@@ -84,8 +84,6 @@ def time_model(model_name: str, batch: int, iters: int) -> dict:
         difference = float((sparse(images).float() - dense(images).float()).abs().max())
         dense_ms = cuda_median_ms(lambda: dense(images), iters)
         sparse_ms = cuda_median_ms(lambda: sparse(images), iters)
-    del dense, sparse
-    torch.cuda.empty_cache()
     return {"model": model_name, "batch": batch, "dtype": "bfloat16", "dense_ms": dense_ms, "sparse_ms": sparse_ms,
             "speedup": dense_ms / sparse_ms, "images_per_s_dense": batch * 1e3 / dense_ms,
             "images_per_s_sparse": batch * 1e3 / sparse_ms, "max_abs_logit_difference": difference}
@@ -137,6 +135,7 @@ def main() -> int:
                     report["models"].append(time_model(model_name, batch, args.iters))
                 except RuntimeError as error:
                     report["models"].append({"model": model_name, "batch": batch, "error": str(error)})
+                torch.cuda.empty_cache()          # the last model's weights are gone with time_model's frame
                 print(json.dumps(report["models"][-1]))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,17 +1,25 @@
-"""Structured-mask compaction: heal on smaller dense MLP weights when whole hidden neurons are pruned.
+"""Structured-mask compaction: heal on smaller dense weights when whole MLP neurons or QK dims are pruned.
 
-    plan = mlp_compaction_plan(model, masks)              # {} when no neuron is fully pruned
+    plan = compaction_plan(model, masks)                  # [] when nothing structured is pruned
     student, student_masks = compact_model(model, masks, plan)
     ... heal student ...
     expand_into(model, student, plan)                     # write the result back into the full shapes
 
-A hidden neuron j of an MLP (fc1 row j, fc2 column j) whose fc1 row *and* fc2 column
+MLP neurons. A hidden neuron j (fc1 row j, fc2 column j) whose fc1 row *and* fc2 column
 are both masked contributes nothing to the block output: its fc2 column is zero, so
-``act(x W1[j] + b1[j]) * W2[:, j] = 0`` whatever the frozen bias b1[j] is, and its
-masked weights get no gradient and no Adam moments. Dropping such neurons from fc1's
-rows and fc2's columns gives the same block outputs, losses and kept-weight updates
-with (1 - sparsity) of the MLP FLOPs, then the kept weights are written back. Only
-neurons pruned on both sides are dropped; the others stay, masked as usual.
+``act(x W1[j] + b1[j]) * W2[:, j] = 0`` whatever the frozen bias b1[j] is, and its masked
+weights get no gradient and no Adam moments. fc1 loses the row, fc2 the column.
+
+QK dimensions. A (head, dim) pair whose q row *and* k row of the fused qkv weight are both
+masked has q = b_q and k = b_k (biases are frozen), so it adds the same ``b_q * b_k * scale``
+to every logit of the head: softmax is shift-invariant, the attention output is unchanged.
+The pair is dropped from the qkv rows, attention runs with q/k of ``qk_dim < head_dim``
+(v keeps ``head_dim``) and the *original* scale ``head_dim ** -0.5``, passed explicitly to
+``scaled_dot_product_attention``. Heads must keep the same count for the reshape: a head with
+fewer live dims keeps some dead ones (they stay masked), so ``qk_dim`` is the largest count.
+
+Either way the compacted student gives the same block outputs, losses and kept-weight
+updates as the masked dense one with fewer FLOPs, and the kept weights are written back.
 """
 from __future__ import annotations
 
@@ -20,12 +28,24 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from starfish_fast.models import MLP_LAYERS, adapter_for, set_submodule
 
 log = logging.getLogger(__name__)
 
+# adapter family -> path of the attention module inside a block, name of its fused q|k|v weight and bias
+ATTENTION_LAYERS = {"timm_vit": ("attn", "qkv.weight", "qkv.bias"),
+                    "torchvision_vit": ("self_attention", "in_proj_weight", "in_proj_bias")}
+
+
+@dataclass(frozen=True)
+class Narrowing:
+    """A parameter the compact model holds with only ``kept`` indices along ``dim``."""
+    key: str                     # parameter key in the full model, e.g. "blocks.3.mlp.fc1.weight"
+    dim: int                     # 0: rows kept, 1: columns kept
+    kept: torch.Tensor           # (n_kept,) int64 indices, ascending
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,43 @@ class MlpCompaction:
     fc2: str
     kept: torch.Tensor           # (H',) indices of the hidden neurons that stay
     hidden: int                  # H, the full hidden width
+    fc1_bias: bool
+
+    def narrowings(self) -> list[Narrowing]:
+        rows = [Narrowing(f"{self.fc1}.weight", 0, self.kept), Narrowing(f"{self.fc2}.weight", 1, self.kept)]
+        return rows + ([Narrowing(f"{self.fc1}.bias", 0, self.kept)] if self.fc1_bias else [])
+
+    def replace(self, compact: nn.Module) -> None:
+        fc1, fc2 = compact.get_submodule(self.fc1), compact.get_submodule(self.fc2)
+        kept = self.kept.to(fc1.weight.device)
+        set_submodule(compact, self.fc1, _sliced_linear(fc1, kept, None))
+        set_submodule(compact, self.fc2, _sliced_linear(fc2, None, kept))
+
+    def summary(self) -> tuple[str, int, int]:
+        return "MLP hidden neurons", self.hidden - self.kept.numel(), self.hidden
+
+
+@dataclass(frozen=True)
+class QkCompaction:
+    attention: str               # module path, e.g. "blocks.3.attn"
+    weight: str                  # fused q|k|v weight key, e.g. "blocks.3.attn.qkv.weight"
+    bias: str | None             # its bias key (None without bias)
+    kept_rows: torch.Tensor      # (2 * heads * qk_dim + heads * head_dim,) rows of [q | k | v] that stay
+    heads: int
+    qk_dim: int                  # q/k dims kept per head
+    head_dim: int
+
+    def narrowings(self) -> list[Narrowing]:
+        rows = [Narrowing(self.weight, 0, self.kept_rows)]
+        return rows + ([Narrowing(self.bias, 0, self.kept_rows)] if self.bias else [])
+
+    def replace(self, compact: nn.Module) -> None:
+        attention = compact.get_submodule(self.attention)
+        module_class = TimmCompactQkAttention if hasattr(attention, "qkv") else TorchvisionCompactQkAttention
+        set_submodule(compact, self.attention, module_class(attention, self.kept_rows, self.qk_dim))
+
+    def summary(self) -> tuple[str, int, int]:
+        return "QK head dims", self.heads * (self.head_dim - self.qk_dim), self.heads * self.head_dim
 
 
 def mlp_compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[MlpCompaction]:
@@ -50,8 +107,131 @@ def mlp_compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor]) -> lis
             continue
         alive = fc1_mask.bool().any(dim=1) | fc2_mask.bool().any(dim=0)           # (H,)
         if not alive.all():
-            plan.append(MlpCompaction(fc1, fc2, alive.nonzero().flatten(), alive.numel()))
+            has_bias = model.get_submodule(fc1).bias is not None
+            plan.append(MlpCompaction(fc1, fc2, alive.nonzero().flatten(), alive.numel(), has_bias))
     return plan
+
+
+def qk_compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[QkCompaction]:
+    """Attention layers whose fused qkv mask removes (head, dim) pairs from both q and k."""
+    adapter = adapter_for(model)
+    if adapter.family not in ATTENTION_LAYERS:
+        return []
+    attention_name, weight_name, bias_name = ATTENTION_LAYERS[adapter.family]
+    parameters = dict(model.named_parameters())
+    plan = []
+    for block in adapter.block_names(model):
+        path = f"{block}.{attention_name}"
+        mask = masks.get(f"{path}.{weight_name}")
+        if mask is None:
+            continue
+        attention = model.get_submodule(path)
+        reason = _unsupported_attention(attention)
+        heads, head_dim = attention.num_heads, attention.head_dim
+        inner = heads * head_dim                                                    # rows per q, k, v
+        alive_rows = mask.bool().any(dim=1).cpu()                                   # (3 * inner,)
+        alive = (alive_rows[:inner] | alive_rows[inner:2 * inner]).view(heads, head_dim)   # (heads, head_dim)
+        qk_dim = int(alive.sum(1).max())
+        if qk_dim == head_dim:
+            continue
+        if reason:
+            log.info("%s: QK dims are pruned but not compacted (%s)", path, reason)
+            continue
+        # the live dims of each head, padded with its first dead ones up to qk_dim
+        order = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices[:, :qk_dim]   # (heads, qk_dim)
+        dims = (order.sort(dim=1).values + torch.arange(heads)[:, None] * head_dim).flatten()   # (heads * qk_dim,)
+        kept_rows = torch.cat([dims, dims + inner, torch.arange(2 * inner, 3 * inner)])
+        bias = f"{path}.{bias_name}" if f"{path}.{bias_name}" in parameters else None
+        plan.append(QkCompaction(path, f"{path}.{weight_name}", bias, kept_rows, heads, qk_dim, head_dim))
+    return plan
+
+
+def compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[MlpCompaction | QkCompaction]:
+    """Every MLP and attention layer that structured masks let us narrow."""
+    return mlp_compaction_plan(model, masks) + qk_compaction_plan(model, masks)
+
+
+def _unsupported_attention(attention: nn.Module) -> str | None:
+    """Why ``attention`` cannot be swapped for a compact one (None when it can)."""
+    from timm.layers import Attention
+
+    if type(attention) is Attention:
+        if not (isinstance(attention.q_norm, nn.Identity) and isinstance(attention.k_norm, nn.Identity)):
+            return "q/k normalisation runs over the full head dim"
+        if getattr(attention, "gate", None) is not None:
+            return "gated attention"
+        return None
+    if type(attention) is nn.MultiheadAttention:
+        if not (attention._qkv_same_embed_dim and attention.batch_first):
+            return "separate q/k/v projections or batch_first=False"
+        if attention.bias_k is not None or attention.add_zero_attn:
+            return "bias_k/bias_v or add_zero_attn"
+        return None
+    return f"unknown attention module {type(attention).__name__}"
+
+
+class _CompactQkAttention(nn.Module):
+    """Self-attention on a fused projection whose q and k keep ``qk_dim`` dims per head."""
+    heads: int
+    qk_dim: int
+    head_dim: int
+    scale: float
+    dropout: float
+
+    def attend(self, qkv: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        batch, tokens, _ = qkv.shape                       # qkv: (B, N, 2 * heads * qk_dim + heads * head_dim)
+        q, k, v = qkv.split([self.heads * self.qk_dim] * 2 + [self.heads * self.head_dim], dim=-1)
+        q = q.view(batch, tokens, self.heads, self.qk_dim).transpose(1, 2)        # (B, heads, N, qk_dim)
+        k = k.view(batch, tokens, self.heads, self.qk_dim).transpose(1, 2)        # (B, heads, N, qk_dim)
+        v = v.view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)      # (B, heads, N, head_dim)
+        # the scale stays the full model's head_dim ** -0.5: the dropped dims only added a constant
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return x.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)   # (B, N, heads * head_dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, qk_dim={self.qk_dim}, head_dim={self.head_dim}"
+
+
+class TimmCompactQkAttention(_CompactQkAttention):
+    """Drop-in for timm's ``Attention`` (same parameter names: qkv, norm, proj)."""
+
+    def __init__(self, attention: nn.Module, kept_rows: torch.Tensor, qk_dim: int):
+        super().__init__()
+        self.heads, self.qk_dim, self.head_dim = attention.num_heads, qk_dim, attention.head_dim
+        self.scale, self.dropout = attention.scale, attention.attn_drop.p
+        self.qkv = _sliced_linear(attention.qkv, kept_rows.to(attention.qkv.weight.device), None)
+        self.norm, self.proj, self.proj_drop = attention.norm, attention.proj, attention.proj_drop
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        x = self.attend(self.qkv(x), attn_mask, is_causal)                        # (B, N, heads * head_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+class TorchvisionCompactQkAttention(_CompactQkAttention):
+    """Drop-in for the ``nn.MultiheadAttention`` of torchvision's ViT blocks (self-attention, batch first)."""
+
+    def __init__(self, attention: nn.MultiheadAttention, kept_rows: torch.Tensor, qk_dim: int):
+        super().__init__()
+        self.heads, self.qk_dim, self.head_dim = attention.num_heads, qk_dim, attention.head_dim
+        self.scale, self.dropout = attention.head_dim ** -0.5, attention.dropout
+        kept_rows = kept_rows.to(attention.in_proj_weight.device)
+        self.in_proj_weight = _sliced_parameter(attention.in_proj_weight, kept_rows)
+        self.in_proj_bias = _sliced_parameter(attention.in_proj_bias, kept_rows) \
+            if attention.in_proj_bias is not None else None
+        self.out_proj = attention.out_proj
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        if not (query is key is value) or key_padding_mask is not None or need_weights:
+            raise ValueError("a QK-compacted attention only computes self-attention without padding masks or "
+                             "returned weights (call it as attention(x, x, x, need_weights=False))")
+        x = self.attend(F.linear(query, self.in_proj_weight, self.in_proj_bias), attn_mask, is_causal)
+        return self.out_proj(x), None
+
+
+def _sliced_parameter(parameter: torch.Tensor, rows: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(parameter.detach()[rows].clone(), requires_grad=parameter.requires_grad)
 
 
 def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
@@ -73,38 +253,36 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Ten
     return out
 
 
-def compact_model(model: nn.Module, masks: dict[str, torch.Tensor], plan: list[MlpCompaction]
+def compact_model(model: nn.Module, masks: dict[str, torch.Tensor], plan: list[MlpCompaction | QkCompaction]
                   ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A copy of ``model`` with the planned MLPs narrowed, and the masks sliced to match."""
+    """A copy of ``model`` with the planned layers narrowed, and the masks sliced to match."""
     compact = copy.deepcopy(model)
-    compact_masks = dict(masks)
     for item in plan:
-        kept = item.kept.to(model.get_submodule(item.fc1).weight.device)
-        set_submodule(compact, item.fc1, _sliced_linear(model.get_submodule(item.fc1), kept, None))
-        set_submodule(compact, item.fc2, _sliced_linear(model.get_submodule(item.fc2), None, kept))
-        compact_masks[f"{item.fc1}.weight"] = masks[f"{item.fc1}.weight"][item.kept]
-        compact_masks[f"{item.fc2}.weight"] = masks[f"{item.fc2}.weight"][:, item.kept]
-    removed = sum(item.hidden - item.kept.numel() for item in plan)
-    log.info("compacted %d MLPs: %d of %d hidden neurons removed", len(plan), removed,
-             sum(item.hidden for item in plan))
+        item.replace(compact)
+    compact_masks = dict(masks)
+    for narrowing in (n for item in plan for n in item.narrowings()):
+        if narrowing.key in masks:
+            mask = masks[narrowing.key]
+            compact_masks[narrowing.key] = mask.index_select(narrowing.dim, narrowing.kept.to(mask.device))
+    removed: dict[str, list[int]] = {}
+    for item in plan:
+        what, dropped, total = item.summary()
+        removed.setdefault(what, [0, 0])
+        removed[what][0] += dropped
+        removed[what][1] += total
+    for what, (dropped, total) in removed.items():
+        log.info("compacted %s: %d of %d removed", what, dropped, total)
     return compact, compact_masks
 
 
 @torch.no_grad()
-def expand_into(model: nn.Module, compact: nn.Module, plan: list[MlpCompaction]) -> None:
+def expand_into(model: nn.Module, compact: nn.Module, plan: list[MlpCompaction | QkCompaction]) -> None:
     """Copy every parameter and buffer of ``compact`` back into ``model`` (full shapes)."""
-    narrowed = {f"{item.fc1}.weight": (item, "rows") for item in plan}
-    narrowed.update({f"{item.fc2}.weight": (item, "cols") for item in plan})
-    narrowed.update({f"{item.fc1}.bias": (item, "rows") for item in plan})
+    narrowed = {n.key: n for item in plan for n in item.narrowings()}
     full = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, value in list(compact.named_parameters()) + list(compact.named_buffers()):
         target, value = full[key], value.to(full[key].device)
-        if key not in narrowed:
-            target.copy_(value)
-            continue
-        item, side = narrowed[key]
-        kept = item.kept.to(target.device)
-        if side == "rows":
-            target.index_copy_(0, kept, value)
+        if key in narrowed:
+            target.index_copy_(narrowed[key].dim, narrowed[key].kept.to(target.device), value)
         else:
-            target.index_copy_(1, kept, value)
+            target.copy_(value)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from starfish_fast import objectives
 from starfish_fast.checkpoint import load_tensor_file, save_torch_atomic
-from starfish_fast.compaction import compact_model, expand_into, mlp_compaction_plan
+from starfish_fast.compaction import compact_model, compaction_plan, expand_into
 from starfish_fast.data import as_batches, split_batches
 from starfish_fast.kernels._dispatch import use_triton
 from starfish_fast.masks import apply_masks, register_zero_freeze_hooks, validate_masks
@@ -71,7 +71,7 @@ class HealConfig:
     teacher_dir: str | None = None         # directory of the disk store
     moments_dtype: str = "fp32"            # fp32 | bf16 (fast mode)
     kernels: str = "auto"                  # auto | triton | torch: the loss/optimizer implementation
-    compact: str = "auto"                  # auto (fast mode) | on | off: drop MLP neurons pruned in fc1 and fc2
+    compact: str = "auto"                  # auto (fast mode) | on | off: drop fully pruned MLP neurons/QK dims
     # on: 2:4-masked linears run their forward through to_sparse_semi_structured (CUDA; else a
     # warned fallback). auto = off until bench_sparse24.py measures a gain on the GPU at hand.
     semi_structured: str = "auto"          # auto | on | off
@@ -328,7 +328,7 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
     if config.compact == "on" or (config.compact == "auto" and config.mode == "fast"):
         predicate = predicate or adapter_for(pruned_model).scope_predicate(config.scope)
         validated = validate_masks(masks, pruned_model, predicate)
-        plan = mlp_compaction_plan(pruned_model, validated)
+        plan = compaction_plan(pruned_model, validated)
         if plan:
             student, student_masks = compact_model(pruned_model, validated, plan)
             result = _heal_model(student, dense_model, student_masks, calib, config, labels, block_names, predicate)

@@ -42,11 +42,12 @@ WeightPredicate = Callable[[str, nn.Module], bool]
 
 
 def get_weight_key_and_tensor(name: str, module: nn.Module):
-    """``nn.Linear``/``nn.Conv2d`` -> ``name.weight``; ``nn.MultiheadAttention`` -> ``name.in_proj_weight``."""
+    """``nn.Linear``/``nn.Conv2d`` -> ``name.weight``; ``nn.MultiheadAttention`` (and its QK-compacted
+    stand-in) -> ``name.in_proj_weight``."""
     prefix = f"{name}." if name else ""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         return prefix + "weight", module.weight
-    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+    if isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
         return prefix + "in_proj_weight", module.in_proj_weight
     return None, None
 

@@ -1,12 +1,14 @@
-"""Structured compaction: healing on narrowed MLPs equals the masked dense path."""
+"""Structured compaction: healing on narrowed MLPs and QK dims equals the masked dense path."""
 import copy
 
 import pytest
 import torch
 
-from helpers import images, random_masks, tiny_vit
+from helpers import images, random_masks, rel_err, tiny_vit
 from starfish_fast import HealConfig, heal
-from starfish_fast.compaction import compact_model, mlp_compaction_plan
+from starfish_fast.compaction import (QkCompaction, compact_model, compaction_plan, expand_into,
+                                      mlp_compaction_plan, qk_compaction_plan)
+from starfish_fast.masks import apply_masks
 from starfish_fast.prune import structured_masks
 
 
@@ -31,7 +33,6 @@ def test_compact_forward_equals_masked_forward():
     model = tiny_vit()
     masks = _structured(model)
     full = copy.deepcopy(model)
-    from starfish_fast.masks import apply_masks
     apply_masks(full, masks)
     compact, _ = compact_model(full, masks, mlp_compaction_plan(full, masks))
     x = images(3)
@@ -59,3 +60,126 @@ def test_compacted_healing_matches_masked_dense(weight_decay):
         assert (models[1].state_dict()[key][~mask] == 0).all()
     assert {k for k, p in models[1].named_parameters() if p.requires_grad} == \
         {k for k, p in models[0].named_parameters() if p.requires_grad}
+
+
+def tiny_torchvision_vit(seed: int = 0):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=3, hidden_dim=48, mlp_dim=96,
+                             num_classes=10).eval()
+
+
+def _with_random_biases(model):
+    """Non-zero frozen q/k biases: a dropped QK pair then shifts every logit of its head by b_q * b_k."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+MODELS = {"timm": lambda: _with_random_biases(tiny_vit(embed_dim=48, num_heads=3)),
+          "torchvision": lambda: _with_random_biases(tiny_torchvision_vit())}
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_qk_plan_keeps_the_same_count_in_every_head(family):
+    model = MODELS[family]()
+    masks = structured_masks(model, 0.5, scope="qk", kind="qk")
+    plan = qk_compaction_plan(model, masks)
+    assert len(plan) == 2 and all(isinstance(item, QkCompaction) and item.qk_dim == 8 for item in plan)
+    item = plan[0]
+    assert item.kept_rows.numel() == 2 * 3 * 8 + 48 and (item.kept_rows[-48:] == torch.arange(96, 144)).all()
+    # revive one pruned dim of head 0 in k only: head 0 then keeps 9, the others pad with a dead dim
+    mask = masks[item.weight].clone()
+    dead_k_row = 48 + int((~mask[48:64].any(1)).nonzero()[0])
+    mask[dead_k_row, 0] = True
+    (item,) = qk_compaction_plan(model, {item.weight: mask})
+    assert item.qk_dim == 9 and dead_k_row in item.kept_rows.tolist()
+    assert qk_compaction_plan(model, random_masks(model, "qkv", density=0.5)) == []      # unstructured: nothing
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_qk_compact_forward_and_expand_round_trip(family):
+    model = MODELS[family]()
+    masks = structured_masks(model, 0.5, scope="qk_mlp", kind="qk_mlp")
+    apply_masks(model, masks)
+    plan = compaction_plan(model, masks)
+    assert sorted(type(item).__name__ for item in plan) == ["MlpCompaction"] * 2 + ["QkCompaction"] * 2
+    compact, compact_masks = compact_model(model, masks, plan)
+    x = images(3)
+    torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
+    assert sorted(compact.state_dict()) == sorted(model.state_dict())
+    for key, mask in compact_masks.items():
+        assert mask.shape == compact.get_parameter(key).shape
+    restored = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in restored.parameters():
+            parameter.add_(1.0)
+    expand_into(restored, compact, plan)
+    apply_masks(restored, masks)           # the dropped rows/columns are masked ones: zero again
+    for name, parameter in restored.named_parameters():
+        if name.endswith("weight"):        # biases of dropped neurons/dims keep whatever they held
+            torch.testing.assert_close(parameter, model.get_parameter(name), rtol=0, atol=0, msg=name)
+
+
+def test_qk_norm_attention_is_not_compacted():
+    model = tiny_vit(qk_norm=True)
+    masks = structured_masks(model, 0.5, scope="qk", kind="qk")
+    assert qk_compaction_plan(model, masks) == []
+
+
+def test_torchvision_compact_attention_refuses_what_it_cannot_compute():
+    model = tiny_torchvision_vit()
+    masks = structured_masks(model, 0.5, scope="qk", kind="qk")
+    compact, _ = compact_model(model, masks, compaction_plan(model, masks))
+    attention = compact.encoder.layers[0].self_attention
+    x = torch.randn(2, 17, 48)
+    with pytest.raises(ValueError, match="need_weights=False"):
+        attention(x, x, x)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_qk_compacted_healing_matches_masked_dense(family):
+    dense = MODELS[family]()
+    masks = structured_masks(dense, 0.5, scope="qk_mlp", kind="qk_mlp")
+    extra = random_masks(dense, "qk_mlp", density=0.7, seed=3)                # unstructured on top
+    masks = {key: mask & extra[key] for key, mask in masks.items()}
+    calib = images(16)
+    results, models = [], []
+    for compact in ("off", "on"):
+        student = copy.deepcopy(dense)
+        config = HealConfig(epochs=2, batch_size=8, lr=2e-3, compact=compact, scope="qk_mlp", progress=False,
+                            precision="fp32")
+        results.append(heal(student, dense, masks, calib, config))
+        models.append(student)
+    for a, b in zip(*(r.step_losses for r in results)):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    for key, value in models[0].state_dict().items():
+        torch.testing.assert_close(models[1].state_dict()[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    for key, mask in masks.items():
+        assert (models[1].state_dict()[key][~mask] == 0).all()
+
+
+@pytest.mark.cuda
+def test_qk_compacted_attention_on_gpu_matches_masked_dense():
+    # q/k narrower than v: SDPA must pick a backend that takes Ev != E on this GPU, in bf16
+    dense = tiny_vit(embed_dim=192, num_heads=3, img_size=32).cuda()
+    masks = structured_masks(dense, 0.5, scope="qk_mlp", kind="qk_mlp")
+    full = copy.deepcopy(dense)
+    apply_masks(full, masks)
+    compact, _ = compact_model(full, masks, compaction_plan(full, masks))
+    x = images(4, size=32).cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        out, expected = compact(x), full(x)
+    assert rel_err(out.float(), expected.float()) < 2e-2
+    calib = images(16, size=32)
+    losses = []
+    for compact_setting in ("off", "on"):
+        config = HealConfig(epochs=1, batch_size=8, compact=compact_setting, scope="qk_mlp", progress=False,
+                            device="cuda", log_every=1)
+        losses.append(heal(copy.deepcopy(dense), dense, masks, calib, config).step_losses)
+    for a, b in zip(*losses):
+        assert a == pytest.approx(b, rel=2e-2)
