@@ -86,6 +86,7 @@ def run(args) -> dict:
     flops = step_flops_per_image(dense, image_size, in_chans)
     peak = (device_peaks() or {}).get("bf16_tflops") if device.type == "cuda" else None
     report = {"model": args.model, **environment(), "batch_size": args.batch_size, "steps": args.steps,
+              "precision": args.precision,
               "warmup_steps": args.warmup, "sparsity": args.sparsity, "step_gflops_per_image": flops / 1e9,
               "bf16_peak_tflops": peak, "runs": {}}
 
@@ -113,7 +114,7 @@ def run(args) -> dict:
     for store in args.stores:
         config = HealConfig(epochs=1, lr=6e-4, min_lr=1e-6, batch_size=args.batch_size, mode="fast",
                             teacher_store=store, device=str(device), log_every=args.warmup, progress=False,
-                            compile=args.compile)
+                            compile=args.compile, precision=args.precision)
         result, seconds = timed_heal(dense, masks, batches, config)
         summarize(f"fast[{store}]", seconds, [result.history[0]["loss"]],
                   {"teacher_store": result.teacher_store, "teacher_seconds": result.teacher_seconds})
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--stores", nargs="+", default=["auto"], help="teacher stores of the fast runs")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/heal_<model>_<device>.json)")
     args = parser.parse_args()

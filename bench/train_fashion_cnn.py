@@ -1,10 +1,11 @@
 """Train the small MobileNetV1-style CNN on Fashion-MNIST: the CNN path of bench/accuracy.py.
 
-    python bench/train_fashion_cnn.py                      # writes starfish_fast/assets/fashion_cnn.safetensors
+    python bench/train_fashion_cnn.py                      # writes starfish_fast/assets/fashion_cnn.safetensors (82.94%)
     python bench/train_fashion_cnn.py --epochs 1 --output /tmp/cnn.safetensors
 
 The recipe and the script are the bundled ViT's (bench/train_fashion_mnist.py: AdamW, warm-up
-then cosine, seeded, test top-1 and recipe in the safetensors metadata); only the model differs:
+then cosine, seeded, test top-1 and recipe in the safetensors metadata) with 10 epochs at lr 2e-3
+(the committed weights' recipe); only the model differs:
 timm's MobileNetV1 (stages 1, 2, 2, 6, 2 of depthwise-separable blocks) at a quarter of the
 width on 1-channel 28x28 images, 0.22M parameters, 13 blocks down to 1x1 at the last stage.
 """
@@ -42,13 +43,8 @@ def load_fashion_cnn(path: str | Path = CNN_WEIGHTS) -> tuple[nn.Module, dict]:
 
 
 def main() -> None:
-    # train_fashion_mnist.main looks these module globals up when it runs: its model builder, the
-    # architecture it records in the metadata and its default --output. Pointing them at the CNN
-    # reuses the whole recipe instead of copying it.
-    train_fashion_mnist.build_bundled_model = build_fashion_cnn
-    train_fashion_mnist.BUNDLED_ARCH = CNN_ARCH
-    train_fashion_mnist.BUNDLED_WEIGHTS = CNN_WEIGHTS
-    train_fashion_mnist.main()
+    train_fashion_mnist.main(build_model=build_fashion_cnn, architecture=CNN_ARCH, default_output=CNN_WEIGHTS,
+                             description=__doc__.split("\n")[0], recipe_defaults={"epochs": 10, "lr": 2e-3})
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ import logging
 import math
 import os
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from starfish_fast.bundled import BUNDLED_ARCH, BUNDLED_WEIGHTS, build_bundled_model
@@ -38,8 +40,12 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int) ->
     return padded[:, :, dy:dy + 28, dx:dx + 28]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, build_model: Callable[[], nn.Module] = build_bundled_model,
+         architecture: dict = BUNDLED_ARCH, default_output: str | os.PathLike = BUNDLED_WEIGHTS,
+         description: str = __doc__.split("\n")[0], recipe_defaults: dict | None = None) -> None:
+    """Train ``build_model()`` with this recipe (bench/train_fashion_cnn.py passes the CNN's model,
+    architecture, output and ``recipe_defaults`` that override the flags' defaults)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data-dir", default=FASHION_MNIST_DIR)
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -52,15 +58,16 @@ def main() -> None:
     # these defaults (16 epochs, lr 1.5e-3) reach 88.39% in about 15 minutes on 2 cores.
     parser.add_argument("--max-shift", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(BUNDLED_WEIGHTS))
-    args = parser.parse_args()
+    parser.add_argument("--output", default=str(default_output))
+    parser.set_defaults(**(recipe_defaults or {}))
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     train_images, train_labels = load_fashion_mnist(args.data_dir, "train")
     test_images, test_labels = load_fashion_mnist(args.data_dir, "test")
-    model = build_bundled_model()
+    model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = train_images.shape[0] // args.batch_size
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
@@ -92,7 +99,7 @@ def main() -> None:
         log.info("epoch %d: test top-1 %.2f%%", epoch + 1, top1)
 
     recipe = {key: value for key, value in vars(args).items() if key not in ("output", "data_dir")}
-    metadata = {"architecture": BUNDLED_ARCH, "recipe": recipe, "test_top1": top1, "train_seconds": time.perf_counter() - start,
+    metadata = {"architecture": architecture, "recipe": recipe, "test_top1": top1, "train_seconds": time.perf_counter() - start,
                 "torch": torch.__version__, "data": "Fashion-MNIST train split (60k), evaluated on the 10k test split"}
     save_safetensors_atomic(model.state_dict(), args.output,
                             metadata={key: json.dumps(value) for key, value in metadata.items()})

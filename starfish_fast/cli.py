@@ -39,7 +39,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser, default_mode: str) -> Non
                        help=f"exact: the reference's step semantics; fast: bf16/compiled on CUDA (default {default_mode})")
     group.add_argument("--objective", choices=("starfish", "mse", "kl", "ce", "starfish+kl"), default="starfish")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                       help="fast mode compute precision (auto: bf16 on CUDA, fp32 on CPU)")
+                       help="fast mode compute precision (auto: bf16 on CUDA and for ViTs on bf16-native CPUs, else fp32)")
     group.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="per-block torch.compile")
     group.add_argument("--teacher-store", choices=("auto", "gpu", "pinned", "disk", "recompute", "memory"),
                        default="auto", help="where the dense block outputs live")

@@ -71,7 +71,8 @@ class HealConfig:
     teacher_dir: str | None = None         # directory of the disk store
     moments_dtype: str = "fp32"            # fp32 | bf16 (fast mode)
     kernels: str = "auto"                  # auto | triton | torch: the loss/optimizer implementation
-    compact: str = "auto"                  # auto (fast mode) | on | off: drop fully pruned MLP neurons/QK dims
+    # drop fully pruned MLP neurons and QK dims from the products; auto = fast mode, QK dims on CPU only
+    compact: str = "auto"                  # auto | on | off
     # on: 2:4-masked linears run their forward through to_sparse_semi_structured (CUDA; else a
     # warned fallback). auto = off until bench_sparse24.py measures a gain on the GPU at hand.
     semi_structured: str = "auto"          # auto | on | off
@@ -162,15 +163,13 @@ def tensor_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-# On CPU, bf16 autocast pays only for GEMMs wide enough to amortise the casts: in bench_heal.py on
-# the 2-core AMD EPYC (AVX512-BF16), DeiT-tiny (width 192) healed 1.49x faster than the reference
-# loop in bf16 against 1.01x in fp32, but the bundled model (width 64) 0.93x in bf16 against 1.17x.
-CPU_BF16_MIN_REDUCTION = 128
+def _resolve_dtypes(config: HealConfig, device: torch.device, model_kind: str) -> tuple[torch.dtype, torch.dtype]:
+    """(compute precision, teacher store dtype); ``model_kind``: the adapter's "vit" or "mobilenet".
 
-
-def _resolve_dtypes(config: HealConfig, device: torch.device, min_reduction: int) -> tuple[torch.dtype, torch.dtype]:
-    """(compute precision, teacher store dtype); ``min_reduction``: the smallest reduction
-    size (input features) among the trained weights."""
+    ``auto`` on CPU, measured in fast mode on the 2-core AMD EPYC (AVX512-BF16), best of 4 runs:
+    bf16 autocast healed ViTs about 2x faster than fp32 (bundled model 1784 vs 1057 img/s at batch
+    64, DeiT-tiny 40.8 vs 20.1 at batch 16) once the attention core runs in fp32 (compaction.py),
+    but the MobileNetV1-style CNN 0.61x as fast (2161 vs 3564 img/s): bf16 for ViTs only."""
     if config.mode == "exact":
         precision = torch.float32
         teacher = DTYPES["fp16" if config.teacher_dtype == "auto" else config.teacher_dtype]
@@ -178,7 +177,7 @@ def _resolve_dtypes(config: HealConfig, device: torch.device, min_reduction: int
     if config.precision != "auto":
         precision = DTYPES[config.precision]
     else:
-        cpu_bf16 = cpu_has_native_bf16() and min_reduction >= CPU_BF16_MIN_REDUCTION
+        cpu_bf16 = cpu_has_native_bf16() and model_kind == "vit"
         precision = torch.bfloat16 if device.type == "cuda" or cpu_bf16 else torch.float32
     if config.teacher_dtype != "auto":
         return precision, DTYPES[config.teacher_dtype]
@@ -186,9 +185,8 @@ def _resolve_dtypes(config: HealConfig, device: torch.device, min_reduction: int
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: oneDNN runs bf16 GEMMs natively. Measured on the 2-core AMD EPYC
-    (AVX512-BF16) here: a DeiT-tiny forward+backward at batch 16 takes 0.50 s in bf16 autocast
-    against 0.99 s in fp32."""
+    """AVX512-BF16 or AMX: oneDNN runs bf16 GEMMs natively (4x the fp32 GEMM rate at 3200x64x192
+    on the 2-core AMD EPYC with AVX512-BF16 here: 767 vs 173 GFLOP/s)."""
     return any(getattr(torch.cpu, probe, lambda: False)()
                for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
@@ -266,8 +264,7 @@ class _Run:
         trainable = prunable_weights(self.student, self.predicate)   # every weight of the scope has a mask
         self.keys = list(trainable)
         self.params = [trainable[key] for key in self.keys]
-        min_reduction = min((p[0].numel() for p in self.params), default=0)
-        self.precision, self.teacher_dtype = _resolve_dtypes(config, self.device, min_reduction)
+        self.precision, self.teacher_dtype = _resolve_dtypes(config, self.device, self.adapter.kind)
         for p in self.params:
             p.requires_grad_(True)
         apply_masks(self.student, self.masks)
@@ -325,10 +322,18 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
     ``predicate``: which modules' weights train (default: ``config.scope`` of the adapter).
     """
     config = config or HealConfig()
-    if config.compact == "on" or (config.compact == "auto" and config.mode == "fast"):
+    fast_auto = config.compact == "auto" and config.mode == "fast"
+    on_cpu = resolve_device(config.device).type == "cpu"
+    narrow_mlp = config.compact == "on" or fast_auto
+    # QK dims: measured faster on CPU (bench_compaction.py); on CUDA unmeasured (q/k narrower than v
+    # rules out the flash SDPA kernel), so only with compact="on" there until a GPU run decides.
+    narrow_qk = config.compact == "on" or (fast_auto and on_cpu)
+    # fast mode on CPU: attention modules whose core runs fp32 under bf16 autocast (compaction.py)
+    cpu_attention = config.mode == "fast" and on_cpu
+    if narrow_mlp or narrow_qk or cpu_attention:
         predicate = predicate or adapter_for(pruned_model).scope_predicate(config.scope)
         validated = validate_masks(masks, pruned_model, predicate)
-        plan = compaction_plan(pruned_model, validated)
+        plan = compaction_plan(pruned_model, validated, mlp=narrow_mlp, qk=narrow_qk, every_attention=cpu_attention)
         if plan:
             student, student_masks = compact_model(pruned_model, validated, plan)
             result = _heal_model(student, dense_model, student_masks, calib, config, labels, block_names, predicate)

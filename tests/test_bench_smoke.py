@@ -32,7 +32,8 @@ def test_bench_heal_reports_reference_and_fast_runs():
     import bench_heal
 
     args = argparse.Namespace(model="fashion_vit", batch_size=4, steps=4, warmup=1, sparsity=0.5, device="cpu",
-                              stores=["memory"], compile="off", skip_reference=False)
+                              stores=["memory"], compile="off", precision="fp32",
+                              skip_reference=False)
     report = bench_heal.run(args)
     assert set(report["runs"]) == {"reference", "fast[memory]"}
     fast = report["runs"]["fast[memory]"]

@@ -86,19 +86,30 @@ MODELS = {"timm": lambda: _with_random_biases(tiny_vit(embed_dim=48, num_heads=3
 
 @pytest.mark.parametrize("family", MODELS)
 def test_qk_plan_keeps_the_same_count_in_every_head(family):
-    model = MODELS[family]()
+    model = MODELS[family]()                                                  # 3 heads of 16 dims
     masks = structured_masks(model, 0.5, scope="qk", kind="qk")
     plan = qk_compaction_plan(model, masks)
     assert len(plan) == 2 and all(isinstance(item, QkCompaction) and item.qk_dim == 8 for item in plan)
     item = plan[0]
     assert item.kept_rows.numel() == 2 * 3 * 8 + 48 and (item.kept_rows[-48:] == torch.arange(96, 144)).all()
-    # revive one pruned dim of head 0 in k only: head 0 then keeps 9, the others pad with a dead dim
-    mask = masks[item.weight].clone()
-    dead_k_row = 48 + int((~mask[48:64].any(1)).nonzero()[0])
-    mask[dead_k_row, 0] = True
-    (item,) = qk_compaction_plan(model, {item.weight: mask})
-    assert item.qk_dim == 9 and dead_k_row in item.kept_rows.tolist()
     assert qk_compaction_plan(model, random_masks(model, "qkv", density=0.5)) == []      # unstructured: nothing
+
+
+def test_qk_dim_is_padded_with_dead_dims_to_a_multiple_of_8():
+    model = tiny_vit(embed_dim=96, num_heads=3)                               # 3 heads of 32 dims
+    masks = structured_masks(model, 0.75, scope="qk", kind="qk")             # 8 live dims per head
+    (item, _) = qk_compaction_plan(model, masks)
+    assert item.qk_dim == 8
+    mask = masks[item.weight].clone()
+    dead_k_row = 96 + int((~mask[96:128].any(1)).nonzero()[0])               # a dead k row of head 0
+    mask[dead_k_row, 0] = True                                                # head 0: 9 live dims
+    (item,) = qk_compaction_plan(model, {item.weight: mask})
+    assert item.qk_dim == 16 and dead_k_row in item.kept_rows.tolist()
+    per_head = item.kept_rows[:3 * 16].view(3, 16) // 32
+    assert (per_head == torch.arange(3)[:, None]).all()                       # each head keeps its own dims
+    apply_masks(model, {item.weight: mask})
+    compact, _ = compact_model(model, {item.weight: mask}, [item])
+    torch.testing.assert_close(compact(images(2)), model(images(2)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -183,3 +194,34 @@ def test_qk_compacted_attention_on_gpu_matches_masked_dense():
         losses.append(heal(copy.deepcopy(dense), dense, masks, calib, config).step_losses)
     for a, b in zip(*losses):
         assert a == pytest.approx(b, rel=2e-2)
+
+
+def test_cpu_fast_mode_swaps_attention_only_inside_the_heal():
+    from timm.layers import Attention
+
+    dense = tiny_vit()
+    masks = random_masks(dense, density=0.5)
+    student = copy.deepcopy(dense)
+    plan = compaction_plan(dense, masks, mlp=False, qk=False, every_attention=True)
+    assert len(plan) == 2 and all(item.qk_dim == item.head_dim for item in plan)          # swapped, nothing removed
+    heal(student, dense, masks, images(8), HealConfig(epochs=1, batch_size=4, progress=False))
+    assert type(student.blocks[0].attn) is Attention                                      # the caller's modules stay
+
+
+def test_bf16_autocast_attention_core_runs_in_fp32_on_cpu(monkeypatch):
+    import torch.nn.functional as F
+
+    model = tiny_vit(embed_dim=48, num_heads=3)
+    item = compaction_plan(model, {}, mlp=False, qk=False, every_attention=True)[0]
+    compact, _ = compact_model(model, {}, [item])
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
+    x = torch.randn(2, 17, 48)
+    expected = model.blocks[0].attn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compact.blocks[0].attn(x)
+        core = compact.blocks[0].attn.attend(compact.blocks[0].attn.qkv(x))
+    assert seen[-2:] == [torch.float32, torch.float32]
+    assert core.dtype == torch.bfloat16                          # cast back to the projections' dtype
+    assert rel_err(out.float(), expected) < 2e-2

@@ -96,13 +96,13 @@ def test_auto_precision_rule(monkeypatch):
     config = HealConfig(progress=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    assert engine._resolve_dtypes(config, cpu, 192) == (torch.bfloat16, torch.bfloat16)
-    assert engine._resolve_dtypes(config, cpu, 64) == (torch.float32, torch.float16)
-    assert engine._resolve_dtypes(config, cuda, 64) == (torch.bfloat16, torch.bfloat16)
+    assert engine._resolve_dtypes(config, cpu, "vit") == (torch.bfloat16, torch.bfloat16)
+    assert engine._resolve_dtypes(config, cpu, "mobilenet") == (torch.float32, torch.float16)
+    assert engine._resolve_dtypes(config, cuda, "mobilenet") == (torch.bfloat16, torch.bfloat16)
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
-    assert engine._resolve_dtypes(config, cpu, 192) == (torch.float32, torch.float16)
+    assert engine._resolve_dtypes(config, cpu, "vit") == (torch.float32, torch.float16)
     exact = HealConfig(mode="exact", progress=False)
-    assert engine._resolve_dtypes(exact, cuda, 192) == (torch.float32, torch.float16)
+    assert engine._resolve_dtypes(exact, cuda, "vit") == (torch.float32, torch.float16)
 
 
 def test_mobilenet_fast_heals_with_batchnorm_in_train_mode():
