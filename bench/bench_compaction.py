@@ -13,16 +13,14 @@ agree (compaction is exact up to float rounding). Results go to
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
 from bench_heal import RESULTS, timed_heal  # bench/ is on sys.path
-from devices import device_tag, environment
+from devices import device_tag, environment, save_report
 from starfish_fast import HealConfig
 from starfish_fast.models import build_empty_model
 from starfish_fast.prune import structured_masks
@@ -80,9 +78,7 @@ def main() -> None:
     if not 0 < args.warmup <= args.steps // 2:
         parser.error(f"--warmup {args.warmup} must be in [1, steps/2] (steps {args.steps})")
     report = run(args)
-    output = Path(args.output or RESULTS / f"compaction_{args.model}_{device_tag()}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
+    output = save_report(report, args.output or RESULTS / f"compaction_{args.model}_{device_tag()}.json")
     for case in report["cases"]:
         print(f"{case['kind']:>7} @ {case['sparsity']:.2f}: x{case['speedup']:.2f} "
               f"({case['compact_off']['images_per_s']:.1f} -> {case['compact_on']['images_per_s']:.1f} img/s), "

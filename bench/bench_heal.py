@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from devices import device_peaks, device_tag, environment  # bench/ is on sys.path
+from devices import device_peaks, device_tag, environment, save_report  # bench/ is on sys.path
 from starfish_fast import HealConfig, heal
 from starfish_fast.baseline import reference_recovery
 from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
@@ -145,9 +145,7 @@ def main() -> None:
     if not 0 < args.warmup <= args.steps // 2:
         parser.error(f"--warmup {args.warmup} must be in [1, steps/2] (steps {args.steps})")
     report = run(args)
-    output = Path(args.output or RESULTS / f"heal_{args.model}_{device_tag()}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
+    output = save_report(report, args.output or RESULTS / f"heal_{args.model}_{device_tag()}.json")
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
     for label, entry in report["runs"].items():
         print(f"{label:>22}: {entry['images_per_s']:9.1f} img/s  x{entry.get('speedup_vs_reference', 1.0):5.2f}  "

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from devices import device_peaks, device_tag, environment  # bench/ is on sys.path
+from devices import device_peaks, device_tag, environment, save_report  # bench/ is on sys.path
 from starfish_fast.sparse24 import benchmark_layer, cuda_median_ms
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -137,8 +137,7 @@ def main() -> int:
                     report["models"].append({"model": model_name, "batch": batch, "error": str(error)})
                 torch.cuda.empty_cache()          # the last model's weights are gone with time_model's frame
                 print(json.dumps(report["models"][-1]))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(report, output)
     print(f"wrote {output}")
     return 0
 

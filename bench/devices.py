@@ -7,11 +7,15 @@ Shared by every script in bench/ (run as ``python bench/<script>.py``, which put
 """
 from __future__ import annotations
 
+import json
 import platform
 import re
 import time
+from pathlib import Path
 
 import torch
+
+from starfish_fast.checkpoint import atomic_path
 
 # Vendor data-sheet peaks by device-name fragment (first match wins, so the specific names come first):
 # dense bf16 tensor-core TFLOP/s, fp32 (non-tensor) TFLOP/s, memory GB/s.
@@ -71,3 +75,12 @@ def environment() -> dict:
         info["capability"] = f"sm{major}{minor}"
         info["cusparselt"] = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
     return info
+
+
+def save_report(report: dict, output: str | Path) -> Path:
+    """Write a benchmark's JSON report atomically (a temporary file, then renamed)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
+    return output

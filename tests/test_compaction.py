@@ -19,6 +19,24 @@ def _structured(model, sparsity=0.5):
     return {k: (v & extra[k]) if k in extra else v for k, v in masks.items()}
 
 
+def _assert_compaction_matches_masked_dense(dense, masks, **config):
+    """Heal copies of ``dense`` with compaction off and on (fp32): same losses, weights, masks, trainables."""
+    results, models = [], []
+    for compact in ("off", "on"):
+        student = copy.deepcopy(dense)
+        settings = dict(epochs=2, batch_size=8, lr=2e-3, compact=compact, progress=False, precision="fp32") | config
+        results.append(heal(student, dense, masks, images(16), HealConfig(**settings)))
+        models.append(student)
+    for a, b in zip(*(r.step_losses for r in results)):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    for key, value in models[0].state_dict().items():
+        torch.testing.assert_close(models[1].state_dict()[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    for key, mask in masks.items():
+        assert (models[1].state_dict()[key][~mask] == 0).all()
+    assert {k for k, p in models[1].named_parameters() if p.requires_grad} == \
+        {k for k, p in models[0].named_parameters() if p.requires_grad}
+
+
 def test_plan_finds_only_neurons_pruned_on_both_sides():
     model = tiny_vit()
     masks = _structured(model)
@@ -44,22 +62,7 @@ def test_compact_forward_equals_masked_forward():
 def test_compacted_healing_matches_masked_dense(weight_decay):
     dense = tiny_vit()
     masks = _structured(dense)
-    calib = images(16)
-    results, models = [], []
-    for compact in ("off", "on"):
-        student = copy.deepcopy(dense)
-        config = HealConfig(epochs=2, batch_size=8, lr=2e-3, weight_decay=weight_decay, compact=compact,
-                            progress=False, precision="fp32")
-        results.append(heal(student, dense, masks, calib, config))
-        models.append(student)
-    for a, b in zip(*(r.step_losses for r in results)):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
-    for key, value in models[0].state_dict().items():
-        torch.testing.assert_close(models[1].state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    for key, mask in masks.items():
-        assert (models[1].state_dict()[key][~mask] == 0).all()
-    assert {k for k, p in models[1].named_parameters() if p.requires_grad} == \
-        {k for k, p in models[0].named_parameters() if p.requires_grad}
+    _assert_compaction_matches_masked_dense(dense, masks, weight_decay=weight_decay)
 
 
 def tiny_torchvision_vit(seed: int = 0):
@@ -158,20 +161,7 @@ def test_qk_compacted_healing_matches_masked_dense(family):
     masks = structured_masks(dense, 0.5, scope="qk_mlp", kind="qk_mlp")
     extra = random_masks(dense, "qk_mlp", density=0.7, seed=3)                # unstructured on top
     masks = {key: mask & extra[key] for key, mask in masks.items()}
-    calib = images(16)
-    results, models = [], []
-    for compact in ("off", "on"):
-        student = copy.deepcopy(dense)
-        config = HealConfig(epochs=2, batch_size=8, lr=2e-3, compact=compact, scope="qk_mlp", progress=False,
-                            precision="fp32")
-        results.append(heal(student, dense, masks, calib, config))
-        models.append(student)
-    for a, b in zip(*(r.step_losses for r in results)):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
-    for key, value in models[0].state_dict().items():
-        torch.testing.assert_close(models[1].state_dict()[key], value, rtol=1e-5, atol=1e-5, msg=key)
-    for key, mask in masks.items():
-        assert (models[1].state_dict()[key][~mask] == 0).all()
+    _assert_compaction_matches_masked_dense(dense, masks, scope="qk_mlp")
 
 
 @pytest.mark.cuda
