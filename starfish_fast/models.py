@@ -394,6 +394,11 @@ def _str_to_timm_mobilenet(state: dict[str, torch.Tensor], model: nn.Module) -> 
     return converted
 
 
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """A checkpoint whose keys or shapes differ from the model's. A ``RuntimeError`` like torch's strict
+    ``load_state_dict`` error (what reference callers catch), and a ``ValueError`` like our other bad inputs."""
+
+
 def load_model(model_name: str, checkpoint_path: str | os.PathLike, device: str | torch.device,
                allow_unsafe_pickle: bool = False) -> nn.Module:
     """Build ``model_name``, load a plain state dict or ``{"state_dict": ...}`` strictly, move to
@@ -409,7 +414,10 @@ def load_model(model_name: str, checkpoint_path: str | os.PathLike, device: str 
     is_str_format = model_name in MOBILENET_MODELS and any(key.startswith("model.") for key in state)
     if is_str_format:
         state = _str_to_timm_mobilenet(state, model)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointMismatchError(f"{checkpoint_path} does not fit {model_name}: {error}") from None
     if is_str_format:
         force_mobilenet_str_runtime(model)
     return model.to(device).eval()
