@@ -18,7 +18,8 @@ What is timed (median of several rounds, CUDA synchronised inside each round):
 Variants: ``triton`` (CUDA only), ``eager`` (the reference), ``compile`` (torch.compile of the
 reference, compiled in the warm-up rounds: about 20 s per case on a 2-core CPU), and for the optimizer
 ``torch_fused`` (torch.optim.AdamW(fused=True) + mask multiply) as the strongest stock baseline.
-Peak memory is the CUDA allocator's peak above the inputs during one call (None on CPU).
+Peak memory is the CUDA allocator's peak above the inputs during one call, less the outputs every
+variant must produce (the cosine loss's student gradients), i.e. the op's working memory (None on CPU).
 On CPU only small shapes (batch 1-2, fewer blocks) of the reference paths run: the numbers
 check that the script works, they say nothing about GPU speed.
 The summary (targets met or missed, by how much, and the recommended kernels="auto" table)
@@ -32,7 +33,7 @@ import sys
 import pytest
 import torch
 
-from starfish_fast.kernels import (masked_adam_step, masked_adam_step_reference, masked_linear,
+from starfish_fast.kernels import (mask_plan, masked_adam_step, masked_adam_step_reference, masked_linear,
                                    masked_linear_reference, multi_block_cosine_loss,
                                    multi_block_cosine_loss_reference, triton_available_for)
 
@@ -79,7 +80,9 @@ def _compiled(fn):
         pytest.skip(f"torch.compile unavailable: {exc}")
 
 
-def _peak_memory(step) -> int | None:
+def _peak_memory(step, output_bytes: int) -> int | None:
+    """The allocator's peak above the inputs during one call, less ``output_bytes`` (what every
+    variant must produce, e.g. the students' gradients): the op's own working memory."""
     if not ON_GPU:
         return None
     _sync()
@@ -87,10 +90,10 @@ def _peak_memory(step) -> int | None:
     torch.cuda.reset_peak_memory_stats()
     step()
     _sync()
-    return torch.cuda.max_memory_allocated() - base
+    return torch.cuda.max_memory_allocated() - base - output_bytes
 
 
-def _run(benchmark, record, step, *, op, model, variant, shape, work, unit, mask=None):
+def _run(benchmark, record, step, *, op, model, variant, shape, work, unit, mask=None, output_bytes=0):
     """Warm up (compiles/autotunes), measure peak memory once, time, and record the row."""
     if variant == "triton" and not TRITON_OK:
         pytest.skip("Triton kernels need a CUDA GPU (the CPU interpreter is not benchmarked)")
@@ -109,7 +112,7 @@ def _run(benchmark, record, step, *, op, model, variant, shape, work, unit, mask
         if variant == "compile":
             pytest.skip(f"torch.compile failed here: {type(exc).__name__}: {exc}")
         raise
-    peak = _peak_memory(step)
+    peak = _peak_memory(step, output_bytes)
     benchmark.pedantic(timed, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
     record(benchmark, op=op, model=model, variant=variant, mask=mask, shape=shape, dtype=str(DTYPE).replace(
@@ -140,7 +143,8 @@ def test_masked_linear(benchmark, record, model, mask_kind, variant):
     mask = _linear_mask(mask_kind, n, k, DEVICE)
     dy = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
     if variant == "triton":
-        fn = lambda: masked_linear(x, w, mask, b, kernel=True)                   # noqa: E731
+        plan = mask_plan(mask, DTYPE) if TRITON_OK else None                    # built once, as MaskedLinear caches it
+        fn = lambda: masked_linear(x, w, mask, b, plan=plan, kernel=True)        # noqa: E731
     elif variant == "eager":
         fn = lambda: masked_linear_reference(x, w, mask, b)                      # noqa: E731
     else:
@@ -179,7 +183,7 @@ def test_cosine_loss(benchmark, record, model, variant):
     elems = blocks * shape[0] * shape[1] * shape[2]
     esize = torch.finfo(DTYPE).bits // 8
     _run(benchmark, record, step, op="cosine_loss", model=model, variant=variant, shape=[blocks, *shape],
-         work=5 * elems * esize, unit="byte")
+         work=5 * elems * esize, unit="byte", output_bytes=elems * esize)        # the students' gradients
 
 
 # ------------------------------------------------------------------------ masked Adam
@@ -201,7 +205,6 @@ def test_masked_adam(benchmark, record, model, variant):
     exp_avgs = [torch.zeros_like(p) for p in params]
     exp_avg_sqs = [torch.zeros_like(p) for p in params]
     kw = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05, decoupled=True)
-    state = {"step": 0}
     if variant == "torch_fused":
         leaves = [torch.nn.Parameter(p) for p in params]
         for leaf, g in zip(leaves, grads):
@@ -220,8 +223,9 @@ def test_masked_adam(benchmark, record, model, variant):
             fn = _compiled(masked_adam_step_reference)
 
         def step():
-            state["step"] += 1
-            fn(params, grads, exp_avgs, exp_avg_sqs, masks, step=state["step"], **kw)
+            # a fixed step count: a new Python int every call would recompile the compiled variant
+            # each time (dynamo specialises on it) and time eager code after its recompile limit
+            fn(params, grads, exp_avgs, exp_avg_sqs, masks, step=10, **kw)
     numel = sum(p.numel() for p in params)
     _run(benchmark, record, step, op="masked_adam", model=model, variant=variant, shape=[len(shapes), numel],
          work=29 * numel, unit="byte")

@@ -58,8 +58,8 @@ def masked_adam_step_reference(params: Sequence[torch.Tensor], grads: Sequence[t
                                masks: Sequence[torch.Tensor | None], *, lr, beta1: float, beta2: float, eps: float,
                                weight_decay: float, step, decoupled: bool) -> None:
     """torch._foreach version of torch's Adam/AdamW step followed by ``p *= mask`` (in place)."""
-    if isinstance(lr, torch.Tensor):
-        lr = float(lr)  # the reference serves CPU tensors, where this is no device sync
+    # lr may be a 0-dim tensor (the fast loop's schedule on the device): it then enters the update
+    # as a tensor, so a CUDA lr costs no host sync (float(lr) would be one per step)
     _, bc1, bc2_sqrt = _step_scalars(beta1, beta2, step)
     with torch.no_grad():
         groups: dict[tuple, list[int]] = {}
@@ -83,7 +83,12 @@ def masked_adam_step_reference(params: Sequence[torch.Tensor], grads: Sequence[t
             denom = torch._foreach_sqrt(V)
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(P, M, denom, -lr / bc1)
+            if isinstance(lr, torch.Tensor):
+                update = torch._foreach_div(M, denom)
+                torch._foreach_mul_(update, lr / bc1)
+                torch._foreach_sub_(P, update)
+            else:
+                torch._foreach_addcdiv_(P, M, denom, -lr / bc1)
             masked = [(k, masks[i]) for k, i in enumerate(ids) if masks[i] is not None]
             if masked:
                 torch._foreach_mul_([P[k] for k, _ in masked], [mk.to(P[k].dtype) for k, mk in masked])

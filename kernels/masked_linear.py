@@ -506,9 +506,15 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if resolve(self.kernel, x, "MaskedLinear"):
-            dtype = torch.get_autocast_dtype(x.device.type) if _autocast_on(x) else x.dtype
-            return masked_linear(x, self.weight, self.mask, self.bias, plan=self.plan(dtype), kernel=True)
+            return self._kernel_forward(x)
         return masked_linear_reference(x, self.weight, self.mask, self.bias)
+
+    @torch.compiler.disable
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Outside dynamo: the plan cache keys on data_ptr(), which dynamo cannot trace, and the
+        # autotuned launches run as they do eagerly; a compiled block calls this as one opaque op.
+        dtype = torch.get_autocast_dtype(x.device.type) if _autocast_on(x) else x.dtype
+        return masked_linear(x, self.weight, self.mask, self.bias, plan=self.plan(dtype), kernel=True)
 
     def extra_repr(self) -> str:
         density = float((self.mask != 0).float().mean()) if self.mask.numel() else 0.0

@@ -17,6 +17,7 @@ Both keep masked weights exactly zero and leave the student in eval mode.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -355,7 +356,7 @@ def _heal_model(pruned_model, dense_model, masks, calib, config: HealConfig, lab
     keep_blocks, keep_logits = objectives.needs_blocks(config.objective), objectives.needs_teacher_logits(config.objective)
     store = MemoryStore([[] for _ in run.batches], "none") if not (keep_blocks or keep_logits) else make_teacher_store(
         config.teacher_store, run.dense, run.adapter, run.block_names, run.batches, run.device, dtype=run.teacher_dtype,
-        keep_logits=keep_logits, keep_blocks=keep_blocks, disk_dir=config.teacher_dir)
+        compute_dtype=run.precision, keep_logits=keep_logits, keep_blocks=keep_blocks, disk_dir=config.teacher_dir)
     teacher_seconds = time.perf_counter() - started
     loop = _exact_loop if config.mode == "exact" else _fast_loop
     started = time.perf_counter()
@@ -384,7 +385,9 @@ def _progress(run: _Run, start_step: int):
 
 def _student_loss(run: _Run, loss_fn, images, targets, index, need_logits):
     logits, reps = run.adapter.forward_blocks(run.student, images, run.block_names, need_logits=need_logits)
-    if run.precision != torch.float32 and not use_triton("cosine_loss", images, run.config.kernels):
+    fused_loss = run.config.objective in ("starfish", "starfish+kl") and run.config.block_weights is None \
+        and use_triton("cosine_loss", images, run.config.kernels)
+    if run.precision != torch.float32 and not fused_loss:
         # the torch losses in fp32 (the fused kernel accumulates in fp32 itself)
         reps = [r.float() for r in reps]
         logits = logits.float() if logits is not None else None
@@ -405,7 +408,9 @@ def _exact_loop(run: _Run, store) -> list[float]:
         optimizer = torch.optim.AdamW(run.params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=run.total_steps, eta_min=config.min_lr) \
         if config.lr_schedule == "cosine" else None
-    handles = register_zero_freeze_hooks(run.student, run.masks)
+    # on the device once: re-applying CPU masks every step would copy them host-to-device each time
+    device_masks = {key: mask.to(run.device) for key, mask in run.masks.items()}
+    handles = register_zero_freeze_hooks(run.student, device_masks)
     fingerprints = run.fingerprints() if (config.checkpoint_every or config.resume) else {}
     step_losses: list[float] = []
     start = 0
@@ -435,7 +440,7 @@ def _exact_loop(run: _Run, store) -> list[float]:
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            apply_masks(run.student, run.masks)
+            apply_masks(run.student, device_masks)
             step_losses.append(loss.item())     # a host sync every step, as the reference (exact mode only)
             now = time.perf_counter()
             bar.update(1)
@@ -455,10 +460,23 @@ def _exact_loop(run: _Run, store) -> list[float]:
     return step_losses
 
 
-def _compile_blocks(run: _Run) -> None:
-    """Regional compile: each block compiled once (identical blocks share the compiled code)."""
-    for block in run.adapter._blocks(run.student):
+def _compile_blocks(run: _Run) -> contextlib.ExitStack:
+    """Regional compile: each block compiled once (identical blocks share the compiled code).
+
+    Every distinct block shape (compacted widths can differ per block) and batch size is one
+    cache entry of the shared code object; past dynamo's default limit of 8 the rest would run
+    eager with only a warning, so the limit is raised for the run. ``close()`` on the returned
+    stack restores it and removes the compiled wrappers (the caller's model is not left compiled)."""
+    blocks = run.adapter._blocks(run.student)
+    for block in blocks:
         block.compile(dynamic=False)
+    shapes = {tuple(tuple(p.shape) for p in block.parameters()) for block in blocks}
+    limit = max(8, 2 * len(shapes) * len({b.shape[0] for b in run.batches}))
+    cleanup = contextlib.ExitStack()
+    cleanup.enter_context(torch._dynamo.config.patch(recompile_limit=limit,
+                                                     accumulated_recompile_limit=max(256, 4 * limit)))
+    cleanup.callback(lambda: [setattr(block, "_compiled_call_impl", None) for block in blocks])
+    return cleanup
 
 
 def _swap_in_masked_linears(run: _Run) -> list[tuple[str, nn.Linear]]:
@@ -481,12 +499,12 @@ def _fast_loop(run: _Run, store) -> list[float]:
     """Mask folded into a fused Adam step, lr from a device tensor, no host sync between log points."""
     config, device = run.config, run.device
     compile_on = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
-    sparse_layers = convert_linears(run.student, run.masks) if config.semi_structured == "on" else []
+    sparse_layers = convert_linears(run.student, run.masks, compute_dtype=run.precision) \
+        if config.semi_structured == "on" else []
     # The masked-linear kernel only where the dispatch table (bench_kernels.py) says it beats cuBLAS.
     swapped = _swap_in_masked_linears(run) if run.params and use_triton("masked_linear", run.params[0],
                                                                           config.kernels) else []
-    if compile_on:
-        _compile_blocks(run)
+    compiled = _compile_blocks(run) if compile_on else contextlib.ExitStack()
     masks = [run.masks[key] for key in run.keys]
     optimizer = MaskedAdam(run.params, masks, weight_decay=config.weight_decay, kernels=config.kernels,
                            moments_dtype=torch.bfloat16 if config.moments_dtype == "bf16" else None)
@@ -502,8 +520,8 @@ def _fast_loop(run: _Run, store) -> list[float]:
             start = state["step"]
             losses[:start] = torch.tensor(state["step_losses"], dtype=torch.float32)
     # Calibration images cached once on the device (pinned staging on CUDA).
-    images_on_device = [b.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else b.to(device)
-                        for b in run.batches]
+    images_on_device = [b.pin_memory().to(device, non_blocking=True) if device.type == "cuda" and not b.is_cuda
+                        else b.to(device) for b in run.batches]
     use_autocast = run.precision != torch.float32
     scaler = torch.amp.GradScaler(device.type) if run.precision == torch.float16 else None
     scaler_view = _ScalerView(optimizer)
@@ -551,6 +569,7 @@ def _fast_loop(run: _Run, store) -> list[float]:
                              losses[:step + 1].tolist(), fingerprints)
     finally:
         bar.close()
+        compiled.close()
         for path, linear in swapped:
             set_submodule(run.student, path, linear)
         if sparse_layers:

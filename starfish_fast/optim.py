@@ -39,6 +39,9 @@ class MaskedAdam:
         self.moments_dtype = moments_dtype
         # One decision per optimizer: Triton on CUDA by the kernels' dispatch table, foreach torch on CPU.
         self.use_kernel = use_triton("masked_adam", self.params[0], kernels) if self.params else False
+        # the kernel reads bool masks (1 byte per element of its 29, against 4 for float masks);
+        # the torch path multiplies by float masks (a bool mask would be converted every step)
+        self.step_masks = [m.to(torch.bool) for m in self.masks] if self.use_kernel else self.masks
         self.exp_avgs = [torch.zeros_like(p, dtype=moments_dtype or p.dtype) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p, dtype=moments_dtype or p.dtype) for p in self.params]
         self.step_count = 0
@@ -51,7 +54,7 @@ class MaskedAdam:
     def step(self, lr: float | torch.Tensor) -> None:
         self.step_count += 1
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        masked_adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.masks, lr=lr,
+        masked_adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.step_masks, lr=lr,
                          beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
                          step=self.step_count, decoupled=self.decoupled, kernel=self.use_kernel)
 

@@ -194,8 +194,10 @@ class SemiStructuredLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-    def _backend(self, x: torch.Tensor, dtype: torch.dtype):
-        key = (x.device, dtype)
+    def backend_for(self, device: torch.device, dtype: torch.dtype):
+        """The 2:4 backend for inputs on ``device`` computing in ``dtype`` (None: dense fallback),
+        chosen once; the engine calls it before compiling so compiled code only reads the cache."""
+        key = (torch.device(device), dtype)
         if key not in self._backends:
             backend, reason = choose_backend(self.weight, self.mask, dtype)
             if backend is None:
@@ -208,7 +210,7 @@ class SemiStructuredLinear(nn.Module):
         if not autocasting and x.dtype != self.weight.dtype:
             return F.linear(x, self.weight * self.mask, self.bias)      # mismatched dtypes: torch's own error
         dtype = torch.get_autocast_dtype(x.device.type) if autocasting else self.weight.dtype
-        backend = self._backend(x, dtype)
+        backend = self.backend_for(x.device, dtype)
         if backend is None:
             return F.linear(x, self.weight * self.mask, self.bias)      # autograd masks grad_W by itself
         return _sparse_linear(x, self.weight, self.bias, self.mask, dtype, backend)
@@ -224,14 +226,20 @@ def _linear_children(model: nn.Module, kind: type):
                 yield parent, child_name, f"{parent_name}.{child_name}" if parent_name else child_name, child
 
 
-def convert_linears(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[str]:
+def convert_linears(model: nn.Module, masks: Mapping[str, torch.Tensor],
+                    compute_dtype: torch.dtype | None = None) -> list[str]:
     """Replace, in place, every ``nn.Linear`` whose ``<name>.weight`` mask is 2:4 by a
-    ``SemiStructuredLinear`` sharing its parameters; the names of the replaced modules."""
+    ``SemiStructuredLinear`` sharing its parameters; the names of the replaced modules. With
+    ``compute_dtype`` each layer's backend is chosen now (checks, probes and the fallback warning
+    stay out of a later compiled forward)."""
     replaced = []
     for parent, child_name, name, linear in list(_linear_children(model, nn.Linear)):
         mask = masks.get(f"{name}.weight")
         if mask is not None and is_two_four(mask):
-            setattr(parent, child_name, SemiStructuredLinear.from_linear(linear, mask))
+            layer = SemiStructuredLinear.from_linear(linear, mask)
+            if compute_dtype is not None:
+                layer.backend_for(layer.weight.device, compute_dtype)
+            setattr(parent, child_name, layer)
             replaced.append(name)
     return replaced
 

@@ -99,18 +99,24 @@ class RecomputeStore(TeacherStore):
 
     kind = "recompute"
 
-    def __init__(self, dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype):
+    def __init__(self, dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, compute_dtype):
         self.args = (dense_model, adapter, block_names)
         self.batches, self.num_batches, self.device = batches, len(batches), device
-        self.keep_logits, self.keep_blocks, self.dtype = keep_logits, keep_blocks, dtype
+        self.keep_logits, self.keep_blocks, self.compute_dtype = keep_logits, keep_blocks, compute_dtype
 
     def get(self, index):
         dense_model, adapter, block_names = self.args
-        # Like the reference's LazyDenseTargets: outputs as computed, no cast; bf16/fp16 autocast on CUDA only.
-        autocast = self.dtype != torch.float32 and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+        # Like the reference's LazyDenseTargets: outputs as computed, no cast.
+        with _teacher_autocast(self.device, self.compute_dtype):
             return teacher_outputs(dense_model, adapter, block_names, self.batches[index].to(self.device),
                                    self.keep_logits, self.keep_blocks)
+
+
+def _teacher_autocast(device: torch.device, compute_dtype: torch.dtype):
+    """The teacher runs in the student's compute precision on CUDA (bf16/fp16 autocast), else fp32:
+    on CPU it runs once, off the critical path, and exact mode (fp32) must match the reference."""
+    return torch.autocast(device.type, dtype=compute_dtype,
+                          enabled=compute_dtype != torch.float32 and device.type == "cuda")
 
 
 class ChunkedHostBuffer:
@@ -142,16 +148,17 @@ class ChunkedHostBuffer:
         return raw.view(dtype).view(shape)
 
 
-def _fill_host(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype, buffer_of):
+def _fill_host(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype, compute_dtype,
+               buffer_of):
     """Run the teacher once over ``batches`` and copy every output into host memory from ``buffer_of``."""
     host = []
     buffer = None
     for images in batches:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
+        with _teacher_autocast(device, compute_dtype):
             outputs = teacher_outputs(dense_model, adapter, block_names, images.to(device), keep_logits, keep_blocks)
-        if buffer is None:
-            per_batch = sum(t.numel() for t in outputs) * torch.empty((), dtype=dtype).element_size()
-            buffer = buffer_of(per_batch * len(batches) + 64 * len(outputs) * len(batches))
+        if buffer is None:   # sized for every image (batches may differ in size), plus alignment slack
+            per_image = sum(t.numel() for t in outputs) * torch.empty((), dtype=dtype).element_size() // images.shape[0]
+            buffer = buffer_of(per_image * sum(b.shape[0] for b in batches) + 64 * len(outputs) * len(batches))
         stored = []
         for t in outputs:
             slot = buffer.allocate(t.shape, dtype)
@@ -203,20 +210,22 @@ def choose_store(requested: str, cache_bytes: int, device: torch.device) -> tupl
 
 def make_teacher_store(requested: str, dense_model: nn.Module, adapter, block_names: Sequence[str],
                        batches: Sequence[torch.Tensor], device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
-                       keep_logits: bool = False, keep_blocks: bool = True,
+                       compute_dtype: torch.dtype = torch.float32, keep_logits: bool = False, keep_blocks: bool = True,
                        disk_dir: str | os.PathLike | None = None) -> TeacherStore:
-    """Build the store (one dense pass over ``batches`` unless recomputing)."""
+    """Build the store (one dense pass over ``batches`` unless recomputing). ``dtype``: how the outputs
+    are kept; ``compute_dtype``: the autocast dtype of the teacher's forward on CUDA (fp32: none)."""
     dense_model.eval()
     cache_bytes = estimate_bytes(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype)
     kind, reason = choose_store(requested, cache_bytes, device)
     log.info("teacher store: %s (%s)", kind, reason)
-    common = (dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype)
+    common = (dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype, compute_dtype)
     if kind == "recompute":
-        return RecomputeStore(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype)
+        return RecomputeStore(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks,
+                              compute_dtype)
     if kind in ("memory", "gpu"):
         outputs = []
         for images in batches:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
+            with _teacher_autocast(device, compute_dtype):
                 step = teacher_outputs(dense_model, adapter, block_names, images.to(device), keep_logits, keep_blocks)
             outputs.append([t.to(dtype) for t in step])
         return MemoryStore(outputs, kind)

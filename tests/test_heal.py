@@ -1,5 +1,6 @@
 """The engine: fast vs exact, teacher stores, resume, masked optimizer, config strictness, outputs."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -121,7 +122,7 @@ def test_teacher_stores_match_direct_forward(tmp_path, kind, dtype):
     dense = tiny_vit()
     adapter = adapter_for(dense)
     names = adapter.block_names(dense)
-    batches = list(images(10).split(4))
+    batches = [images(10)[:2], images(10)[2:7], images(10)[7:]]       # uneven: the first batch is the smallest
     store = make_teacher_store(kind, dense, adapter, names, batches, torch.device("cpu"), dtype=dtype,
                                keep_logits=True, disk_dir=tmp_path)
     assert store.kind == kind and len(store) == 3
@@ -250,10 +251,11 @@ def test_cuda_pinned_store_matches_direct():
     adapter = adapter_for(dense)
     batches = list(images(10).split(4))
     store = make_teacher_store("pinned", dense, adapter, adapter.block_names(dense), batches, torch.device("cuda"),
-                               dtype=torch.bfloat16)
+                               dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
     for i, batch in enumerate(batches):
         store.prefetch(i + 1)
-        direct = teacher_outputs(dense, adapter, adapter.block_names(dense), batch.cuda(), keep_logits=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):                # the store's compute precision
+            direct = teacher_outputs(dense, adapter, adapter.block_names(dense), batch.cuda(), keep_logits=False)
         for a, b in zip(store.get(i), direct):
             torch.testing.assert_close(a.float(), b.to(torch.bfloat16).float(), rtol=0, atol=0)
 
@@ -263,3 +265,31 @@ def test_prunable_weights_are_the_only_trainable():
     heal(pruned, dense, masks, calib, _config(epochs=1))
     trainable = {k for k, p in pruned.named_parameters() if p.requires_grad}
     assert trainable == set(prunable_weights(pruned, adapter_for(pruned).scope_predicate("auto")))
+
+
+def test_compiled_blocks_of_distinct_shapes_all_compile_and_are_removed_after(monkeypatch):
+    # Compacted MLPs of 10 different widths: 10 cache entries of the one shared code object, past
+    # dynamo's default limit of 8. A counting backend stands in for inductor (fast on CPU).
+    compiled_graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_graphs.append(graph_module)
+        return graph_module.forward
+
+    original_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kwargs: original_compile(self, backend=counting_backend, **kwargs))
+    torch._dynamo.reset()
+    dense = tiny_vit(depth=10)
+    masks = random_masks(dense, "mlp", density=1.0)
+    for i in range(10):                                    # block i loses its first 4 * (i + 1) hidden neurons
+        masks[f"blocks.{i}.mlp.fc1.weight"][:4 * (i + 1)] = False
+        masks[f"blocks.{i}.mlp.fc2.weight"][:, :4 * (i + 1)] = False
+    student = copy.deepcopy(dense)
+    config = HealConfig(epochs=1, batch_size=4, scope="mlp", compile="on", precision="fp32", progress=False)
+    compiled = heal(student, dense, masks, images(8), config)
+    assert len(compiled_graphs) >= 10                      # no block fell back to eager at the limit
+    reference = heal(copy.deepcopy(dense), dense, masks, images(8), dataclasses.replace(config, compile="off"))
+    assert compiled.step_losses == pytest.approx(reference.step_losses, rel=1e-5)
+    assert all(block._compiled_call_impl is None for block in student.blocks)
+    assert torch._dynamo.config.recompile_limit == 8
