@@ -267,7 +267,8 @@ def test_prunable_weights_are_the_only_trainable():
     assert trainable == set(prunable_weights(pruned, adapter_for(pruned).scope_predicate("auto")))
 
 
-def test_compiled_blocks_of_distinct_shapes_all_compile_and_are_removed_after(monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_blocks_of_distinct_shapes_all_compile_and_are_removed_after(monkeypatch, precision):
     # Compacted MLPs of 10 different widths: 10 cache entries of the one shared code object, past
     # dynamo's default limit of 8. A counting backend stands in for inductor (fast on CPU).
     compiled_graphs = []
@@ -286,10 +287,11 @@ def test_compiled_blocks_of_distinct_shapes_all_compile_and_are_removed_after(mo
         masks[f"blocks.{i}.mlp.fc1.weight"][:4 * (i + 1)] = False
         masks[f"blocks.{i}.mlp.fc2.weight"][:, :4 * (i + 1)] = False
     student = copy.deepcopy(dense)
-    config = HealConfig(epochs=1, batch_size=4, scope="mlp", compile="on", precision="fp32", progress=False)
+    config = HealConfig(epochs=1, batch_size=4, scope="mlp", compile="on", precision=precision, progress=False)
     compiled = heal(student, dense, masks, images(8), config)
-    assert len(compiled_graphs) >= 10                      # no block fell back to eager at the limit
+    assert len(compiled_graphs) == 10                      # one graph per block shape: none fell back to
+    # eager at the limit, and no graph break inside a block (our CPU attention module included)
     reference = heal(copy.deepcopy(dense), dense, masks, images(8), dataclasses.replace(config, compile="off"))
-    assert compiled.step_losses == pytest.approx(reference.step_losses, rel=1e-5)
+    assert compiled.step_losses == pytest.approx(reference.step_losses, rel=1e-5 if precision == "fp32" else 1e-2)
     assert all(block._compiled_call_impl is None for block in student.blocks)
     assert torch._dynamo.config.recompile_limit == 8
