@@ -40,6 +40,24 @@ def test_fast_matches_exact_per_step(weight_decay, grad_clip):
     assert fast.history[0]["epoch"] == 1.0 and exact.teacher_store == fast.teacher_store == "memory"
 
 
+def test_fast_matches_exact_on_torchvision_vit():
+    # fast mode on CPU swaps nn.MultiheadAttention for the fp32-core attention module
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    dense = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    masks = random_masks(dense, density=0.4)
+    exact_model, fast_model = copy.deepcopy(dense), copy.deepcopy(dense)
+    exact = heal(exact_model, dense, masks, images(16), _config(mode="exact"))
+    fast = heal(fast_model, dense, masks, images(16), _config(mode="fast", log_every=1))
+    for e, f in zip(exact.step_losses, fast.step_losses):
+        assert abs(e - f) <= 1e-4 * max(1.0, abs(e))
+    for key, value in exact_model.state_dict().items():
+        torch.testing.assert_close(fast_model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert type(fast_model.encoder.layers[0].self_attention) is torch.nn.MultiheadAttention
+
+
 def test_triton_kernels_in_the_loop_match_torch():
     """kernels="triton" (the interpreter here): masked linear, fused loss and Adam kernels in the fast loop."""
     dense, pruned, masks, calib = _setup()
