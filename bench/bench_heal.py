@@ -1,12 +1,13 @@
 """End-to-end healing throughput: the reference-equivalent loop vs starfish_fast's fast mode.
 
     python bench/bench_heal.py --model fashion_vit --batch-size 64 --steps 30          # CPU
+    python bench/bench_heal.py --model fashion_cnn --batch-size 64 --steps 60          # CPU, MobileNetV1-style
     python bench/bench_heal.py --model deit_base_patch16_224 --batch-size 128 --steps 40 --stores gpu pinned
     python bench/bench_heal.py --model deit3_huge_patch14_224 --batch-size 32 --steps 20
 
-Both runs use the same model (random weights unless it is the bundled one), the same
-50% magnitude masks on qkv+proj+MLP, the same calibration batches and batch size. The
-reference-equivalent loop is ``starfish_fast.baseline.reference_recovery`` (fp32,
+Both runs use the same model (random weights unless it is the bundled ViT or the Fashion-MNIST
+CNN, ``fashion_cnn``), the same 50% magnitude masks over the model's default prune scope, the
+same calibration batches and batch size. The reference-equivalent loop is ``starfish_fast.baseline.reference_recovery`` (fp32,
 hooks, non-pinned fp16 CPU teacher cache copied every step, a host sync every step,
 non-foreach Adam). Reported: images/s of each and their ratio, median step time,
 achieved TFLOP/s and fraction of the device's bf16 peak (FLOPs counted from the model's
@@ -38,22 +39,48 @@ from starfish_fast.prune import magnitude_masks
 
 log = logging.getLogger("bench_heal")
 RESULTS = Path(__file__).resolve().parent / "results"
+CNN_NAME = "fashion_cnn"
+
+
 def step_flops_per_image(model: torch.nn.Module, image_size: int, in_chans: int) -> float:
     """FLOPs of one healing step per image: student forward (1x) + backward (2x: input and weight
-    gradients) over the blocks' linears and attention products. Teacher excluded (cached)."""
+    gradients) over the blocks' linears and convolutions (shapes from one traced image) and, for
+    ViTs, the attention products. Teacher excluded (cached)."""
     adapter = adapter_for(model)
-    with torch.no_grad():
-        _, reps = adapter.forward_blocks(model, torch.zeros(1, in_chans, image_size, image_size),
-                                         adapter.block_names(model)[:1], need_logits=False)
-    tokens = reps[0].shape[1]                                                   # T
-    forward = 0.0
-    for block in adapter._blocks(model):
-        for module in block.modules():
-            if isinstance(module, torch.nn.Linear):
-                forward += 2.0 * tokens * module.in_features * module.out_features
-        width = reps[0].shape[2]
-        forward += 2.0 * 2.0 * tokens * tokens * width                          # QK^T and AV
-    return 3.0 * forward
+    forward = [0.0]
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Linear):
+            forward[0] += 2.0 * output.numel() * module.in_features
+        else:                                   # Conv2d: each output element sums in/groups * kh * kw products
+            kh, kw = module.kernel_size
+            forward[0] += 2.0 * output.numel() * module.in_channels // module.groups * kh * kw
+    handles = [m.register_forward_hook(count) for block in adapter._blocks(model) for m in block.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            _, reps = adapter.forward_blocks(model, torch.zeros(1, in_chans, image_size, image_size),
+                                             adapter.block_names(model), need_logits=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if adapter.kind == "vit":
+        tokens, width = reps[0].shape[1], reps[0].shape[2]                     # T, D
+        forward[0] += len(reps) * 2.0 * 2.0 * tokens * tokens * width          # QK^T and AV per block
+    return 3.0 * forward[0]
+
+
+def load_dense(name: str) -> tuple[torch.nn.Module, int, int]:
+    """(dense model in eval mode, image size, input channels): the bundled ViT, the Fashion-MNIST
+    CNN of bench/train_fashion_cnn.py, or a timm name with random weights."""
+    if name == BUNDLED_MODEL_NAME:
+        return load_bundled_model()[0], 28, 1
+    if name == CNN_NAME:
+        from train_fashion_cnn import load_fashion_cnn
+        return load_fashion_cnn()[0], 28, 1
+    dense = build_empty_model(name).eval()
+    _, image_size, _ = dense.pretrained_cfg["input_size"][-3:]
+    return dense, image_size, dense.pretrained_cfg["input_size"][0]
 
 
 def timed_heal(dense: torch.nn.Module, masks, batches, config: HealConfig):
@@ -71,17 +98,12 @@ def timed_heal(dense: torch.nn.Module, masks, batches, config: HealConfig):
 def run(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.model == BUNDLED_MODEL_NAME:
-        dense, _ = load_bundled_model()
-        image_size, in_chans = 28, 1
-    else:
-        dense = build_empty_model(args.model).eval()
-        image_size, in_chans = dense.patch_embed.img_size[0], 3
-    masks = magnitude_masks(dense, sparsity=args.sparsity, scope="qkv_out_mlp")
+    dense, image_size, in_chans = load_dense(args.model)
+    adapter = adapter_for(dense)
+    masks = magnitude_masks(dense, sparsity=args.sparsity, scope=adapter.default_scope)
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randn(args.batch_size, in_chans, image_size, image_size, generator=generator)
                for _ in range(args.steps)]
-    adapter = adapter_for(dense)
     blocks = adapter.block_names(dense)
     flops = step_flops_per_image(dense, image_size, in_chans)
     peak = (device_peaks() or {}).get("bf16_tflops") if device.type == "cuda" else None
@@ -107,9 +129,9 @@ def run(args) -> dict:
     if not args.skip_reference:
         config = RecoveryConfig(epochs=1, lr=6e-4, min_lr=1e-6, lr_schedule="cosine", weight_decay=0.0,
                                 grad_clip=0.0, store_dense_float16=True)
-        predicate = adapter.scope_predicate("qkv_out_mlp")
-        history, seconds = reference_recovery(copy.deepcopy(dense), dense, "vit", blocks, masks, batches, predicate,
-                                              config, device=device)
+        predicate = adapter.scope_predicate(adapter.default_scope)
+        history, seconds = reference_recovery(copy.deepcopy(dense), dense, adapter.kind, blocks, masks, batches,
+                                              predicate, config, device=device)
         summarize("reference", seconds[args.warmup:], [history[0]["loss"]], {"teacher_store": "cpu-fp16-unpinned"})
     for store in args.stores:
         config = HealConfig(epochs=1, lr=6e-4, min_lr=1e-6, batch_size=args.batch_size, mode="fast",

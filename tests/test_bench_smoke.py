@@ -28,10 +28,11 @@ def test_bench_compaction_reports_every_case():
         assert case["loss_rel_diff"] < 1e-4          # fp32: compaction is exact up to rounding
 
 
-def test_bench_heal_reports_reference_and_fast_runs():
+@pytest.mark.parametrize("model", ["fashion_vit", "fashion_cnn"])
+def test_bench_heal_reports_reference_and_fast_runs(model):
     import bench_heal
 
-    args = argparse.Namespace(model="fashion_vit", batch_size=4, steps=4, warmup=1, sparsity=0.5, device="cpu",
+    args = argparse.Namespace(model=model, batch_size=4, steps=4, warmup=1, sparsity=0.5, device="cpu",
                               stores=["memory"], compile="off", precision="fp32",
                               skip_reference=False)
     report = bench_heal.run(args)
