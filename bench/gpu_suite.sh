@@ -4,8 +4,9 @@
 #   bench/gpu_suite.sh tests        # pytest -m cuda (junit XML + log)
 #   bench/gpu_suite.sh kernels      # bench/bench_kernels.py (pytest-benchmark JSON)
 #   bench/gpu_suite.sh heal         # bench_heal.py: DeiT-B (gpu + pinned stores), DeiT3-H
+#   bench/gpu_suite.sh cnn          # bench_heal.py: MobileNetV1 (random weights, 224x224)
 #   bench/gpu_suite.sh sparsity     # bench_sparse24.py --quick, bench_compaction.py on DeiT-B
-#   bench/gpu_suite.sh all          # the four in order (about 30 minutes; more than one device call)
+#   bench/gpu_suite.sh all          # all five in order (over 30 minutes: more than one device call)
 #
 # Results go to $OUT/bench/results when OUT is set (the device tool copies $OUT back), else to
 # bench/results. Each stage runs under `timeout` so a hung or slow step still returns what it wrote.
@@ -38,6 +39,11 @@ stage_heal() {
         --stores auto --output "$RESULTS/heal_deit3_huge_patch14_224_$TAG.json"
 }
 
+stage_cnn() {
+    timeout "$STAGE_SECONDS" python bench/bench_heal.py --model mobilenetv1_100 --batch-size 128 --steps 40 \
+        --warmup 5 --stores auto --output "$RESULTS/heal_mobilenetv1_100_$TAG.json"
+}
+
 stage_sparsity() {
     local half=$((STAGE_SECONDS / 2))
     timeout "$half" python bench/bench_sparse24.py --quick --output "$RESULTS/sparse24_$TAG.json"
@@ -46,7 +52,7 @@ stage_sparsity() {
 }
 
 case "${1:-}" in
-    tests | kernels | heal | sparsity) "stage_$1" ;;
-    all) for stage in tests kernels heal sparsity; do echo "== $stage"; "stage_$stage"; done ;;
-    *) echo "usage: $0 tests|kernels|heal|sparsity|all" >&2; exit 2 ;;
+    tests | kernels | heal | cnn | sparsity) "stage_$1" ;;
+    all) for stage in tests kernels heal cnn sparsity; do echo "== $stage"; "stage_$stage"; done ;;
+    *) echo "usage: $0 tests|kernels|heal|cnn|sparsity|all" >&2; exit 2 ;;
 esac
