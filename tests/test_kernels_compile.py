@@ -1,0 +1,76 @@
+"""The cosine-loss and masked-Adam kernels compile ahead of time for A100 (sm80), A10 (sm86) and
+H100 (sm90) with the launch configurations the wrappers use, and fit each GPU's shared memory.
+
+No GPU needed: triton's bundled ptxas compiles for a named target in a subprocess without
+TRITON_INTERPRET (the interpreter cannot compile). The masked linear's autotune configs have their
+own sm86 check in test_kernel_masked_linear.py.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Shared memory per block (opt-in maximum), bytes: A100 163 KB, A10 99 KB, H100 227 KB.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
+
+_COMPILE = r'''
+import importlib, json, sys, torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+cos = importlib.import_module("starfish_fast.kernels.cosine_loss")
+adam = importlib.import_module("starfish_fast.kernels.masked_adam")
+arch = int(sys.argv[1])
+
+def compile_one(kernel, types, consts, num_warps):
+    fn = kernel if hasattr(kernel, "arg_names") else kernel.fn         # an autotuner wraps the JIT function
+    signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": num_warps})
+    return [fn.__name__, json.dumps(consts, sort_keys=True), k.metadata.shared]
+
+out = []
+scalars_i32 = ("n_blocks", "n_split", "rows_total", "part_rows", "coef_rows", "n_tensors")
+for student, teacher in (("bf16", "bf16"), ("fp32", "bf16"), ("fp16", "fp16")):
+    for block_d in (128, 256, 512, 1024):                         # what cosine_loss._chunk can pick
+        block_r = 4096 // block_d
+        warps = 8 if block_r * block_d >= 4096 else 4
+        types = {"tab_ptr": "*i64", "gtab_ptr": "*i64", "s_any": "*" + student, "t_any": "*" + teacher,
+                 "part_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32", "gout_ptr": "*fp32",
+                 "inv_l": "fp32", "eps": "fp32", **{n: "i32" for n in scalars_i32}}
+        common = {"TAB": cos._TAB, "BLOCK_R": block_r}
+        out.append(compile_one(cos._cos_stats_kernel, types, {**common, "BLOCK_D": block_d}, warps))
+        out.append(compile_one(cos._cos_grad_kernel, types,
+                               {**common, "BLOCK_D": block_d, "CLAMP": 65504.0 if student == "fp16" else 0.0}, warps))
+    out.append(compile_one(cos._cos_finalize_kernel, types, {"TAB": cos._TAB, "BLOCK_R": 32}, 4))
+for param, moment, has_mask, lr_ptr in (("fp32", "fp32", True, True), ("fp32", "bf16", True, False),
+                                        ("bf16", "fp32", False, True)):
+    types = {"tab_ptr": "*i64", "p_any": "*" + param, "g_any": "*" + param, "m_any": "*" + moment,
+             "v_any": "*" + moment, "k_any": "*u8", "lr_ptr": "*fp32", "n_tensors": "i32",
+             **{n: "fp32" for n in ("lr", "step_size", "decay", "bc1", "bc2_sqrt", "w1", "beta1", "beta2", "w2",
+                                   "eps", "weight_decay")}}
+    consts = {"HAS_MASK": has_mask, "LR_FROM_PTR": lr_ptr, "DECOUPLED": True, "HAS_WD": True, "SEARCH_STEPS": 8,
+              "TAB": adam._TAB, "BLOCK": adam.BLOCK}
+    out.append(compile_one(adam._masked_adam_kernel, types, consts, 8))
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
+def test_loss_and_optimizer_kernels_compile_for_each_gpu(arch):
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(arch)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {name for name, _, _ in compiled} == {"_cos_stats_kernel", "_cos_grad_kernel", "_cos_finalize_kernel",
+                                                 "_masked_adam_kernel"}
+    too_big = [c for c in compiled if c[2] > SHARED_LIMIT[arch]]
+    assert not too_big, too_big
