@@ -193,8 +193,8 @@ def test_cuda_autocast_bf16():
 
 
 # ------------------------------------------------------------------------ portability (no GPU needed)
-_SM86_CHECK = r'''
-import importlib, json, torch, triton
+_COMPILE_CHECK = r'''
+import importlib, json, sys, torch, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 ml = importlib.import_module("starfish_fast.kernels.masked_linear")
@@ -212,7 +212,7 @@ for dt, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             consts = {"PREC": prec, **fixed, **c.kwargs}
             sig = {n: "constexpr" if n in consts else ("*u8" if n in ("m_ptr", "occ_ptr") else "*i32" if n in
                    ("count_ptr", "index_ptr") else f"*{name}" if n.endswith("_ptr") else "i32") for n in jit.arg_names}
-            k = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=consts), target=GPUTarget("cuda", 86, 32),
+            k = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=consts), target=GPUTarget("cuda", int(sys.argv[1]), 32),
                                options={"num_warps": c.num_warps, "num_stages": c.num_stages})
             out.append([jit.__name__, name, str(c), k.metadata.shared])
 print(json.dumps(out))
@@ -220,8 +220,10 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-def test_default_configs_compile_for_sm86_within_shared_memory():
-    """Every config the pruner keeps compiles for an A10 (sm86) and fits its 99 KB of shared memory.
+@pytest.mark.parametrize("arch,shared_limit", [(80, 163 * 1024), (86, 99 * 1024), (90, 227 * 1024)])
+def test_default_configs_compile_within_shared_memory(arch, shared_limit):
+    """Every config the pruner keeps compiles for an A100 (sm80), A10 (sm86) and H100 (sm90, where
+    tl.dot lowers to wgmma) and fits that GPU's shared memory (the pruner keeps to the A10's 99 KB).
 
     Runs in a subprocess without TRITON_INTERPRET (the interpreter cannot compile); needs
     triton's bundled ptxas, no GPU.
@@ -236,12 +238,13 @@ def test_default_configs_compile_for_sm86_within_shared_memory():
     except ImportError:
         pytest.skip("this triton has no ahead-of-time compile API")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _SM86_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK, str(arch)], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {c[0] for c in compiled} == {"_masked_linear_fwd_kernel", "_masked_linear_dx_kernel",
                                         "_masked_linear_dw_kernel"}
-    too_big = [c for c in compiled if c[3] > 99 * 1024]
+    too_big = [c for c in compiled if c[3] > shared_limit]
     assert not too_big, too_big
 
 
