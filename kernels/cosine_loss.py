@@ -96,7 +96,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _cos_stats_kernel(tab_ptr, s_any, t_any, part_ptr, n_blocks, n_split, rows_total,
-                          TAB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                          TAB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
         """part[split, 0..2, row] = partial (s.s, t.t, s.t) over this program's share of the row."""
         pid = tl.program_id(0)
         tile = pid // n_split
@@ -109,6 +109,14 @@ if HAVE_TRITON:
         D = tl.load(row + 3)
         s_stride = tl.load(row + 4)
         t_stride = tl.load(row + 5)
+        if ALIGNED:
+            # Host-checked: 16-byte aligned rows, D and row strides multiples of 8 elements. Addresses
+            # loaded from the table carry no alignment information otherwise (every load was scalar).
+            s_ptr = tl.multiple_of(s_ptr, 16)
+            t_ptr = tl.multiple_of(t_ptr, 16)
+            D = tl.multiple_of(D, 8)
+            s_stride = tl.multiple_of(s_stride, 8)
+            t_stride = tl.multiple_of(t_stride, 8)
         tile0 = tl.load(row + 6)
         row0 = tl.load(row + 7)
         rows = (tile - tile0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)     # (BR,) rows of this block
@@ -172,7 +180,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _cos_grad_kernel(tab_ptr, gtab_ptr, s_any, t_any, coef_ptr, gout_ptr, n_blocks, n_split, rows_total,
-                         TAB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr):
+                         TAB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr,
+                         ALIGNED: tl.constexpr):
         """dL/ds = grad_out * (A * t + C * s), written in the student dtype (rows contiguous)."""
         pid = tl.program_id(0)
         tile = pid // n_split
@@ -186,6 +195,15 @@ if HAVE_TRITON:
         D = tl.load(row + 3)
         s_stride = tl.load(row + 4)
         t_stride = tl.load(row + 5)
+        if ALIGNED:
+            # Host-checked: 16-byte aligned rows, D and row strides multiples of 8 elements. Addresses
+            # loaded from the table carry no alignment information otherwise (every load was scalar).
+            s_ptr = tl.multiple_of(s_ptr, 16)
+            t_ptr = tl.multiple_of(t_ptr, 16)
+            D = tl.multiple_of(D, 8)
+            s_stride = tl.multiple_of(s_stride, 8)
+            t_stride = tl.multiple_of(t_stride, 8)
+            g_ptr = tl.multiple_of(g_ptr, 16)
         tile0 = tl.load(row + 6)
         row0 = tl.load(row + 7)
         rows = (tile - tile0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -247,6 +265,9 @@ class _Group:
             values += [s.data_ptr(), t.data_ptr(), r, s.shape[1], s.stride(0), t.stride(0), tile0, row0]
             tile0, row0 = tile0 + n, row0 + r
         self.table = device_table(values, device)                                # (L_g * 8,)
+        # vector loads: 16-byte aligned rows, D and strides multiples of 8 elements (16 bytes of bf16)
+        self.aligned = all(x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0 and x.shape[1] % 8 == 0
+                           for x in (*s_rows, *t_rows))
         self.num_warps = 8 if self.block_r * self.block_d >= 4096 else 4
 
 
@@ -284,7 +305,7 @@ class MultiBlockCosineLoss(torch.autograd.Function):
             s0, t0 = s_rows[g.ids[0]], t_rows[g.ids[0]]
             _cos_stats_kernel[(g.n_tiles * g.n_split,)](
                 g.table, s0, t0, part, len(g.ids), g.n_split, g.rows,
-                TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, num_warps=g.num_warps)
+                TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, ALIGNED=g.aligned, num_warps=g.num_warps)
             _cos_finalize_kernel[(g.n_tiles,)](
                 g.table, part, coef[:, g.row_offset:], loss_parts[g.tile_offset:], len(g.ids), g.n_split,
                 g.rows, rows_total, 1.0 / n_blocks, EPS, TAB=_TAB, BLOCK_R=g.block_r, num_warps=4)
@@ -311,7 +332,8 @@ class MultiBlockCosineLoss(torch.autograd.Function):
                 g.table, gtab, s_rows[g.ids[0]], t_rows[g.ids[0]], coef[:, g.row_offset:], grad_out,
                 len(g.ids), g.n_split, ctx.rows_total,
                 TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, num_warps=g.num_warps,
-                CLAMP=float(torch.finfo(torch.float16).max) if s_rows[g.ids[0]].dtype == torch.float16 else 0.0)
+                CLAMP=float(torch.finfo(torch.float16).max) if s_rows[g.ids[0]].dtype == torch.float16 else 0.0,
+                ALIGNED=g.aligned and all(out.data_ptr() % 16 == 0 for out in outs.values()))
             for i in g.ids:
                 grads[i] = outs[i].view(ctx.shapes[i]) if ctx.needs_input_grad[2 + i] else None
         return (None, None, *grads, *([None] * n))

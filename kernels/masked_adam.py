@@ -109,7 +109,7 @@ if HAVE_TRITON:
                             lr, step_size, decay, bc1, bc2_sqrt, w1, beta1, beta2, w2, eps, weight_decay,
                             HAS_MASK: tl.constexpr, LR_FROM_PTR: tl.constexpr, DECOUPLED: tl.constexpr,
                             HAS_WD: tl.constexpr, SEARCH_STEPS: tl.constexpr, TAB: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
         pid = tl.program_id(0)
         # binary search: the tensor whose first chunk (field 6) is the last one <= pid
         lo = pid * 0
@@ -125,6 +125,14 @@ if HAVE_TRITON:
         m_ptr = tl.load(row + 2).to(tl.pointer_type(m_any.dtype.element_ty))
         v_ptr = tl.load(row + 3).to(tl.pointer_type(v_any.dtype.element_ty))
         numel = tl.load(row + 5)
+        if ALIGNED:
+            # Host-checked: every tensor 16-byte aligned, numel a multiple of 16. Addresses loaded from
+            # the table carry no alignment information otherwise, and every load was scalar (PTX).
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+            v_ptr = tl.multiple_of(v_ptr, 16)
+            numel = tl.multiple_of(numel, 16)
         chunk = pid - tl.load(row + 6)
         offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)                   # (BLOCK,)
         inb = offs < numel
@@ -155,6 +163,8 @@ if HAVE_TRITON:
         p = p - step_size * (m / denom)
         if HAS_MASK:
             k_ptr = tl.load(row + 4).to(tl.pointer_type(k_any.dtype.element_ty))
+            if ALIGNED:
+                k_ptr = tl.multiple_of(k_ptr, 16)
             keep = tl.load(k_ptr + offs, mask=inb, other=0)
             p = tl.where(keep != 0, p, 0.0)                       # exactly 0, whatever the update was
         tl.store(p_ptr + offs, p.to(p_any.dtype.element_ty), mask=inb)
@@ -186,8 +196,10 @@ def _masked_adam_triton(params, grads, exp_avgs, exp_avg_sqs, masks, *, lr, beta
     groups: dict[tuple, list[int]] = {}
     for i in ids:
         k = _mask_view(masks[i])
+        tensors = [params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]] + ([k] if k is not None else [])
+        aligned = params[i].numel() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
         key = (params[i].dtype, grads[i].dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype,
-               None if k is None else k.dtype)
+               None if k is None else k.dtype, aligned)
         groups.setdefault(key, []).append(i)
     for key, gids in groups.items():
         values, chunk0 = [], 0
@@ -208,7 +220,7 @@ def _masked_adam_triton(params, grads, exp_avgs, exp_avg_sqs, masks, *, lr, beta
             1.0 - beta2, eps, weight_decay,
             HAS_MASK=k0 is not None, LR_FROM_PTR=lr_is_tensor, DECOUPLED=bool(decoupled),
             HAS_WD=weight_decay != 0, SEARCH_STEPS=max(1, math.ceil(math.log2(len(gids))) + 1), TAB=_TAB,
-            BLOCK=BLOCK, num_warps=4 if INTERPRET else 8)
+            BLOCK=BLOCK, ALIGNED=key[-1], num_warps=4 if INTERPRET else 8)
 
 
 def masked_adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

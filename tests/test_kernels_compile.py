@@ -1,5 +1,6 @@
 """The cosine-loss and masked-Adam kernels compile ahead of time for A100 (sm80), A10 (sm86) and
-H100 (sm90) with the launch configurations the wrappers use, and fit each GPU's shared memory.
+H100 (sm90) with the launch configurations the wrappers use, fit each GPU's shared memory, and
+with ``ALIGNED`` load their operands with 16-byte vector instructions (checked in the PTX).
 
 No GPU needed: triton's bundled ptxas compiles for a named target in a subprocess without
 TRITON_INTERPRET (the interpreter cannot compile). The masked linear's autotune configs have their
@@ -16,7 +17,7 @@ import pytest
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
 
 _COMPILE = r'''
-import importlib, json, sys, torch, triton
+import importlib, json, re, sys, torch, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 cos = importlib.import_module("starfish_fast.kernels.cosine_loss")
@@ -28,7 +29,8 @@ def compile_one(kernel, types, consts, num_warps):
     signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": num_warps})
-    return [fn.__name__, json.dumps(consts, sort_keys=True), k.metadata.shared]
+    vector_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", k.asm["ptx"]))
+    return [fn.__name__, json.dumps(consts, sort_keys=True), k.metadata.shared, vector_loads]
 
 out = []
 scalars_i32 = ("n_blocks", "n_split", "rows_total", "part_rows", "coef_rows", "n_tensors")
@@ -39,10 +41,11 @@ for student, teacher in (("bf16", "bf16"), ("fp32", "bf16"), ("fp16", "fp16")):
         types = {"tab_ptr": "*i64", "gtab_ptr": "*i64", "s_any": "*" + student, "t_any": "*" + teacher,
                  "part_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32", "gout_ptr": "*fp32",
                  "inv_l": "fp32", "eps": "fp32", **{n: "i32" for n in scalars_i32}}
-        common = {"TAB": cos._TAB, "BLOCK_R": block_r}
-        out.append(compile_one(cos._cos_stats_kernel, types, {**common, "BLOCK_D": block_d}, warps))
-        out.append(compile_one(cos._cos_grad_kernel, types,
-                               {**common, "BLOCK_D": block_d, "CLAMP": 65504.0 if student == "fp16" else 0.0}, warps))
+        for aligned in (False, True):
+            common = {"TAB": cos._TAB, "BLOCK_R": block_r, "BLOCK_D": block_d, "ALIGNED": aligned}
+            out.append(compile_one(cos._cos_stats_kernel, types, common, warps))
+            out.append(compile_one(cos._cos_grad_kernel, types,
+                                   {**common, "CLAMP": 65504.0 if student == "fp16" else 0.0}, warps))
     out.append(compile_one(cos._cos_finalize_kernel, types, {"TAB": cos._TAB, "BLOCK_R": 32}, 4))
 for param, moment, has_mask, lr_ptr in (("fp32", "fp32", True, True), ("fp32", "bf16", True, False),
                                         ("bf16", "fp32", False, True)):
@@ -50,9 +53,10 @@ for param, moment, has_mask, lr_ptr in (("fp32", "fp32", True, True), ("fp32", "
              "v_any": "*" + moment, "k_any": "*u8", "lr_ptr": "*fp32", "n_tensors": "i32",
              **{n: "fp32" for n in ("lr", "step_size", "decay", "bc1", "bc2_sqrt", "w1", "beta1", "beta2", "w2",
                                    "eps", "weight_decay")}}
-    consts = {"HAS_MASK": has_mask, "LR_FROM_PTR": lr_ptr, "DECOUPLED": True, "HAS_WD": True, "SEARCH_STEPS": 8,
-              "TAB": adam._TAB, "BLOCK": adam.BLOCK}
-    out.append(compile_one(adam._masked_adam_kernel, types, consts, 8))
+    for aligned in (False, True):
+        consts = {"HAS_MASK": has_mask, "LR_FROM_PTR": lr_ptr, "DECOUPLED": True, "HAS_WD": True, "SEARCH_STEPS": 8,
+                  "TAB": adam._TAB, "BLOCK": adam.BLOCK, "ALIGNED": aligned}
+        out.append(compile_one(adam._masked_adam_kernel, types, consts, 8))
 print(json.dumps(out))
 '''
 
@@ -70,7 +74,10 @@ def test_loss_and_optimizer_kernels_compile_for_each_gpu(arch):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {name for name, _, _ in compiled} == {"_cos_stats_kernel", "_cos_grad_kernel", "_cos_finalize_kernel",
+    assert {name for name, *_ in compiled} == {"_cos_stats_kernel", "_cos_grad_kernel", "_cos_finalize_kernel",
                                                  "_masked_adam_kernel"}
     too_big = [c for c in compiled if c[2] > SHARED_LIMIT[arch]]
     assert not too_big, too_big
+    # the ALIGNED hints turn the table-addressed loads into 16-byte vector loads (all scalar without)
+    aligned = [c for c in compiled if json.loads(c[1]).get("ALIGNED") and c[0] != "_cos_finalize_kernel"]
+    assert aligned and all(c[3] > 0 for c in aligned), [c for c in aligned if c[3] == 0]
