@@ -95,17 +95,11 @@ if HAVE_TRITON:
         return blk
 
     @triton.jit
-    def _cos_stats_kernel(tab_ptr, s_any, t_any, part_ptr, n_blocks, n_split, rows_total,
-                          TAB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
-        """part[split, 0..2, row] = partial (s.s, t.t, s.t) over this program's share of the row."""
-        pid = tl.program_id(0)
-        tile = pid // n_split
-        split = pid % n_split
-        blk = _block_of(tab_ptr, tile, n_blocks, TAB)
+    def _block_fields(tab_ptr, blk, s_any, t_any, TAB: tl.constexpr, ALIGNED: tl.constexpr):
+        """Block ``blk``'s table row: (s_ptr, t_ptr, R, D, s_stride, t_stride, tile0, row0)."""
         row = tab_ptr + blk * TAB
         s_ptr = tl.load(row + 0).to(tl.pointer_type(s_any.dtype.element_ty))
         t_ptr = tl.load(row + 1).to(tl.pointer_type(t_any.dtype.element_ty))
-        R = tl.load(row + 2)
         D = tl.load(row + 3)
         s_stride = tl.load(row + 4)
         t_stride = tl.load(row + 5)
@@ -117,8 +111,17 @@ if HAVE_TRITON:
             D = tl.multiple_of(D, 8)
             s_stride = tl.multiple_of(s_stride, 8)
             t_stride = tl.multiple_of(t_stride, 8)
-        tile0 = tl.load(row + 6)
-        row0 = tl.load(row + 7)
+        return s_ptr, t_ptr, tl.load(row + 2), D, s_stride, t_stride, tl.load(row + 6), tl.load(row + 7)
+
+    @triton.jit
+    def _cos_stats_kernel(tab_ptr, s_any, t_any, part_ptr, n_blocks, n_split, rows_total,
+                          TAB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+        """part[split, 0..2, row] = partial (s.s, t.t, s.t) over this program's share of the row."""
+        pid = tl.program_id(0)
+        tile = pid // n_split
+        split = pid % n_split
+        blk = _block_of(tab_ptr, tile, n_blocks, TAB)
+        s_ptr, t_ptr, R, D, s_stride, t_stride, tile0, row0 = _block_fields(tab_ptr, blk, s_any, t_any, TAB, ALIGNED)
         rows = (tile - tile0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)     # (BR,) rows of this block
         rmask = rows < R
         # this split's contiguous range of D-chunks
@@ -187,25 +190,10 @@ if HAVE_TRITON:
         tile = pid // n_split
         split = pid % n_split
         blk = _block_of(tab_ptr, tile, n_blocks, TAB)
-        row = tab_ptr + blk * TAB
-        s_ptr = tl.load(row + 0).to(tl.pointer_type(s_any.dtype.element_ty))
-        t_ptr = tl.load(row + 1).to(tl.pointer_type(t_any.dtype.element_ty))
+        s_ptr, t_ptr, R, D, s_stride, t_stride, tile0, row0 = _block_fields(tab_ptr, blk, s_any, t_any, TAB, ALIGNED)
         g_ptr = tl.load(gtab_ptr + blk).to(tl.pointer_type(s_any.dtype.element_ty))
-        R = tl.load(row + 2)
-        D = tl.load(row + 3)
-        s_stride = tl.load(row + 4)
-        t_stride = tl.load(row + 5)
         if ALIGNED:
-            # Host-checked: 16-byte aligned rows, D and row strides multiples of 8 elements. Addresses
-            # loaded from the table carry no alignment information otherwise (every load was scalar).
-            s_ptr = tl.multiple_of(s_ptr, 16)
-            t_ptr = tl.multiple_of(t_ptr, 16)
-            D = tl.multiple_of(D, 8)
-            s_stride = tl.multiple_of(s_stride, 8)
-            t_stride = tl.multiple_of(t_stride, 8)
             g_ptr = tl.multiple_of(g_ptr, 16)
-        tile0 = tl.load(row + 6)
-        row0 = tl.load(row + 7)
         rows = (tile - tile0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         rmask = rows < R
         gout = tl.load(gout_ptr).to(tl.float32)

@@ -1,10 +1,10 @@
-"""The cosine-loss and masked-Adam kernels compile ahead of time for A100 (sm80), A10 (sm86) and
-H100 (sm90) with the launch configurations the wrappers use, fit each GPU's shared memory, and
-with ``ALIGNED`` load their operands with 16-byte vector instructions (checked in the PTX).
+"""Every kernel compiles ahead of time for A100 (sm80), A10 (sm86) and H100 (sm90, where tl.dot
+lowers to wgmma) with the configurations the wrappers launch, and fits that GPU's shared memory;
+the cosine-loss and masked-Adam kernels with ``ALIGNED`` load their operands with 16-byte vector
+instructions (checked in the PTX).
 
 No GPU needed: triton's bundled ptxas compiles for a named target in a subprocess without
-TRITON_INTERPRET (the interpreter cannot compile). The masked linear's autotune configs have their
-own sm86 check in test_kernel_masked_linear.py.
+TRITON_INTERPRET (the interpreter cannot compile).
 """
 import json
 import os
@@ -16,7 +16,33 @@ import pytest
 # Shared memory per block (opt-in maximum), bytes: A100 163 KB, A10 99 KB, H100 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
 
-_COMPILE = r'''
+# Every config the masked linear's pruner keeps (it keeps to the A10's 99 KB on any GPU).
+_MASKED_LINEAR = r'''
+import importlib, json, sys, torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+ml = importlib.import_module("starfish_fast.kernels.masked_linear")
+out = []
+for dt, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    tiles, prec = ml._tiles_for(dt), ml._precision(dt)
+    w, m = torch.empty(1, dtype=dt), torch.empty(1, dtype=torch.uint8)
+    jobs = [(ml._masked_linear_fwd_kernel, ml._prune_fwd, dict(BLOCK_N=tiles.fwd_n, BLOCK_K=tiles.fwd_k, HAS_BIAS=True)),
+            (ml._masked_linear_dx_kernel, ml._prune_dx, dict(BLOCK_N=tiles.dx_n, BLOCK_K=tiles.dx_k)),
+            (ml._masked_linear_dw_kernel, ml._prune_dw, dict(OCC=32))]
+    for kern, prune, fixed in jobs:
+        jit = kern.fn
+        kept = prune(kern.configs, {"w_ptr": w, "m_ptr": m, "x_ptr": w}, **fixed)
+        for c in kept:
+            consts = {"PREC": prec, **fixed, **c.kwargs}
+            sig = {n: "constexpr" if n in consts else ("*u8" if n in ("m_ptr", "occ_ptr") else "*i32" if n in
+                   ("count_ptr", "index_ptr") else f"*{name}" if n.endswith("_ptr") else "i32") for n in jit.arg_names}
+            k = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=consts), target=GPUTarget("cuda", int(sys.argv[1]), 32),
+                               options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+            out.append([jit.__name__, name, str(c), k.metadata.shared])
+print(json.dumps(out))
+'''
+
+_LOSS_AND_OPTIMIZER = r'''
 import importlib, json, re, sys, torch, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
@@ -61,19 +87,33 @@ print(json.dumps(out))
 '''
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
-def test_loss_and_optimizer_kernels_compile_for_each_gpu(arch):
+def _compile(script: str, arch: int) -> list:
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError:
         pytest.skip("this triton has no ahead-of-time compile API")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(arch)], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", script, str(arch)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
+def test_masked_linear_configs_compile_within_shared_memory(arch):
+    compiled = _compile(_MASKED_LINEAR, arch)
+    assert {c[0] for c in compiled} == {"_masked_linear_fwd_kernel", "_masked_linear_dx_kernel",
+                                        "_masked_linear_dw_kernel"}
+    too_big = [c for c in compiled if c[3] > SHARED_LIMIT[arch]]
+    assert not too_big, too_big
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
+def test_loss_and_optimizer_kernels_compile_for_each_gpu(arch):
+    compiled = _compile(_LOSS_AND_OPTIMIZER, arch)
     assert {name for name, *_ in compiled} == {"_cos_stats_kernel", "_cos_grad_kernel", "_cos_finalize_kernel",
                                                  "_masked_adam_kernel"}
     too_big = [c for c in compiled if c[2] > SHARED_LIMIT[arch]]
