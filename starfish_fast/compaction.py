@@ -169,7 +169,7 @@ def compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor], *, mlp: bo
 
 def _unsupported_attention(attention: nn.Module) -> str | None:
     """Why ``attention`` cannot be swapped for a compact one (None when it can)."""
-    from timm.layers import Attention
+    from timm.models.vision_transformer import Attention   # re-exported there by every timm 1.x
 
     if type(attention) is Attention:
         if not (isinstance(attention.q_norm, nn.Identity) and isinstance(attention.k_norm, nn.Identity)):
