@@ -228,7 +228,9 @@ class TimmCompactQkAttention(_CompactQkAttention):
         self.heads, self.qk_dim, self.head_dim = attention.num_heads, qk_dim, attention.head_dim
         self.scale, self.dropout = attention.scale, attention.attn_drop.p
         self.qkv = _sliced_linear(attention.qkv, kept_rows.to(attention.qkv.weight.device), None)
-        self.norm, self.proj, self.proj_drop = attention.norm, attention.proj, attention.proj_drop
+        # older timm Attention has no scale-norm (``norm``)
+        self.norm = getattr(attention, "norm", None) or nn.Identity()
+        self.proj, self.proj_drop = attention.proj, attention.proj_drop
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         x = self.attend(self.qkv(x), attn_mask, is_causal)                        # (B, N, heads * head_dim)
