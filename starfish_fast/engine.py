@@ -504,7 +504,6 @@ def _fast_loop(run: _Run, store) -> list[float]:
     # The masked-linear kernel only where the dispatch table (bench_kernels.py) says it beats cuBLAS.
     swapped = _swap_in_masked_linears(run) if run.params and use_triton("masked_linear", run.params[0],
                                                                           config.kernels) else []
-    compiled = _compile_blocks(run) if compile_on else contextlib.ExitStack()
     masks = [run.masks[key] for key in run.keys]
     optimizer = MaskedAdam(run.params, masks, weight_decay=config.weight_decay, kernels=config.kernels,
                            moments_dtype=torch.bfloat16 if config.moments_dtype == "bf16" else None)
@@ -531,6 +530,7 @@ def _fast_loop(run: _Run, store) -> list[float]:
     bar = _progress(run, start)
     last_logged, tick = start, time.perf_counter()
     store.prefetch(start % len(run.batches))
+    compiled = _compile_blocks(run) if compile_on else contextlib.ExitStack()   # lazy: compiles on first call
     try:
         for step in range(start, run.total_steps):
             index = step % len(run.batches)
