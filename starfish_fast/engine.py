@@ -472,9 +472,10 @@ def _compile_blocks(run: _Run) -> contextlib.ExitStack:
         block.compile(dynamic=False)
     shapes = {tuple(tuple(p.shape) for p in block.parameters()) for block in blocks}
     limit = max(8, 2 * len(shapes) * len({b.shape[0] for b in run.batches}))
+    limits = {"recompile_limit": limit, "accumulated_recompile_limit": max(256, 4 * limit)}
     cleanup = contextlib.ExitStack()
-    cleanup.enter_context(torch._dynamo.config.patch(recompile_limit=limit,
-                                                     accumulated_recompile_limit=max(256, 4 * limit)))
+    cleanup.enter_context(torch._dynamo.config.patch(   # names of torch >= 2.7 (cache_size_limit before)
+        {name: value for name, value in limits.items() if hasattr(torch._dynamo.config, name)}))
     cleanup.callback(lambda: [setattr(block, "_compiled_call_impl", None) for block in blocks])
     return cleanup
 
