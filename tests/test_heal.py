@@ -264,6 +264,28 @@ def test_cuda_fast_bf16_compiled_matches_fp32(store, tmp_path):
 
 
 @pytest.mark.cuda
+def test_cuda_calibration_already_on_the_gpu_and_exact_mode_matches_the_reference_loop():
+    from starfish_fast.baseline import reference_recovery
+    from starfish_fast.compat import RecoveryConfig
+
+    dense, pruned, masks, calib = _setup()
+    on_gpu = calib.cuda()                                   # not pinnable: must be used as it is
+    fast = heal(copy.deepcopy(pruned), dense, masks, on_gpu, _config(device="cuda"))
+    assert fast.images == 2 * calib.shape[0]
+    # exact mode on CUDA: teacher computed in fp32 and stored in fp16, as the reference does
+    exact_model = copy.deepcopy(pruned)
+    exact = heal(exact_model, dense, masks, calib, _config(mode="exact", device="cuda", lr_schedule="cosine"))
+    adapter = adapter_for(dense)
+    config = RecoveryConfig(epochs=2, lr=2e-3, min_lr=1e-5, lr_schedule="cosine", weight_decay=0.0, grad_clip=0.0,
+                            store_dense_float16=True)
+    history, _ = reference_recovery(copy.deepcopy(pruned), copy.deepcopy(dense), "vit", adapter.block_names(dense),
+                                    masks, list(calib.split(8)), adapter.scope_predicate("auto"), config,
+                                    device="cuda")
+    for ours, reference in zip(exact.history, history):
+        assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+
+
+@pytest.mark.cuda
 def test_cuda_pinned_store_matches_direct():
     dense = tiny_vit().cuda()
     adapter = adapter_for(dense)
