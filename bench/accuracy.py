@@ -200,7 +200,7 @@ def heal_one(task: Task, setting: Setting, masks, objective: str, seed: int, arg
     apply_masks(model, masks)
     config = HealConfig(mode="fast", objective=objective, epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
                         weight_decay=args.weight_decay, batch_size=args.batch_size, scope=setting_scope(task, setting),
-                        device=str(task.device), progress=False)
+                        device=str(task.device), precision=args.precision, progress=False)
     result = heal(model, task.dense, masks, images, config, labels=labels if objective == "ce" else None)
     scores = evaluate(task, model, args.eval_batch_size)
     row = {"model": task.name, "setting": setting.name, "sparsity": round(1 - mask_density(masks), 4),
@@ -405,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diagnostics-sparsity", type=float, default=0.8,
                         help="magnitude sparsity whose STARFISH run (first seed) gets the diagnostics plots")
     parser.add_argument("--device", default=None)
+    # fp32: the reference's precision, and what the committed tables used (fast mode's auto now
+    # picks bf16 for ViTs on bf16-native CPUs and on CUDA; pass auto to measure that instead)
+    parser.add_argument("--precision", choices=("fp32", "auto", "bf16", "fp16"), default="fp32")
     parser.add_argument("--workers", type=int, default=8, help="ImageNet loader workers")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--prefix", default=None, help="output path prefix (default bench/results/accuracy_<model>)")
