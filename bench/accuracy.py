@@ -4,6 +4,7 @@ Fashion-MNIST, with the KL-bound diagnostics of Theorem 1.
     python bench/accuracy.py --quick                  # reduced grid: 65 s on the 2-core CPU
     python bench/accuracy.py                          # full grid, bundled Fashion-MNIST ViT: 29 min (105 runs)
     python bench/accuracy.py --model-name fashion_cnn --extras structured   # the CNN (bench/train_fashion_cnn.py)
+    python bench/accuracy.py --resume --extras 2:4 structured structured_qk   # + QK head dims and MLP neurons
     python bench/accuracy.py --model-name deit_base_patch16_224 --dense-path deit_b.pth \
         --imagenet-dir /data/imagenet --calib-samples 5000       # the real thing, on a GPU
 
@@ -73,7 +74,8 @@ CSV_FIELDS = ("model", "setting", "sparsity", "objective", "seed", "dense_top1",
 TARGETS = {0.5: 0.97, 0.8: 0.90}          # STARFISH retention targets of the issue, by sparsity
 ORDER = ("starfish", "mse", "kl", "ce")   # the paper's ranking at high sparsity (Tables 1 and 3)
 STRUCTURED_WHAT = {"mlp": " (structured: whole MLP neurons, fc1 rows with their fc2 columns)",
-                   "channel": " (structured: whole output filters of the convs)"}
+                   "channel": " (structured: whole output filters of the convs)",
+                   "qk_mlp": " (structured_qk: whole QK head dims, q and k rows of qkv, with the MLP neurons)"}
 
 
 @dataclass
@@ -149,12 +151,15 @@ def make_masks(task: Task, setting: Setting) -> dict[str, torch.Tensor]:
         return magnitude_masks(task.dense, setting.sparsity, scope=task.scope)
     if setting.name == "2:4":
         return nm_masks(task.dense, 2, 4, scope=task.scope)
-    return structured_masks(task.dense, setting.sparsity, scope=setting_scope(task, setting),
-                            kind=task.structured_kind)
+    kind = "qk_mlp" if setting.name == "structured_qk" else task.structured_kind
+    return structured_masks(task.dense, setting.sparsity, scope=setting_scope(task, setting), kind=kind)
 
 
 def setting_scope(task: Task, setting: Setting) -> str:
-    """The prune scope, which is also what heals: the ViT's structured setting is MLP-only (the paper's)."""
+    """The prune scope, which is also what heals: the ViT's structured setting is MLP-only (the
+    paper's), its structured_qk setting the paper's QK scope plus the MLP."""
+    if setting.name == "structured_qk":
+        return "qk_mlp"
     return "mlp" if setting.name == "structured" and task.structured_kind == "mlp" else task.scope
 
 
@@ -252,7 +257,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def _setting_label(setting: str, sparsity: float) -> str:
     return {"magnitude": f"magnitude {sparsity:.2f}", "2:4": f"2:4 ({sparsity:.2f})",
-            "structured": f"structured {sparsity:.2f}"}.get(setting, f"{setting} {sparsity:.2f}")
+            "structured": f"structured {sparsity:.2f}",
+            "structured_qk": f"structured QK+MLP {sparsity:.2f}"}.get(setting, f"{setting} {sparsity:.2f}")
 
 
 def check_targets(summary: list[dict]) -> list[str]:
@@ -392,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparsities", type=float, nargs="+", default=None)
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--extras", nargs="*", choices=("2:4", "structured"), default=None,
-                        help="extra settings at 50%% (default both)")
+    parser.add_argument("--extras", nargs="*", choices=("2:4", "structured", "structured_qk"), default=None,
+                        help="extra settings at 50%% (default 2:4 and structured; structured_qk: ViTs, whole QK "
+                             "head dims and MLP neurons)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--eval-samples", type=int, default=None, help="0 = the whole test split")
@@ -434,6 +441,8 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     fashion = args.model_name in (BUNDLED_MODEL_NAME, CNN_NAME)
     task = _fashion_task(args, device) if fashion else _imagenet_task(args, device)
+    if "structured_qk" in args.extras and task.structured_kind != "mlp":
+        raise ValueError("--extras structured_qk needs a ViT (QK head dims); this model is a CNN")
     prefix = Path(args.prefix)
     csv_path = prefix.with_suffix(".csv")
     rows = _read_rows(csv_path) if args.resume else []
@@ -503,7 +512,8 @@ def _write_reports(args, task, prefix, summary, pruned, targets, diagnostics, de
         f"# Healing quality: {task.name}", "",
         f"Grid: sparsities {', '.join(f'{s:g}' for s in args.sparsities)} (magnitude, per layer, scope "
         f"{task.scope}){' + ' + ', '.join(args.extras) if args.extras else ''}"
-        f"{STRUCTURED_WHAT[task.structured_kind] if 'structured' in args.extras else ''}; objectives "
+        f"{STRUCTURED_WHAT[task.structured_kind] if 'structured' in args.extras else ''}"
+        f"{STRUCTURED_WHAT['qk_mlp'] if 'structured_qk' in args.extras else ''}; objectives "
         f"{', '.join(args.objectives)}; seeds {', '.join(map(str, args.seeds))}; {args.epochs} epochs, "
         f"{args.calib_samples} calibration images, batch {args.batch_size}, AdamW lr {args.lr:g} -> {args.min_lr:g} "
         f"cosine, weight decay {args.weight_decay:g}; device {task.device}, torch {torch.__version__}; "
