@@ -7,7 +7,8 @@ weights stay exactly zero without a separate masking pass or gradient hooks.
 
 Only the prunable weights are in it. Moments may be kept in bf16 (``moments_dtype``)
 to halve optimizer memory on large models. The update is the kernels'
-``masked_adam_step``: a Triton kernel on CUDA (``kernels="auto"|"triton"``),
+``masked_adam_step``: the Triton kernel on CUDA with ``kernels="triton"`` (or ``"auto"`` once the
+dispatch table says so),
 ``torch._foreach`` ops on CPU or with ``kernels="torch"``.
 """
 from __future__ import annotations

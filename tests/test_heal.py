@@ -249,13 +249,15 @@ def test_calibration_forms_are_equivalent():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("store", ["gpu", "pinned", "disk", "recompute"])
-def test_cuda_fast_bf16_compiled_matches_fp32(store, tmp_path):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_cuda_fast_bf16_compiled_matches_fp32(store, kernels, tmp_path):
     dense, pruned, masks, calib = _setup()
     fp32 = heal(copy.deepcopy(pruned), dense, masks, calib,
                 _config(mode="exact", device="cuda", teacher_store="gpu", teacher_dtype="bf16", epochs=2))
     fast_model = copy.deepcopy(pruned)
     fast = heal(fast_model, dense, masks, calib, _config(device="cuda", teacher_store=store, teacher_dir=str(tmp_path),
-                                                         compile="on", precision="bf16", epochs=2))
+                                                         compile="on", precision="bf16", epochs=2,
+                                                         kernels=kernels))
     assert fast.teacher_store == store
     for e, f in zip(fp32.history, fast.history):
         assert abs(e["loss"] - f["loss"]) <= 0.05 * e["loss"] + 1e-3
