@@ -16,6 +16,7 @@ import argparse
 import logging
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,8 @@ log = logging.getLogger("bench_compaction")
 SCOPE_OF_KIND = {"mlp": "mlp", "qk": "qk", "qk_mlp": "qk_mlp"}
 
 
-def run(args) -> dict:
+def run(args, save=lambda report: None) -> dict:
+    """The cases; ``save(report)`` after each one, so a run cut short keeps what it measured."""
     torch.manual_seed(0)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dense = build_empty_model(args.model).eval()
@@ -58,6 +60,7 @@ def run(args) -> dict:
                      kind, sparsity, off["median_step_s"], on["median_step_s"], case["speedup"],
                      case["loss_rel_diff"])
             report["cases"].append(case)
+            save(report)
     return report
 
 
@@ -77,8 +80,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not 0 < args.warmup <= args.steps // 2:
         parser.error(f"--warmup {args.warmup} must be in [1, steps/2] (steps {args.steps})")
-    report = run(args)
-    output = save_report(report, args.output or RESULTS / f"compaction_{args.model}_{device_tag()}.json")
+    output = Path(args.output or RESULTS / f"compaction_{args.model}_{device_tag()}.json")
+    report = run(args, save=lambda partial: save_report(partial, output))
     for case in report["cases"]:
         print(f"{case['kind']:>7} @ {case['sparsity']:.2f}: x{case['speedup']:.2f} "
               f"({case['compact_off']['images_per_s']:.1f} -> {case['compact_on']['images_per_s']:.1f} img/s), "

@@ -95,7 +95,8 @@ def timed_heal(dense: torch.nn.Module, masks, batches, config: HealConfig):
     return result, [config.batch_size / r["images_per_s"] for r in windows]
 
 
-def run(args) -> dict:
+def run(args, save=lambda report: None) -> dict:
+    """The runs; ``save(report)`` after each one, so a run cut short keeps what it measured."""
     torch.manual_seed(0)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dense, image_size, in_chans = load_dense(args.model)
@@ -124,6 +125,7 @@ def run(args) -> dict:
         else:
             entry["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         report["runs"][label] = entry
+        save(report)
         log.info("%-22s %8.1f img/s  median step %.4fs  %.2f TFLOP/s", label, entry["images_per_s"], median, tflops)
 
     if not args.skip_reference:
@@ -166,8 +168,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not 0 < args.warmup <= args.steps // 2:
         parser.error(f"--warmup {args.warmup} must be in [1, steps/2] (steps {args.steps})")
-    report = run(args)
-    output = save_report(report, args.output or RESULTS / f"heal_{args.model}_{device_tag()}.json")
+    output = Path(args.output or RESULTS / f"heal_{args.model}_{device_tag()}.json")
+    report = run(args, save=lambda partial: save_report(partial, output))
+    save_report(report, output)                          # with the speed-ups over the reference
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
     for label, entry in report["runs"].items():
         print(f"{label:>22}: {entry['images_per_s']:9.1f} img/s  x{entry.get('speedup_vs_reference', 1.0):5.2f}  "

@@ -128,6 +128,7 @@ def main() -> int:
                         except RuntimeError as error:
                             entry[phase] = {"error": str(error)}
                     report["linears"].append(entry)
+                    save_report(report, output)                 # a run cut short keeps what it measured
                     print(json.dumps(entry))
             if not args.skip_models:
                 batch = spec["model_batch"][0 if args.quick else 1]
@@ -136,6 +137,7 @@ def main() -> int:
                 except RuntimeError as error:
                     report["models"].append({"model": model_name, "batch": batch, "error": str(error)})
                 torch.cuda.empty_cache()          # the last model's weights are gone with time_model's frame
+                save_report(report, output)
                 print(json.dumps(report["models"][-1]))
     save_report(report, output)
     print(f"wrote {output}")
