@@ -53,7 +53,8 @@ from starfish_fast.data import (FASHION_MNIST_DIR, TensorLoader, build_transform
                                 select_calibration)
 from starfish_fast.diagnostics import (PAPER_ZETA_POINTS, plot_block_cosine, plot_kl_bound,
                                        representation_diagnostics)
-from starfish_fast.engine import resolve_device, tensor_fingerprint
+from starfish_fast.checkpoint import tensor_fingerprint
+from starfish_fast.plan import resolve_device
 from starfish_fast.masks import apply_masks, mask_density
 from starfish_fast.models import adapter_for, load_model
 from starfish_fast.objectives import OBJECTIVES, kl_dense_to_pruned

@@ -68,7 +68,7 @@ def time_inference(out_features: int, in_features: int, tokens: int, iters: int)
 def time_model(model_name: str, batch: int, iters: int) -> dict:
     import timm
 
-    from starfish_fast.export import export_semi_structured
+    from starfish_fast.sparse24 import export_semi_structured
     from starfish_fast.masks import apply_masks
     from starfish_fast.prune import nm_masks
 

@@ -4,7 +4,7 @@
     triton_available_for(torch.zeros(1))                 # False on CPU unless TRITON_INTERPRET=1
     use_triton("cosine_loss", torch.zeros(1), "auto")    # the engine's kernels="auto"|"triton"|"torch"
 
-Rules (DESIGN.md, "Dispatch"):
+Rules:
 - CUDA tensors use the Triton kernels when triton imports.
 - CPU tensors use the reference (eager torch is fast there; the interpreter is
   orders of magnitude slower) unless ``TRITON_INTERPRET=1`` was set before
@@ -26,6 +26,8 @@ from collections import OrderedDict
 
 import torch
 
+from starfish_fast.config import KERNEL_CHOICES
+
 log = logging.getLogger(__name__)
 
 # Read once: Triton decides interpreter vs compiled when a kernel is *defined*
@@ -40,12 +42,11 @@ except Exception as exc:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
     log.debug("triton not importable (%s); kernels fall back to the torch references", exc)
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
 
 # kernels="auto" on CUDA, per op. Decided by bench/bench_kernels.py (which prints the
 # recommended table). Status 2026-11: NOT YET MEASURED on a GPU (no session so far had one), so
-# auto keeps every op on its plain-torch reference: DESIGN.md's rule is that benchmarks, not
-# expectations, pick the defaults. What is known without a GPU: the kernels match the references
+# auto keeps every op on its plain-torch reference: benchmarks, not expectations, pick the
+# defaults. What is known without a GPU: the kernels match the references
 # in Triton's interpreter, compile for sm80/sm86/sm90 within shared memory, and the loss and
 # optimizer load with 16-byte vectors (tests/test_kernels_compile.py). kernels="triton" uses them.
 AUTO_TRITON_ON_CUDA = {

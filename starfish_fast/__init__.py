@@ -9,7 +9,8 @@
 The reference library's API lives in ``starfish_fast.compat`` (same names and semantics).
 """
 from starfish_fast.bundled import load_bundled_model
-from starfish_fast.engine import HealConfig, HealResult, heal
+from starfish_fast.config import HealConfig
+from starfish_fast.engine import HealResult, heal
 from starfish_fast.masks import apply_masks, load_masks, mask_density
 from starfish_fast.models import adapter_for, build_empty_model, load_model
 

@@ -22,10 +22,13 @@ import torch
 
 from starfish_fast import compat
 from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
+from starfish_fast.checkpoint import save_recovered_checkpoint
 from starfish_fast.data import (FASHION_MNIST_DIR, TensorLoader, build_transform, fashion_mnist_transform,
                                 image_folder_loader, load_fashion_mnist, select_calibration, split_batches)
 from starfish_fast.evaluate import evaluate_top1, evaluate_top1_tensors
-from starfish_fast.engine import HealConfig, heal, resolve_device
+from starfish_fast.config import HealConfig
+from starfish_fast.engine import heal
+from starfish_fast.plan import resolve_device
 from starfish_fast.masks import apply_masks, load_masks, mask_density
 from starfish_fast.models import adapter_for, infer_model_kind, supported_model_names
 
@@ -192,7 +195,7 @@ def run_recover(args) -> int:
     Path(config.metrics_path).unlink(missing_ok=True)
     result = heal(pruned, dense, masks, calib, config, block_names=blocks, predicate=predicate)
     top1_after = evaluate_top1(pruned, eval_loader, device) if eval_loader is not None else float("nan")
-    compat.save_recovered_checkpoint(path=output, model=pruned, args=args, blocks=blocks, history=result.history,
+    save_recovered_checkpoint(path=output, model=pruned, args=args, blocks=blocks, history=result.history,
                                      before=top1_before, after=top1_after, mask_density_value=mask_density(masks))
     log.info("healed %d steps in %.1fs (%.0f img/s, teacher store %s); top-1 %.2f%% -> %.2f%%; wrote %s",
              result.steps, result.heal_seconds, result.images_per_second, result.teacher_store, top1_before,

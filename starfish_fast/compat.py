@@ -12,18 +12,16 @@ the adapters, the mask and data modules); it holds no healing logic of its own.
 """
 from __future__ import annotations
 
-import argparse
-import math
-import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from starfish_fast.checkpoint import atomic_path, save_json_atomic
+from starfish_fast.checkpoint import save_recovered_checkpoint
+from starfish_fast.config import HealConfig
 from starfish_fast.data import build_transform, cache_calibration_data, make_calibration_loader, make_eval_loader
-from starfish_fast.engine import HealConfig, heal, resolve_device
+from starfish_fast.engine import heal
 from starfish_fast.evaluate import evaluate_top1
 from starfish_fast.masks import apply_masks, load_masks, mask_density, model_nonzero_fraction, register_zero_freeze_hooks
 from starfish_fast.models import (adapter_for, all_block_names, build_empty_model, default_prune_scope,
@@ -125,29 +123,7 @@ def starfish_recovery(*, pruned_model: nn.Module, dense_model: nn.Module, kind: 
         epochs=config.epochs, lr=config.lr, min_lr=config.min_lr, lr_schedule=config.lr_schedule,
         weight_decay=config.weight_decay, grad_clip=config.grad_clip, mode="exact", cosine_per=_per(kind),
         teacher_store="recompute" if config.no_dense_cache else "memory",
-        teacher_dtype="fp32" if teacher_fp32 else "fp16", device=str(resolve_device(device)), progress=False)
+        teacher_dtype="fp32" if teacher_fp32 else "fp16", device=str(device), progress=False)
     result = heal(pruned_model, dense_model, masks, list(calib_batches), heal_config, block_names=block_names,
                   predicate=is_prunable_weight)
     return result.history
-
-
-def _metadata(args, blocks, history, before, after, mask_density_value) -> dict:
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {
-        "model_name": values.get("model_name"), "dense_path": values.get("dense_path"),
-        "mask_path": values.get("mask_path"), "calib_source": values.get("calib_source"),
-        "calib_samples": values.get("calib_samples"), "epochs": values.get("epochs"),
-        "batch_size": values.get("batch_size"), "lr": values.get("lr"),
-        "grad_checkpointing": values.get("grad_checkpointing"), "blocks": list(blocks), "history": list(history),
-        "top1_before": before, "top1_after": after, "mask_density": mask_density_value,
-    }
-
-
-def save_recovered_checkpoint(*, path, model: nn.Module, args, blocks, history, before, after,
-                              mask_density_value) -> None:
-    """``{"state_dict", "metadata"}`` with torch.save, and the metadata as JSON at ``<path>.json``; atomic."""
-    metadata = _metadata(args, blocks, history, before, after, mask_density_value)
-    metadata = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metadata.items()}
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "metadata": metadata}, tmp)
-        save_json_atomic(metadata, os.fspath(path) + ".json")

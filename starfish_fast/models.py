@@ -103,6 +103,7 @@ class ModelAdapter:
 
     family: str = "generic"
     kind: str = "vit"                       # "vit": per-token cosine; "mobilenet": per-image cosine
+    rows: str = "token"                     # cosine rows of a block output: token (B*T rows) or sample (B rows)
     scopes: tuple[str, ...] = ()
     default_scope: str = ""
 
@@ -123,6 +124,9 @@ class ModelAdapter:
 
     def _head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def blocks_by_name(self, model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+        return [model.get_submodule(name) for name in names]
 
     def check_scope(self, scope: str) -> str:
         if scope == "auto":
@@ -209,6 +213,7 @@ class TorchvisionViTAdapter(ModelAdapter):
 
 class MobileNetV1Adapter(ModelAdapter):
     family, kind, scopes, default_scope = "mobilenetv1", "mobilenet", MOBILENET_SCOPES, "conv_fc"
+    rows = "sample"
 
     def matches(self, model):
         from timm.models.efficientnet import EfficientNet

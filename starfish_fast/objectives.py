@@ -17,10 +17,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from starfish_fast.config import OBJECTIVES
 from starfish_fast.kernels import multi_block_cosine_loss, multi_block_cosine_loss_reference
 from starfish_fast.kernels._dispatch import use_triton
 
-OBJECTIVES = ("starfish", "mse", "kl", "ce", "starfish+kl")
 
 
 def needs_blocks(objective: str) -> bool:
@@ -29,12 +29,6 @@ def needs_blocks(objective: str) -> bool:
 
 def needs_teacher_logits(objective: str) -> bool:
     return objective in ("kl", "starfish+kl")
-
-
-def check_objective(objective: str) -> str:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
-    return objective
 
 
 def _weighted_block_mean(per_block: list[torch.Tensor], block_weights: Sequence[float] | None) -> torch.Tensor:

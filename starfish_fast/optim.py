@@ -13,6 +13,7 @@ dispatch table says so),
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -70,3 +71,22 @@ class MaskedAdam:
         self.step_count = int(state["step"])
         for own, saved in zip(self.exp_avgs + self.exp_avg_sqs, state["exp_avgs"] + state["exp_avg_sqs"]):
             own.copy_(saved)
+
+
+def lr_schedule_values(lr: float, min_lr: float, schedule: str, total_steps: int) -> list[float]:
+    """Per-step learning rates: closed-form cosine from ``lr`` to ``min_lr`` over ``total_steps``
+    (what ``CosineAnnealingLR`` gives step by step), or constant."""
+    if schedule == "constant":
+        return [lr] * total_steps
+    return [min_lr + (lr - min_lr) * (1 + math.cos(math.pi * t / total_steps)) / 2 for t in range(total_steps)]
+
+
+class ScalerView(torch.optim.Optimizer):
+    """Lets ``GradScaler`` unscale and step a ``MaskedAdam`` (it expects a torch optimizer)."""
+
+    def __init__(self, optimizer: MaskedAdam):
+        self.param_groups = [{"params": optimizer.params}]
+        self.defaults, self.state, self.masked_adam = {}, {}, optimizer
+
+    def step(self, lr):
+        return self.masked_adam.step(lr)

@@ -6,6 +6,7 @@
         y = layer(x)          # x @ pack(W * mask).T on sparse tensor cores where the GPU supports it
     names = convert_linears(model, masks)     # swap every nn.Linear whose mask is 2:4, in place
     ok, reason = semi_structured_supported(layer.weight, layer.mask, torch.bfloat16)
+    sparse_model = export_semi_structured(model.cuda(), masks, dtype=torch.bfloat16)   # for inference
 
 The mask is fixed and the weights change every step, so the forward packs the current masked
 weight with ``SparseSemiStructuredTensor.from_dense`` on every call and multiplies with the
@@ -22,6 +23,7 @@ the shapes: ``benchmark_layer`` measures it, and the engine swaps layers only wh
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import statistics
@@ -296,3 +298,41 @@ def benchmark_layer(out_features: int, in_features: int, tokens: int, dtype: tor
     sparse_ms = cuda_median_ms(step(layer), iters)
     return {"backend": backend.__name__, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
             "speedup": dense_ms / sparse_ms}
+
+
+# ----------------------------------------------------------------------------- inference export
+def export_semi_structured(model: nn.Module, masks: Mapping[str, torch.Tensor],
+                           dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``model`` (in ``dtype`` if given) whose ``nn.Linear`` layers with a 2:4 mask hold
+    ``SparseSemiStructuredTensor`` weights; other layers stay dense (logged with the reason).
+    Needs the model on a CUDA GPU with a 2:4 backend and fp16/bf16 weights; ``RuntimeError``
+    naming the reason when not a single linear can be converted."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise RuntimeError(f"export_semi_structured needs the model on a CUDA GPU (it is on {device}): "
+                           f"2:4 sparse kernels are CUDA-only; use export_dense for a portable file")
+    exported = copy.deepcopy(model).eval()
+    restore_linears(exported)
+    if dtype is not None:
+        exported.to(dtype)
+    converted, kept_dense = [], {}
+    for name, module in exported.named_modules():
+        key = f"{name}.weight"
+        # exact type: nn.MultiheadAttention's out_proj subclass is read by fused kernels, never called
+        if type(module) is not nn.Linear or key not in masks:
+            continue
+        mask = masks[key].to(device=device, dtype=torch.bool)
+        backend, reason = choose_backend(module.weight, mask)
+        if backend is None:
+            kept_dense[key] = reason
+            continue
+        with torch.no_grad():
+            packed = backend.from_dense((module.weight * mask).contiguous())
+        module.weight = nn.Parameter(packed, requires_grad=False)
+        converted.append(key)
+    if not converted:
+        reasons = sorted(set(kept_dense.values())) or ["no nn.Linear weight has a mask"]
+        raise RuntimeError(f"no linear layer could hold 2:4 weights: {'; '.join(reasons[:3])}")
+    log.info("2:4 export: %d linears sparse, %d kept dense%s", len(converted), len(kept_dense),
+             "".join(f"\n  {key}: {reason}" for key, reason in kept_dense.items()))
+    return exported

@@ -1,6 +1,6 @@
 """Teacher store: the dense model's block outputs (and logits) for every calibration batch.
 
-    store = make_teacher_store("auto", dense_model, adapter, block_names, batches, device)
+    store = make_teacher_store("memory", dense_model, adapter, block_names, batches, device)
     targets = store.get(i)          # list of (B, T, D) tensors on `device`, one per block (+ logits last if kept)
     store.prefetch(i + 1)           # pinned store: starts the next copy on a side stream
 
@@ -8,7 +8,7 @@ Kinds: ``memory`` (plain tensors on the device: the GPU-resident store on CUDA, 
 store on CPU), ``pinned`` (pinned host memory in fixed-size chunks, the next batch
 copied on a side CUDA stream while the current step runs), ``disk`` (a memory-mapped
 file, for caches larger than RAM), ``recompute`` (the teacher runs every step).
-``auto`` picks from the sizes and the free memory and logs why.
+``choose_store`` is the rule behind ``teacher_store="auto"`` (applied by ``plan.resolve_plan``).
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from starfish_fast.config import STORE_KINDS
+
 log = logging.getLogger(__name__)
 
-STORE_KINDS = ("auto", "gpu", "pinned", "disk", "recompute", "memory")
 # The caching allocator rounds each pinned allocation up to a power of two: 256 MiB chunks
 # waste at most one partly used chunk instead of up to half of a single huge allocation.
 PINNED_CHUNK_BYTES = 256 << 20
@@ -168,14 +169,18 @@ def _fill_host(dense_model, adapter, block_names, batches, device, keep_logits, 
     return host
 
 
-def estimate_bytes(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype) -> int:
-    """Bytes of the whole cache, from one teacher pass over the first batch."""
-    outputs = teacher_outputs(dense_model, adapter, block_names, batches[0][:1].to(device), keep_logits, keep_blocks)
+def estimate_bytes(model, adapter, block_names, sample: torch.Tensor, num_images: int, keep_logits: bool,
+                   keep_blocks: bool, dtype: torch.dtype) -> int:
+    """Bytes of the whole cache for ``num_images``, from one forward pass of ``model`` (the dense
+    architecture: pruned weights give the same shapes) on ``sample`` (one image, batched)."""
+    device = next(model.parameters()).device
+    outputs = teacher_outputs(model, adapter, block_names, sample[:1].to(device), keep_logits, keep_blocks)
     per_image = sum(t.numel() for t in outputs) * torch.empty((), dtype=dtype).element_size()
-    return per_image * sum(b.shape[0] for b in batches)
+    return per_image * num_images
 
 
-def _host_available_bytes() -> int:
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 where unknown)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -187,37 +192,41 @@ def _host_available_bytes() -> int:
 
 
 def choose_store(requested: str, cache_bytes: int, device: torch.device) -> tuple[str, str]:
-    """The store kind to use and why."""
+    """The store kind and why: the rule behind ``teacher_store="auto"`` (called by ``plan.resolve_plan``)."""
     if requested not in STORE_KINDS:
         raise ValueError(f"unknown teacher store {requested!r}; allowed: {', '.join(STORE_KINDS)}")
     if requested in ("gpu", "pinned") and device.type != "cuda":
         raise ValueError(f"teacher store {requested!r} needs a CUDA device, got {device}")
     if requested != "auto":
         return requested, "requested"
-    host_free = _host_available_bytes()
+    host_free = host_available_bytes()
+    size = f"cache {cache_bytes / 2**30:.2f} GiB"
     if device.type != "cuda":
         if cache_bytes <= HOST_HEADROOM_FRACTION * host_free or host_free == 0:
-            return "memory", f"cache {cache_bytes / 2**30:.2f} GiB fits in RAM ({host_free / 2**30:.1f} GiB free)"
-        return "disk", f"cache {cache_bytes / 2**30:.2f} GiB exceeds half the free RAM ({host_free / 2**30:.1f} GiB)"
+            return "memory", f"{size} fits in RAM ({host_free / 2**30:.1f} GiB free)"
+        return "disk", f"{size} exceeds half the free RAM ({host_free / 2**30:.1f} GiB)"
     gpu_free, _ = torch.cuda.mem_get_info(device)
     if cache_bytes <= GPU_HEADROOM_FRACTION * gpu_free:
-        return "gpu", f"cache {cache_bytes / 2**30:.2f} GiB fits in half the free GPU memory ({gpu_free / 2**30:.1f} GiB)"
+        return "gpu", f"{size} fits in half the free GPU memory ({gpu_free / 2**30:.1f} GiB)"
     if cache_bytes <= HOST_HEADROOM_FRACTION * host_free:
-        return "pinned", (f"cache {cache_bytes / 2**30:.2f} GiB exceeds half the free GPU memory "
-                          f"({gpu_free / 2**30:.1f} GiB) but fits in pinned host memory")
-    return "disk", f"cache {cache_bytes / 2**30:.2f} GiB exceeds GPU and host memory: memory-mapped file"
+        return "pinned", f"{size} exceeds half the free GPU memory ({gpu_free / 2**30:.1f} GiB), fits pinned"
+    return "disk", f"{size} exceeds GPU and host memory: memory-mapped file"
 
 
-def make_teacher_store(requested: str, dense_model: nn.Module, adapter, block_names: Sequence[str],
+def make_teacher_store(kind: str, dense_model: nn.Module, adapter, block_names: Sequence[str],
                        batches: Sequence[torch.Tensor], device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
                        compute_dtype: torch.dtype = torch.float32, keep_logits: bool = False, keep_blocks: bool = True,
                        disk_dir: str | os.PathLike | None = None) -> TeacherStore:
-    """Build the store (one dense pass over ``batches`` unless recomputing). ``dtype``: how the outputs
-    are kept; ``compute_dtype``: the autocast dtype of the teacher's forward on CUDA (fp32: none)."""
+    """Build the store of ``kind`` (as the plan resolved it; "none": nothing kept), with one dense pass
+    over ``batches`` unless recomputing. ``dtype``: how the outputs are kept; ``compute_dtype``: the
+    autocast dtype of the teacher's forward on CUDA (fp32: none)."""
+    if kind not in STORE_KINDS[1:] + ("none",):
+        raise ValueError(f"unknown teacher store {kind!r}; allowed: {', '.join(STORE_KINDS[1:])}")
+    if kind in ("gpu", "pinned") and device.type != "cuda":
+        raise ValueError(f"teacher store {kind!r} needs a CUDA device, got {device}")
+    if kind == "none":
+        return MemoryStore([[] for _ in batches], "none")
     dense_model.eval()
-    cache_bytes = estimate_bytes(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype)
-    kind, reason = choose_store(requested, cache_bytes, device)
-    log.info("teacher store: %s (%s)", kind, reason)
     common = (dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype, compute_dtype)
     if kind == "recompute":
         return RecomputeStore(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks,

@@ -33,7 +33,7 @@ def images(n: int, size: int = 16, channels: int = 3, seed: int = 1) -> torch.Te
     return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-# Relative tolerances by dtype (DESIGN.md: fp32 ~1e-5, fp16 ~1e-3, bf16 ~1e-2).
+# Relative tolerances by dtype: fp32 ~1e-5, fp16 ~1e-3, bf16 ~1e-2.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 

@@ -7,9 +7,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from starfish_fast.export import MASK_PREFIX, export_dense, export_semi_structured, load_exported
+from starfish_fast.checkpoint import MASK_PREFIX, export_dense, load_exported
 from starfish_fast.masks import apply_masks
 from starfish_fast.prune import magnitude_masks, nm_masks
+from starfish_fast.sparse24 import export_semi_structured
 
 
 def tiny_vit(embed_dim=32, seed=0):

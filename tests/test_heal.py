@@ -112,16 +112,24 @@ def test_cpu_low_precision_tracks_fp32(precision):
 
 
 def test_auto_precision_rule(monkeypatch):
-    config = HealConfig(progress=False)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    assert engine._resolve_dtypes(config, cpu, "vit") == (torch.bfloat16, torch.bfloat16)
-    assert engine._resolve_dtypes(config, cpu, "mobilenet") == (torch.float32, torch.float16)
-    assert engine._resolve_dtypes(config, cuda, "mobilenet") == (torch.bfloat16, torch.bfloat16)
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
-    assert engine._resolve_dtypes(config, cpu, "vit") == (torch.float32, torch.float16)
-    exact = HealConfig(mode="exact", progress=False)
-    assert engine._resolve_dtypes(exact, cuda, "vit") == (torch.float32, torch.float16)
+    import starfish_fast.plan as plan_module
+
+    def decided(config, device, model):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        plan = plan_module.resolve_plan(config, model, "cpu" if device == "cpu" else "cuda",
+                                        calib=None if device == "cpu" else [])
+        return plan.precision, plan.teacher_dtype
+
+    config = HealConfig(progress=False, teacher_store="memory")
+    vit, cnn = tiny_vit(), tiny_mobilenet()
+    monkeypatch.setattr(plan_module, "cpu_has_native_bf16", lambda: True)
+    assert decided(config, "cpu", vit) == ("bf16", "bf16")
+    assert decided(config, "cpu", cnn) == ("fp32", "fp16")
+    monkeypatch.setattr(plan_module, "cpu_has_native_bf16", lambda: False)
+    assert decided(config, "cpu", vit) == ("fp32", "fp16")
+    exact = HealConfig(mode="exact", progress=False, teacher_store="memory")
+    assert decided(exact, "cpu", vit) == ("fp32", "fp16")
 
 
 def test_mobilenet_fast_heals_with_batchnorm_in_train_mode():
@@ -158,14 +166,19 @@ def test_teacher_stores_match_direct_forward(tmp_path, kind, dtype):
 
 
 def test_store_auto_and_errors():
+    from starfish_fast.teacher import choose_store
+
+    assert choose_store("auto", 1 << 20, torch.device("cpu"))[0] == "memory"
+    assert choose_store("auto", 1 << 60, torch.device("cpu"))[0] == "disk"
     dense = tiny_vit()
     adapter = adapter_for(dense)
-    store = make_teacher_store("auto", dense, adapter, ["blocks.0"], [images(2)], torch.device("cpu"))
-    assert store.kind == "memory"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         make_teacher_store("pinned", dense, adapter, ["blocks.0"], [images(2)], torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown teacher store 'ram'"):
         make_teacher_store("ram", dense, adapter, ["blocks.0"], [images(2)], torch.device("cpu"))
+    result = heal(copy.deepcopy(dense), dense, random_masks(dense), images(8), _config(epochs=1))
+    assert result.plan.teacher_store == result.teacher_store == "memory"
+    assert "fits in RAM" in result.plan.reasons["teacher_store"]
 
 
 class _Interrupted(Exception):
@@ -179,17 +192,17 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, mode):
     full = heal(uninterrupted, dense, masks, calib, _config(mode=mode, epochs=3))
     interrupt_at = int(torch.randint(1, full.steps - 1, (1,), generator=torch.Generator().manual_seed(7)))
     checkpoint = tmp_path / "run.resume"
-    save = engine._save_resume
+    save = engine.save_resume
 
-    def save_then_crash(run, path, step, *args):
-        save(run, path, step, *args)
-        if step == interrupt_at:
+    def save_then_crash(path, state):
+        save(path, state)
+        if state["step"] == interrupt_at:
             raise _Interrupted
-    monkeypatch.setattr(engine, "_save_resume", save_then_crash)
+    monkeypatch.setattr(engine, "save_resume", save_then_crash)
     config = _config(mode=mode, epochs=3, checkpoint_every=1, checkpoint_path=str(checkpoint), resume=True)
     with pytest.raises(_Interrupted):
         heal(copy.deepcopy(pruned), dense, masks, calib, config)
-    monkeypatch.setattr(engine, "_save_resume", save)
+    monkeypatch.setattr(engine, "save_resume", save)
     resumed_model = copy.deepcopy(pruned)
     resumed = heal(resumed_model, dense, masks, calib, config)
     assert resumed.step_losses == full.step_losses
@@ -205,7 +218,7 @@ def test_config_is_strict():
         HealConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="HealConfig.mode='slow'; allowed: fast, exact"):
         HealConfig(mode="slow")
-    with pytest.raises(ValueError, match="epochs must be positive"):
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
         HealConfig(epochs=0)
     with pytest.raises(ValueError, match="checkpoint_path is needed"):
         HealConfig(checkpoint_every=5)

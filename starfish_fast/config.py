@@ -1,0 +1,128 @@
+"""Healing settings: ``HealConfig``, strict and torch-free (the command line builds its flags from it).
+
+    from starfish_fast.config import HealConfig
+    config = HealConfig(epochs=5, batch_size=64, mode="fast")
+    config = HealConfig.from_dict({"epochs": 5, "lr": 1e-3})     # unknown keys fail loudly
+
+Every field carries its help text and allowed values in its metadata; ``starfish-fast recover``
+and ``demo`` turn the fields marked with a flag into options, so nothing is typed twice. Every
+``auto`` is resolved once, by ``starfish_fast.plan.resolve_plan``, and recorded with the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OBJECTIVES = ("starfish", "mse", "kl", "ce", "starfish+kl")
+STORE_KINDS = ("auto", "gpu", "pinned", "disk", "recompute", "memory")
+KERNEL_OPS = ("masked_linear", "cosine_loss", "masked_adam")
+KERNEL_CHOICES = ("auto", "triton", "torch")
+AUTO_ON_OFF = ("auto", "on", "off")
+
+
+def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = "") -> Any:
+    """A config field with its help text, allowed values and command-line flag (``""``: the field's
+    own name in kebab case; ``None``: not a flag)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class HealConfig:
+    """Healing hyper-parameters and engine settings (see the README's table for each key)."""
+
+    epochs: int = option(10, "passes over the calibration set")
+    lr: float = option(6e-4, "peak learning rate")
+    min_lr: float = option(1e-6, "final learning rate of the cosine schedule")
+    lr_schedule: str = option("cosine", "per-step cosine from lr to min_lr, or constant", ("cosine", "constant"))
+    weight_decay: float = option(0.0, "0: Adam; > 0: AdamW with this decay (the reference's rule)")
+    grad_clip: float = option(0.0, "> 0: clip the total norm of the masked gradients")
+    batch_size: int = option(32, "calibration images per step (the global batch under torchrun)")
+    scope: str = option("auto", "prune scope: which weights are masked and trained (auto: the model's default)",
+                        flag="prune-scope")
+    mode: str = option("fast", "exact: the reference's step semantics; fast: bf16, compile, fused steps",
+                       ("fast", "exact"))
+    objective: str = option("starfish", "healing loss", OBJECTIVES)
+    cosine_per: str = option("auto", "cosine rows: token (B*T rows) or sample (B rows); auto: the model's rule",
+                             ("auto", "token", "sample"))
+    block_weights: Any = option(None, "per-block loss weights: comma-separated numbers (default: uniform)")
+    precision: str = option("auto", "compute precision in fast mode (auto: bf16 on CUDA and for transformers "
+                                    "on bf16-native CPUs, else fp32)", ("auto", *PRECISIONS))
+    compile: str = option("auto", "per-block torch.compile (auto: on CUDA in fast mode)", AUTO_ON_OFF)
+    teacher_store: str = option("auto", "where the dense model's block outputs live (auto: from their size "
+                                        "and the free memory)", STORE_KINDS)
+    teacher_dtype: str = option("auto", "dtype of the stored teacher outputs (auto: fp16 in exact mode, "
+                                        "bf16 with bf16 compute, else fp16)", ("auto", *PRECISIONS))
+    teacher_dir: str | None = option(None, "directory of the disk teacher store (default: the temp dir)")
+    moments_dtype: str = option("fp32", "dtype of the Adam moments in fast mode", ("fp32", "bf16"))
+    kernels: str = option("auto", "Triton kernels (masked linear, fused cosine loss, masked Adam) or torch; "
+                                  "auto: per op from the measured table", KERNEL_CHOICES)
+    compact: str = option("auto", "heal on narrowed weights where whole MLP neurons / QK dims are pruned "
+                                  "(auto: MLP in fast mode, QK on CPU)", AUTO_ON_OFF)
+    semi_structured: str = option("auto", "2:4-masked linears through sparse tensor cores (auto: off until "
+                                          "measured faster)", AUTO_ON_OFF)
+    grad_checkpointing: bool = option(False, "recompute block activations in the backward (less memory)")
+    device: str | None = option(None, "cuda, cuda:N or cpu (default: cuda if available)")
+    log_every: int = option(10, "steps between loss reads (the only host syncs of fast mode)")
+    checkpoint_every: int = option(0, "steps between resume checkpoints (0: none)")
+    checkpoint_path: str | None = option(None, "resume checkpoint file", flag=None)
+    resume: bool = option(False, "continue from the resume checkpoint if it exists")
+    metrics_path: str | None = option(None, "JSON lines of the logged steps and epochs", flag=None)
+    plot_path: str | None = option(None, "PNG of the loss curve", flag=None)
+    progress: bool = option(True, "progress bar (loss, images/s, ETA)", flag=None)
+
+    def __post_init__(self):
+        if isinstance(self.compile, bool):
+            self.compile = "on" if self.compile else "off"
+        self.block_weights = _parse_block_weights(self.block_weights)
+        for item in dataclasses.fields(self):
+            allowed = item.metadata.get("choices")
+            if allowed and getattr(self, item.name) not in allowed:
+                raise ValueError(f"HealConfig.{item.name}={getattr(self, item.name)!r}; allowed: {', '.join(allowed)}")
+        for key in ("epochs", "batch_size", "log_every"):
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), int) \
+                    or getattr(self, key) <= 0:
+                raise ValueError(f"HealConfig.{key} must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"HealConfig.{key} must be finite and >= 0, got {value!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"HealConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if (self.checkpoint_every > 0 or self.resume) and not self.checkpoint_path:
+            raise ValueError("HealConfig.checkpoint_path is needed for checkpoint_every > 0 or resume")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "HealConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown HealConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+
+def _parse_block_weights(value):
+    """None, a sequence of numbers or a comma-separated string of them -> None or a tuple of floats."""
+    if value is None:
+        return value
+    if isinstance(value, str):
+        try:
+            value = [float(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"HealConfig.block_weights={value!r}; allowed: comma-separated numbers") \
+                from None
+    weights = tuple(float(v) for v in value)
+    if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"HealConfig.block_weights must be finite, >= 0 and not all zero, got {weights}")
+    return weights
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields that are command-line flags, in declaration order."""
+    return [f for f in dataclasses.fields(HealConfig) if f.metadata.get("flag") is not None]
+
+
+def flag_name(item: dataclasses.Field) -> str:
+    return "--" + (item.metadata["flag"] or item.name.replace("_", "-"))
