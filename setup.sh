@@ -14,3 +14,6 @@ PYTHON=${PYTHON:-python3}
 # torch and torchvision first, pinned: PyPI's torchvision does not import beside other torch builds.
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e ".[dev]"
+# The GPU machines run triton 3.6: its ahead-of-time compiler checks our kernels in the tests
+# (tests/test_kernels_compile.py), installed beside the main triton, not over it.
+[ -d .venv/triton-3.6.0/triton ] || .venv/bin/python -m pip install -q --no-deps --target .venv/triton-3.6.0 triton==3.6.0

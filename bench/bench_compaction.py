@@ -49,7 +49,7 @@ def run(args, save=lambda report: None) -> dict:
                 config = HealConfig(epochs=1, lr=6e-4, min_lr=1e-6, batch_size=args.batch_size, mode="fast",
                                     scope=SCOPE_OF_KIND[kind], compact=compact, precision=args.precision,
                                     device=str(device), log_every=args.warmup, progress=False)
-                result, seconds = timed_heal(dense, masks, batches, config)
+                result, _, seconds = timed_heal(dense, masks, batches, config)
                 case[f"compact_{compact}"] = {"median_step_s": statistics.median(seconds),
                                               "images_per_s": args.batch_size / statistics.median(seconds),
                                               "loss": result.history[0]["loss"]}

@@ -84,9 +84,21 @@ def time_model(model_name: str, batch: int, iters: int) -> dict:
         difference = float((sparse(images).float() - dense(images).float()).abs().max())
         dense_ms = cuda_median_ms(lambda: dense(images), iters)
         sparse_ms = cuda_median_ms(lambda: sparse(images), iters)
+        backends = {"sdpa_dense": sdpa_kernels(dense, images), "sdpa_sparse": sdpa_kernels(sparse, images)}
     return {"model": model_name, "batch": batch, "dtype": "bfloat16", "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+            **backends,
             "speedup": dense_ms / sparse_ms, "images_per_s_dense": batch * 1e3 / dense_ms,
             "images_per_s_sparse": batch * 1e3 / sparse_ms, "max_abs_logit_difference": difference}
+
+
+def sdpa_kernels(model: torch.nn.Module, images: torch.Tensor) -> list[str]:
+    """The attention ops one forward ran (flash, efficient, cudnn or the math fallback), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(images)
+    return sorted({event.name for event in prof.events() if "attention" in event.name.lower()
+                   and event.name.startswith("aten::")})
 
 
 def main() -> int:

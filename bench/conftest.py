@@ -6,6 +6,8 @@ Only acts when bench_kernels.py is being run (other scripts in bench/ are plain 
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,10 @@ def pytest_configure(config):
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         config.option.benchmark_json = open(RESULTS_DIR / f"kernels_{device_tag()}.json", "wb")
     config._starfish_rows = []
+    # pytest-benchmark writes its JSON when the session ends: a killed run would lose every number,
+    # so each row also goes to a JSON-lines file the moment it is measured
+    config._starfish_rows_path = Path(os.environ.get("STARFISH_BENCH_ROWS",
+                                                     RESULTS_DIR / f"kernels_{device_tag()}.rows.jsonl"))
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -65,6 +71,10 @@ def record(request):
         row.update(median_ms=median_s * 1e3, work=work, unit=unit)
         benchmark.extra_info.update(row)
         rows.append(row)
+        path = request.config._starfish_rows_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({**row, "device": environment()["device"]}, default=str) + "\n")
     return _record
 
 

@@ -18,7 +18,7 @@ always takes the reference).
 
 Installed as ``starfish_fast.kernels`` (never as a top-level ``kernels`` package).
 """
-from ._dispatch import AUTO_TRITON_ON_CUDA, HAVE_TRITON, INTERPRET, triton_available_for, use_triton
+from ._dispatch import AUTO_TRITON_ON_CUDA, HAVE_TRITON, INTERPRET, KernelError, triton_available_for, use_triton
 from .cosine_loss import MultiBlockCosineLoss, multi_block_cosine_loss, multi_block_cosine_loss_reference
 from .masked_adam import masked_adam_step, masked_adam_step_reference
 from .masked_linear import (MaskedLinear, MaskedLinearFunction, MaskPlan, mask_plan, masked_linear,
@@ -28,5 +28,5 @@ __all__ = [
     "masked_linear", "masked_linear_reference", "MaskedLinear", "MaskedLinearFunction", "MaskPlan", "mask_plan",
     "multi_block_cosine_loss", "multi_block_cosine_loss_reference", "MultiBlockCosineLoss",
     "masked_adam_step", "masked_adam_step_reference",
-    "triton_available_for", "use_triton", "AUTO_TRITON_ON_CUDA", "HAVE_TRITON", "INTERPRET",
+    "triton_available_for", "use_triton", "KernelError", "AUTO_TRITON_ON_CUDA", "HAVE_TRITON", "INTERPRET",
 ]

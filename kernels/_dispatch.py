@@ -20,6 +20,7 @@ The engine's ``kernels`` option:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -94,6 +95,26 @@ def device_table(values: list[int], device: torch.device) -> torch.Tensor:
     if len(_TABLES) > 64:
         _TABLES.popitem(last=False)
     return table
+
+
+class KernelError(RuntimeError):
+    """A Triton kernel that was chosen failed to compile or launch (never silently replaced by torch)."""
+
+
+@contextlib.contextmanager
+def launching(kernel: str, **details):
+    """Turn any failure inside the block into a ``KernelError`` naming ``kernel`` and ``details`` (shapes,
+    dtypes): a compile error from triton, a launch error from the driver, an illegal configuration."""
+    try:
+        yield
+    except KernelError:
+        raise
+    except Exception as error:
+        text = str(error).strip()
+        facts = ", ".join(f"{key}={value}" for key, value in details.items())
+        raise KernelError(f"Triton kernel {kernel} failed to compile or launch ({facts}): {type(error).__name__}: "
+                          f"{text.splitlines()[0] if text else ''} (kernels='torch' runs the plain-torch path)") \
+            from error
 
 
 def triton_available_for(tensor: torch.Tensor) -> bool:

@@ -49,7 +49,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, device_table, empty, resolve
+from ._dispatch import HAVE_TRITON, device_table, empty, launching, resolve
 
 log = logging.getLogger(__name__)
 
@@ -291,12 +291,14 @@ class MultiBlockCosineLoss(torch.autograd.Function):
         for g in plans:
             part = empty((g.n_split, 3, g.rows), dtype=torch.float32, device=device)  # (split, ss|tt|st, row)
             s0, t0 = s_rows[g.ids[0]], t_rows[g.ids[0]]
-            _cos_stats_kernel[(g.n_tiles * g.n_split,)](
-                g.table, s0, t0, part, len(g.ids), g.n_split, g.rows,
-                TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, ALIGNED=g.aligned, num_warps=g.num_warps)
-            _cos_finalize_kernel[(g.n_tiles,)](
-                g.table, part, coef[:, g.row_offset:], loss_parts[g.tile_offset:], len(g.ids), g.n_split,
-                g.rows, rows_total, 1.0 / n_blocks, EPS, TAB=_TAB, BLOCK_R=g.block_r, num_warps=4)
+            with launching("cosine_loss forward", blocks=len(g.ids), rows=g.rows, first=tuple(s0.shape),
+                           dtypes=(s0.dtype, t0.dtype)):
+                _cos_stats_kernel[(g.n_tiles * g.n_split,)](
+                    g.table, s0, t0, part, len(g.ids), g.n_split, g.rows,
+                    TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, ALIGNED=g.aligned, num_warps=g.num_warps)
+                _cos_finalize_kernel[(g.n_tiles,)](
+                    g.table, part, coef[:, g.row_offset:], loss_parts[g.tile_offset:], len(g.ids), g.n_split,
+                    g.rows, rows_total, 1.0 / n_blocks, EPS, TAB=_TAB, BLOCK_R=g.block_r, num_warps=4)
         loss = loss_parts.sum()                                                    # () fp32
         ctx.per, ctx.n_blocks, ctx.plans, ctx.rows_total = per, n_blocks, plans, rows_total
         ctx.shapes = [s.shape for s in students]
@@ -316,12 +318,15 @@ class MultiBlockCosineLoss(torch.autograd.Function):
             # every block of the group is written (one launch); unneeded ones are dropped after
             outs = {i: empty(s_rows[i].shape, dtype=s_rows[i].dtype, device=coef.device) for i in g.ids}
             gtab = device_table([outs[i].data_ptr() for i in g.ids], coef.device)
-            _cos_grad_kernel[(g.n_tiles * g.n_split,)](
-                g.table, gtab, s_rows[g.ids[0]], t_rows[g.ids[0]], coef[:, g.row_offset:], grad_out,
-                len(g.ids), g.n_split, ctx.rows_total,
-                TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, num_warps=g.num_warps,
-                CLAMP=float(torch.finfo(torch.float16).max) if s_rows[g.ids[0]].dtype == torch.float16 else 0.0,
-                ALIGNED=g.aligned and all(out.data_ptr() % 16 == 0 for out in outs.values()))
+            s0 = s_rows[g.ids[0]]
+            with launching("cosine_loss backward", blocks=len(g.ids), rows=g.rows, first=tuple(s0.shape),
+                           dtype=s0.dtype):
+                _cos_grad_kernel[(g.n_tiles * g.n_split,)](
+                    g.table, gtab, s0, t_rows[g.ids[0]], coef[:, g.row_offset:], grad_out,
+                    len(g.ids), g.n_split, ctx.rows_total,
+                    TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, num_warps=g.num_warps,
+                    CLAMP=float(torch.finfo(torch.float16).max) if s0.dtype == torch.float16 else 0.0,
+                    ALIGNED=g.aligned and all(out.data_ptr() % 16 == 0 for out in outs.values()))
             for i in g.ids:
                 grads[i] = outs[i].view(ctx.shapes[i]) if ctx.needs_input_grad[2 + i] else None
         return (None, None, *grads, *([None] * n))

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from ._dispatch import HAVE_TRITON, INTERPRET, device_table, resolve
+from ._dispatch import HAVE_TRITON, INTERPRET, device_table, launching, resolve
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +212,17 @@ def _masked_adam_triton(params, grads, exp_avgs, exp_avg_sqs, masks, *, lr, beta
         table = device_table(values, device)                                     # (T * 8,) int64
         i0 = gids[0]
         k0 = _mask_view(masks[i0])
-        _masked_adam_kernel[(chunk0,)](
-            table, params[i0], grads[i0], exp_avgs[i0], exp_avg_sqs[i0], k0 if k0 is not None else params[i0],
-            lr_t if lr_is_tensor else params[i0], len(gids),
-            0.0 if lr_is_tensor else float(lr), 0.0 if lr_is_tensor else float(lr) / bc1,
-            1.0 if lr_is_tensor else 1.0 - float(lr) * weight_decay, bc1, bc2_sqrt, 1.0 - beta1, beta1, beta2,
-            1.0 - beta2, eps, weight_decay,
-            HAS_MASK=k0 is not None, LR_FROM_PTR=lr_is_tensor, DECOUPLED=bool(decoupled),
-            HAS_WD=weight_decay != 0, SEARCH_STEPS=max(1, math.ceil(math.log2(len(gids))) + 1), TAB=_TAB,
-            BLOCK=BLOCK, ALIGNED=key[-1], num_warps=4 if INTERPRET else 8)
+        with launching("masked_adam", tensors=len(gids), elements=sum(params[i].numel() for i in gids),
+                       dtypes=key[:5]):
+            _masked_adam_kernel[(chunk0,)](
+                table, params[i0], grads[i0], exp_avgs[i0], exp_avg_sqs[i0], k0 if k0 is not None else params[i0],
+                lr_t if lr_is_tensor else params[i0], len(gids),
+                0.0 if lr_is_tensor else float(lr), 0.0 if lr_is_tensor else float(lr) / bc1,
+                1.0 if lr_is_tensor else 1.0 - float(lr) * weight_decay, bc1, bc2_sqrt, 1.0 - beta1, beta1, beta2,
+                1.0 - beta2, eps, weight_decay,
+                HAS_MASK=k0 is not None, LR_FROM_PTR=lr_is_tensor, DECOUPLED=bool(decoupled),
+                HAS_WD=weight_decay != 0, SEARCH_STEPS=max(1, math.ceil(math.log2(len(gids))) + 1), TAB=_TAB,
+                BLOCK=BLOCK, ALIGNED=key[-1], num_warps=4 if INTERPRET else 8)
 
 
 def masked_adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

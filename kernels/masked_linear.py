@@ -45,17 +45,21 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, INTERPRET, empty, resolve, shared_memory_limit
+from ._dispatch import HAVE_TRITON, INTERPRET, empty, launching, resolve, shared_memory_limit
 
 log = logging.getLogger(__name__)
 
 OCC_TILE = 32            # granularity of the mask occupancy map (rows x cols of the weight)
+# STARFISH_TRITON_ONE_CONFIG=1 (read at import, like TRITON_INTERPRET): each kernel keeps its first
+# autotune config, so a correctness run compiles one variant instead of timing five
+ONE_CONFIG = os.environ.get("STARFISH_TRITON_ONE_CONFIG", "0") == "1"
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -82,6 +86,8 @@ class MaskPlan(NamedTuple):
     fwd_index: torch.Tensor  # (ceil(N/fwd_n), ceil(K/fwd_k)) int32: those K-blocks first, ascending
     dx_count: torch.Tensor   # (ceil(K/dx_k),) int32
     dx_index: torch.Tensor   # (ceil(K/dx_k), ceil(N/dx_n)) int32
+    occupancy: int           # live 32x32 tiles in eighths (0..8): part of the autotune key, since the
+                             # best tile shape differs between a dense-ish mask and one half of whose rows are dead
 
 
 def _tiles_for(dtype: torch.dtype) -> _Tiles:
@@ -116,14 +122,16 @@ def mask_occupancy(mask: torch.Tensor) -> torch.Tensor:
 
 
 def mask_plan(mask: torch.Tensor, dtype: torch.dtype) -> MaskPlan:
-    """Block lists for the kernels' tile sizes at ``dtype`` (one pass over the mask)."""
+    """Block lists for the kernels' tile sizes at ``dtype`` (one pass over the mask, one host sync for
+    ``occupancy``: build it once per mask, as ``MaskedLinear`` does)."""
     tiles = _tiles_for(dtype)
     occ = mask_occupancy(mask)                                                       # (nN32, nK32)
     f = _pool(occ, tiles.fwd_n // OCC_TILE, tiles.fwd_k // OCC_TILE)                 # (nN, nK)
     fwd_count, fwd_index = _block_lists(f)
     d = _pool(occ, tiles.dx_n // OCC_TILE, tiles.dx_k // OCC_TILE).t()               # (nK, nN)
     dx_count, dx_index = _block_lists(d)
-    return MaskPlan(tiles, occ, fwd_count, fwd_index, dx_count, dx_index)
+    occupancy = round(8 * float(occ.float().mean())) if occ.numel() else 0       # one host sync per plan
+    return MaskPlan(tiles, occ, fwd_count, fwd_index, dx_count, dx_index, occupancy)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -154,6 +162,8 @@ if HAVE_TRITON:
             _cfg(4, 3, BLOCK_WN=64, BLOCK_WK=64, BLOCK_T=64),
             _cfg(8, 3, BLOCK_WN=128, BLOCK_WK=128, BLOCK_T=64),
         ]
+        if ONE_CONFIG:    # correctness checks on a short device lease: no autotuning, the first config
+            _FWD_CONFIGS, _DW_CONFIGS = _FWD_CONFIGS[:1], _DW_CONFIGS[:1]
 
     def _smem_gemm(cfg, a_rows, b_cols, k_step, elem, mask_bytes):
         """Pipelined operand bytes: stages x (A tile + B tile + mask tile)."""
@@ -197,12 +207,12 @@ if HAVE_TRITON:
         pid_b = (pid % width) // size
         return pid_a, pid_b
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K"],
+    @triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "OCCUPANCY"],
                      prune_configs_by={"early_config_prune": _prune_fwd})
     @triton.jit
     def _masked_linear_fwd_kernel(
         x_ptr, w_ptr, m_ptr, b_ptr, y_ptr, count_ptr, index_ptr,
-        M, N, K, M_BUCKET, n_kblocks,
+        M, N, K, M_BUCKET, OCCUPANCY, n_kblocks,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk, stride_ym, stride_yn,
         HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
@@ -231,12 +241,12 @@ if HAVE_TRITON:
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
                  acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K"],
+    @triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "OCCUPANCY"],
                      prune_configs_by={"early_config_prune": _prune_dx})
     @triton.jit
     def _masked_linear_dx_kernel(
         dy_ptr, w_ptr, m_ptr, dx_ptr, count_ptr, index_ptr,
-        M, N, K, M_BUCKET, n_nblocks,
+        M, N, K, M_BUCKET, OCCUPANCY, n_nblocks,
         stride_dym, stride_dyn, stride_wn, stride_wk, stride_mn, stride_mk, stride_dxm, stride_dxk,
         PREC: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
@@ -266,12 +276,12 @@ if HAVE_TRITON:
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
-    @triton.autotune(configs=_DW_CONFIGS, key=["M_BUCKET", "N", "K"],
+    @triton.autotune(configs=_DW_CONFIGS, key=["M_BUCKET", "N", "K", "OCCUPANCY"],
                      prune_configs_by={"early_config_prune": _prune_dw})
     @triton.jit
     def _masked_linear_dw_kernel(
         dy_ptr, x_ptr, m_ptr, dw_ptr, occ_ptr,
-        M, N, K, M_BUCKET, occ_rows, occ_cols,
+        M, N, K, M_BUCKET, OCCUPANCY, occ_rows, occ_cols,
         stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_mk, stride_dwn, stride_dwk,
         PREC: tl.constexpr, OCC: tl.constexpr,
         BLOCK_WN: tl.constexpr, BLOCK_WK: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -333,7 +343,7 @@ def _fwd(x2: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias, plan:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _masked_linear_fwd_kernel[grid](
         x2, weight, m, bias if bias is not None else y, y, plan.fwd_count, plan.fwd_index,
-        M, N, K, _bucket(M), plan.fwd_index.shape[1],
+        M, N, K, _bucket(M), plan.occupancy, plan.fwd_index.shape[1],
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), m.stride(0), m.stride(1),
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, PREC=_precision(x2.dtype), BLOCK_N=t.fwd_n, BLOCK_K=t.fwd_k)
@@ -351,7 +361,7 @@ def _dx(dy2: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, plan: MaskP
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     _masked_linear_dx_kernel[grid](
         dy2, weight, m, dx, plan.dx_count, plan.dx_index,
-        M, N, K, _bucket(M), plan.dx_index.shape[1],
+        M, N, K, _bucket(M), plan.occupancy, plan.dx_index.shape[1],
         dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), m.stride(0), m.stride(1),
         dx.stride(0), dx.stride(1),
         PREC=_precision(weight.dtype), BLOCK_N=t.dx_n, BLOCK_K=t.dx_k)
@@ -368,7 +378,7 @@ def _dw(dy2: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, plan: MaskPlan,
         return (triton.cdiv(N, meta["BLOCK_WN"]) * triton.cdiv(K, meta["BLOCK_WK"]),)
     _masked_linear_dw_kernel[grid](
         dy2, x2, m, dw, plan.occ,
-        M, N, K, _bucket(M), plan.occ.shape[0], plan.occ.shape[1],
+        M, N, K, _bucket(M), plan.occupancy, plan.occ.shape[0], plan.occ.shape[1],
         dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), m.stride(0), m.stride(1),
         dw.stride(0), dw.stride(1),
         PREC=_precision(x2.dtype), OCC=OCC_TILE)
@@ -383,7 +393,8 @@ class MaskedLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, mask, bias, plan):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)                                                    # (M, K)
-        y = _fwd(x2, weight, mask, bias, plan)                                   # (M, N)
+        with launching("masked_linear forward", x=tuple(x2.shape), weight=tuple(weight.shape), dtype=x2.dtype):
+            y = _fwd(x2, weight, mask, bias, plan)                               # (M, N)
         ctx.save_for_backward(x2, weight, mask)
         ctx.plan, ctx.x_shape, ctx.has_bias = plan, x.shape, bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -396,10 +407,11 @@ class MaskedLinearFunction(torch.autograd.Function):
         if dy2.dtype != x2.dtype:
             dy2 = dy2.to(x2.dtype)
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _dx(dy2, weight, mask, ctx.plan, x2.dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dw = _dw(dy2, x2, mask, ctx.plan, weight.dtype)
+        with launching("masked_linear backward", dy=tuple(dy2.shape), weight=tuple(weight.shape), dtype=dy2.dtype):
+            if ctx.needs_input_grad[0]:
+                dx = _dx(dy2, weight, mask, ctx.plan, x2.dtype).view(ctx.x_shape)
+            if ctx.needs_input_grad[1]:
+                dw = _dw(dy2, x2, mask, ctx.plan, weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy2.sum(dim=0, dtype=torch.float32).to(ctx.bias_dtype)         # (N,) fp32 accumulation
         return dx, dw, None, db, None

@@ -135,7 +135,9 @@ class _SemiStructuredMatmul(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mask, dtype, backend):
         x2d = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()          # (tokens, in)
         masked = (weight * mask).to(dtype).contiguous()                   # (out, in), exactly 2:4
-        y = F.linear(x2d, backend.from_dense(masked), None if bias is None else bias.to(dtype))  # (tokens, out)
+        # the sparse kernels may return (tokens, out) with a non-unit last-dim stride; made contiguous so that
+        # q/k/v split from it keep the stride-1 last dim SDPA's fused kernels need
+        y = F.linear(x2d, backend.from_dense(masked), None if bias is None else bias.to(dtype)).contiguous()
         ctx.save_for_backward(x2d, masked, mask)
         ctx.input_shape, ctx.input_dtype, ctx.weight_dtype = x.shape, x.dtype, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -301,6 +303,14 @@ def benchmark_layer(out_features: int, in_features: int, tokens: int, dtype: tor
 
 
 # ----------------------------------------------------------------------------- inference export
+class SparseInferenceLinear(nn.Linear):
+    """An ``nn.Linear`` holding a packed 2:4 weight: its output is made contiguous (the sparse kernels can
+    return a transposed layout, which would push SDPA off its fused kernels after the qkv projection)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias).contiguous()
+
+
 def export_semi_structured(model: nn.Module, masks: Mapping[str, torch.Tensor],
                            dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of ``model`` (in ``dtype`` if given) whose ``nn.Linear`` layers with a 2:4 mask hold
@@ -329,6 +339,7 @@ def export_semi_structured(model: nn.Module, masks: Mapping[str, torch.Tensor],
         with torch.no_grad():
             packed = backend.from_dense((module.weight * mask).contiguous())
         module.weight = nn.Parameter(packed, requires_grad=False)
+        module.__class__ = SparseInferenceLinear
         converted.append(key)
     if not converted:
         reasons = sorted(set(kept_dense.values())) or ["no nn.Linear weight has a mask"]

@@ -207,7 +207,12 @@ def compiled_blocks(run, autocast_context):
         try:
             for name, block in blocks.items():
                 block.compile(dynamic=False)
-                report[name] = _probe(run, name, block, inputs.get(name, []), autocast_context)
+                report[name] = _probe(run, block, inputs.get(name, []), autocast_context)
+            eager = [name for name, status in report.items() if status != "compiled"]
+            if eager:
+                warnings.warn(f"torch.compile failed for {len(eager)} of {len(report)} blocks ({', '.join(eager[:4])}"
+                              f"{', ...' if len(eager) > 4 else ''}); they run eager: {report[eager[0]]}",
+                              RuntimeWarning, stacklevel=3)
             yield
         finally:
             for block in blocks.values():
@@ -235,8 +240,9 @@ def _block_inputs(run, blocks: dict[str, nn.Module], autocast_context) -> dict[s
     return captured
 
 
-def _probe(run, name: str, block: nn.Module, inputs: list[tuple], autocast_context) -> str:
-    """Compile ``block`` now for each of its inputs (forward and backward); on failure, eager."""
+def _probe(run, block: nn.Module, inputs: list[tuple], autocast_context) -> str:
+    """Compile ``block`` now for each of its inputs (forward and backward): "compiled", or on failure
+    "eager (why)" and the block runs eager."""
     state = _rng_and_buffers(block)
     try:
         for args in inputs:
@@ -248,15 +254,25 @@ def _probe(run, name: str, block: nn.Module, inputs: list[tuple], autocast_conte
         return "compiled"
     except Exception as error:  # a compiler failure on this GPU/stack: this block runs eager
         block._compiled_call_impl = None
-        text = str(error).strip()
-        reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-        warnings.warn(f"torch.compile failed for block {name}; it runs eager ({reason})", RuntimeWarning,
-                      stacklevel=2)
-        return f"eager ({reason})"
+        return f"eager ({_describe(error)[:300]})"
     finally:
         state.restore()
         for parameter in run.params:
             parameter.grad = None
+
+
+def _describe(error: BaseException) -> str:
+    """The error and, when it wraps another (dynamo's BackendCompilerFailed does), its root cause."""
+    root = error
+    while True:
+        inner = getattr(root, "inner_exception", None) or root.__cause__ or \
+            (None if root.__suppress_context__ else root.__context__)
+        if inner is None or inner is root:
+            break
+        root = inner
+    text = (str(root).strip().splitlines() or [""])[0]
+    outer = "" if root is error else f"{type(error).__name__} <- "
+    return f"{outer}{type(root).__name__}: {text}"
 
 
 class _rng_and_buffers:

@@ -33,10 +33,11 @@ def test_bench_heal_reports_reference_and_fast_runs(model):
     import bench_heal
 
     args = argparse.Namespace(model=model, batch_size=4, steps=4, warmup=1, sparsity=0.5, device="cpu",
-                              stores=["memory"], compile="off", precision="fp32",
-                              skip_reference=False)
+                              stores=["memory"], compile="off", precisions=["fp32", "bf16"], kernels=["torch"],
+                              skip_reference=False, ceiling_tflops=1.0)
     report = bench_heal.run(args)
-    assert set(report["runs"]) == {"reference", "fast[memory]"}
-    fast = report["runs"]["fast[memory]"]
-    assert fast["images_per_s"] > 0 and fast["teacher_store"] == "memory"
-    assert fast["epoch_loss_rel_diff_vs_reference"] < 0.05
+    assert set(report["runs"]) == {"reference", "fast[memory,fp32,torch]", "fast[memory,bf16,torch]"}
+    fast = report["runs"]["fast[memory,fp32,torch]"]
+    assert fast["images_per_s"] > 0 and fast["teacher_store"] == "memory" and fast["plan"]["precision"] == "fp32"
+    assert fast["fp32_teacher_loss_rel_diff_vs_reference"] < 0.05      # fp32 both: the same healing
+    assert 0 < fast["fraction_of_measured_matmul"] and report["runs"]["fast[memory,bf16,torch]"]["ran"]

@@ -89,3 +89,5 @@ def test_semi_structured_export_matches_dense(dtype):
     with torch.no_grad():
         tolerance = 2e-2 if dtype == torch.bfloat16 else 3e-3
         torch.testing.assert_close(sparse(images), dense(images), rtol=tolerance, atol=tolerance)
+        tokens = torch.randn(6, 65, 128, device="cuda", dtype=dtype)
+        assert sparse.blocks[0].attn.qkv(tokens).is_contiguous()    # q/k/v keep a stride-1 last dim for SDPA

@@ -144,8 +144,9 @@ def test_reference_mixed_dtypes():
     v_lo = [torch.zeros_like(p, dtype=torch.bfloat16) for p in params]
     m64 = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     v64 = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    generator = torch.Generator().manual_seed(5)          # fixed gradients: the bound below is for these
     for step in range(1, 4):
-        grads = [torch.randn_like(p) for p in params]
+        grads = [torch.randn(p.shape, generator=generator) for p in params]
         kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.1, step=step, decoupled=False)
         masked_adam_step(params, grads, m_lo, v_lo, masks, kernel=False, **kw)
         masked_adam_step_reference(p64, [g.double() for g in grads], m64, v64, masks, **kw)

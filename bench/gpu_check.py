@@ -1,0 +1,129 @@
+"""The parts of ``bench/gpu_check.sh``: each runs as its own process and appends every measurement to
+``$OUT/gpu_check.jsonl`` the moment it exists (one JSON object a line: part, name, ok, numbers, error).
+
+    python bench/gpu_check.py env --out OUT [--rehearse]        # A: environment, ceilings, kernel correctness
+    python bench/gpu_check.py engine --out OUT [--rehearse]     # B: healing runs and the DeiT-B headline
+    python bench/gpu_check.py bandwidth --out OUT [--rehearse]  # C: kernel bandwidth, masked linear, 2:4
+    python bench/gpu_check.py note --out OUT --part B --rc 124  # the shell records how a part ended
+    python bench/gpu_check.py summary --out OUT                 # summary.md: every check, the targets
+
+``ok`` is true, false, or null for a check skipped (with ``skipped``: why). ``--rehearse`` runs the
+same parts on a CPU with tiny shapes (Triton through its interpreter; CUDA-only checks skipped).
+A part dumps every thread's stack to ``$OUT/stacks.txt`` when its cap kills it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+LOG_NAME, STACKS_NAME, SUMMARY_NAME = "gpu_check.jsonl", "stacks.txt", "summary.md"
+
+
+class Recorder:
+    """Appends one JSON line per check to ``gpu_check.jsonl``, flushed at once (a kill loses nothing)."""
+
+    def __init__(self, out: Path, part: str):
+        self.path, self.part = out / LOG_NAME, part
+
+    def record(self, name: str, ok: bool | None, **fields) -> None:
+        line = json.dumps({"part": self.part, "name": name, "ok": ok, "time": time.strftime("%H:%M:%S"),
+                           **fields}, default=str)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(line, flush=True)
+
+    def skip(self, name: str, why: str) -> None:
+        self.record(name, None, skipped=why)
+
+    @contextlib.contextmanager
+    def check(self, name: str, **context):
+        """``with recorder.check(name) as numbers: numbers.update(...)``; an exception is recorded as a
+        failed check (type, message, where) and does not stop the part."""
+        numbers: dict = {}
+        started = time.perf_counter()
+        try:
+            yield numbers
+        except Exception as error:  # a failed check is data: record it, go on with the next
+            frames = traceback.extract_tb(error.__traceback__)[-3:]
+            self.record(name, False, **context, **numbers, seconds=round(time.perf_counter() - started, 3),
+                        error=f"{type(error).__name__}: {str(error).strip()[:2000]}",
+                        where=[f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames])
+        else:
+            self.record(name, True, **context, **numbers, seconds=round(time.perf_counter() - started, 3))
+
+
+def read_records(out: Path) -> list[dict]:
+    path = out / LOG_NAME
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def measured(out: Path, name: str, key: str):
+    """A number an earlier part measured (the ceilings), or None."""
+    return next((r.get(key) for r in read_records(out) if r["name"] == name and r["ok"]), None)
+
+
+def watchdog(out: Path) -> None:
+    """Stacks of every thread to stacks.txt when the shell's ``timeout`` sends SIGTERM at the part's cap
+    (from C, so a hang inside a CUDA call is seen too), then exit so that ``finally`` blocks remove
+    temporary files. (``faulthandler.dump_traceback_later`` is not used: reading another thread's frames
+    while it runs crashed the process in a rehearsal.)"""
+    stacks = open(out / STACKS_NAME, "a")
+    stacks.write(f"== {' '.join(sys.argv[1:2])} pid {os.getpid()} {time.strftime('%H:%M:%S')}\n")
+    stacks.flush()
+
+    def terminate(signum, frame):
+        raise SystemExit(f"terminated by signal {signum} (the part's time cap)")
+
+    signal.signal(signal.SIGTERM, terminate)
+    faulthandler.register(signal.SIGTERM, file=stacks, all_threads=True, chain=True)
+
+
+def note(out: Path, part: str, rc: int | None, cap: int | None, error: str | None) -> None:
+    """How a part's process ended, as the shell saw it (124/137: its cap; other non-zero: a crash)."""
+    meaning = {0: None, 124: "killed at its time cap", 137: "killed at its time cap (SIGKILL)"}
+    why = error or (meaning.get(rc, f"exited with status {rc} (a crash: see gpu_check.log)") if rc is not None
+                    else None)
+    Recorder(out, part).record("part_exit", rc == 0 and error is None, rc=rc, cap_seconds=cap, error=why)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("part", choices=("env", "engine", "bandwidth", "note", "summary"))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rehearse", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--cap", type=float, default=0, help="note: the part's time cap in seconds")
+    parser.add_argument("--part", dest="noted", default=None, help="note: the part that ended")
+    parser.add_argument("--rc", type=int, default=None)
+    parser.add_argument("--error", default=None)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.part == "note":
+        note(out, args.noted, args.rc, int(args.cap) or None, args.error)
+        return 0
+    if args.part == "summary":
+        from gpu_check_report import write_summary
+        write_summary(out)
+        return 0
+    if args.rehearse:
+        os.environ.setdefault("TRITON_INTERPRET", "1")     # before the kernels are defined (import time)
+    if args.part == "env":
+        os.environ["STARFISH_TRITON_ONE_CONFIG"] = "1"     # correctness: no autotuning, one config per kernel
+    watchdog(out)
+    import gpu_check_parts
+    getattr(gpu_check_parts, f"part_{args.part}")(Recorder(out, args.part), out, args.rehearse)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
