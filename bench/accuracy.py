@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from starfish_fast import HealConfig, heal
-from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
+from starfish_fast.bundled import BUNDLED_MODEL_NAME
 from starfish_fast.checkpoint import atomic_path, save_json_atomic
 from starfish_fast.data import (FASHION_MNIST_DIR, TensorLoader, build_transform, load_fashion_mnist,
                                 select_calibration)
@@ -56,7 +56,7 @@ from starfish_fast.diagnostics import (PAPER_ZETA_POINTS, plot_block_cosine, plo
 from starfish_fast.checkpoint import tensor_fingerprint
 from starfish_fast.plan import resolve_device
 from starfish_fast.masks import apply_masks, mask_density
-from starfish_fast.models import adapter_for, load_model
+from starfish_fast.models import adapter_for, load_dense, load_model
 from starfish_fast.objectives import OBJECTIVES, kl_dense_to_pruned
 from starfish_fast.prune import magnitude_masks, nm_masks, structured_masks
 
@@ -102,15 +102,8 @@ class Setting:
 
 # ----------------------------------------------------------------------------- tasks
 def _fashion_task(args, device) -> Task:
-    if args.model_name == BUNDLED_MODEL_NAME:
-        dense = load_bundled_model()[0] if args.dense_path is None else load_model(args.model_name, args.dense_path,
-                                                                                      "cpu")
-        scope, kind = "qkv_out_mlp", "mlp"
-    else:
-        from train_fashion_cnn import load_fashion_cnn
-
-        dense = load_fashion_cnn(args.dense_path)[0] if args.dense_path else load_fashion_cnn()[0]
-        scope, kind = "conv_fc", "channel"
+    dense = load_dense(args.model_name, args.dense_path)
+    scope, kind = ("qkv_out_mlp", "mlp") if args.model_name == BUNDLED_MODEL_NAME else ("conv_fc", "channel")
     train_images, train_labels = load_fashion_mnist(args.data_dir, "train")
     test_images, test_labels = load_fashion_mnist(args.data_dir, "test")
     if args.eval_samples:

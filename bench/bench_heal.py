@@ -7,8 +7,8 @@
         --kernels torch triton
     python bench/bench_heal.py --model deit3_huge_patch14_224 --batch-size 32 --steps 20
 
-Both runs use the same model (random weights unless it is the bundled ViT or the Fashion-MNIST
-CNN, ``fashion_cnn``), the same 50% magnitude masks over the model's default prune scope, the
+Both runs use the same model (random weights unless it is a bundled Fashion-MNIST model,
+``fashion_vit`` or ``fashion_cnn``), the same 50% magnitude masks over the model's default prune scope, the
 same calibration batches and batch size. The reference-equivalent loop is ``starfish_fast.baseline.reference_recovery`` (fp32,
 hooks, non-pinned fp16 CPU teacher cache copied every step, a host sync every step,
 non-foreach Adam). Reported: images/s of each and their ratio, median step time,
@@ -40,12 +40,11 @@ from starfish_fast import HealConfig, heal
 from starfish_fast.baseline import reference_recovery
 from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
 from starfish_fast.compat import RecoveryConfig
-from starfish_fast.models import adapter_for, build_empty_model
+from starfish_fast.models import adapter_for, model_spec
 from starfish_fast.prune import magnitude_masks
 
 log = logging.getLogger("bench_heal")
 RESULTS = Path(__file__).resolve().parent / "results"
-CNN_NAME = "fashion_cnn"
 
 
 def step_flops_per_image(model: torch.nn.Module, image_size: int, in_chans: int) -> float:
@@ -77,16 +76,14 @@ def step_flops_per_image(model: torch.nn.Module, image_size: int, in_chans: int)
 
 
 def load_dense(name: str) -> tuple[torch.nn.Module, int, int]:
-    """(dense model in eval mode, image size, input channels): the bundled ViT, the Fashion-MNIST
-    CNN of bench/train_fashion_cnn.py, or a timm name with random weights."""
-    if name == BUNDLED_MODEL_NAME:
-        return load_bundled_model()[0], 28, 1
-    if name == CNN_NAME:
-        from train_fashion_cnn import load_fashion_cnn
-        return load_fashion_cnn()[0], 28, 1
-    dense = build_empty_model(name).eval()
-    _, image_size, _ = dense.pretrained_cfg["input_size"][-3:]
-    return dense, image_size, dense.pretrained_cfg["input_size"][0]
+    """(dense model in eval mode, image size, input channels): a bundled Fashion-MNIST model (trained
+    weights), or any other registered name with random weights (speed does not depend on them)."""
+    spec = model_spec(name)
+    if spec.source == "bundled":
+        return load_bundled_model(name)[0], 28, 1
+    dense = spec.build().eval()
+    channels, image_size, _ = getattr(dense, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
+    return dense, image_size, channels
 
 
 def timed_heal(dense: torch.nn.Module, masks, batches, config: HealConfig):

@@ -11,39 +11,16 @@ width on 1-channel 28x28 images, 0.22M parameters, 13 blocks down to 1x1 at the 
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from functools import partial
 
 import train_fashion_mnist
-from torch import nn
 
-CNN_ARCH = dict(variant="mobilenetv1_100", channel_multiplier=0.25, num_classes=10, in_chans=1)
-CNN_WEIGHTS = Path(train_fashion_mnist.BUNDLED_WEIGHTS).with_name("fashion_cnn.safetensors")
-
-
-def build_fashion_cnn() -> nn.Module:
-    from timm.models.efficientnet import _gen_mobilenet_v1
-
-    return _gen_mobilenet_v1(**CNN_ARCH)
-
-
-def load_fashion_cnn(path: str | Path = CNN_WEIGHTS) -> tuple[nn.Module, dict]:
-    """The trained CNN in eval mode and its metadata (recipe, test top-1)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"CNN weights {path} are missing; train them with `python bench/train_fashion_cnn.py`")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
-    model = build_fashion_cnn()
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model.eval(), metadata
+from starfish_fast.bundled import CNN_ARCH, build_bundled_model, bundled_weights
 
 
 def main() -> None:
-    train_fashion_mnist.main(build_model=build_fashion_cnn, architecture=CNN_ARCH, default_output=CNN_WEIGHTS,
+    train_fashion_mnist.main(build_model=partial(build_bundled_model, "fashion_cnn"), architecture=CNN_ARCH,
+                             default_output=bundled_weights("fashion_cnn"),
                              description=__doc__.split("\n")[0], recipe_defaults={"epochs": 10, "lr": 2e-3})
 
 

@@ -38,16 +38,24 @@ RECOVERED_METADATA_KEYS = ("model_name", "dense_path", "mask_path", "calib_sourc
 
 
 # ----------------------------------------------------------------------------- writing
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the body succeeds.
-    The temporary file is created with mode 0666 less the umask, like ``open(path, "w")``."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the body succeeds. The
+    file ends with mode 0666 less the umask, like ``open(path, "w")``, whatever the writer did (safetensors
+    creates its file afresh)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield str(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starfish_fast.models import MLP_LAYERS, adapter_for, set_submodule
+from starfish_fast.models import adapter_for, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,9 @@ class QkCompaction:
 
 
 def mlp_compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[MlpCompaction]:
-    """Blocks whose MLP has neurons pruned in both fc1 (row) and fc2 (column)."""
-    adapter = adapter_for(model)
-    if adapter.family not in MLP_LAYERS:
-        return []
-    fc1_name, fc2_name = MLP_LAYERS[adapter.family]
+    """MLPs (the adapter's fc1/fc2 pairs) with hidden neurons pruned in both fc1 (row) and fc2 (column)."""
     plan = []
-    for block in adapter.block_names(model):
-        fc1, fc2 = f"{block}.{fc1_name}", f"{block}.{fc2_name}"
+    for fc1, fc2 in adapter_for(model).mlp_pairs(model):
         fc1_mask, fc2_mask = masks.get(f"{fc1}.weight"), masks.get(f"{fc2}.weight")
         if fc1_mask is None or fc2_mask is None:
             continue
@@ -146,7 +141,7 @@ def qk_compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor], every_l
         reason = _unsupported_attention(attention)
         if reason:
             if qk_dim < head_dim:
-                log.info("%s: QK dims are pruned but not compacted (%s)", path, reason)
+                log.debug("%s: QK dims are pruned but not compacted (%s)", path, reason)
             continue
         # the live dims of each head, padded with its first dead ones up to qk_dim
         order = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices[:, :qk_dim]   # (heads, qk_dim)
@@ -270,8 +265,10 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Ten
     bias = linear.bias
     if bias is not None and rows is not None:
         bias = bias[rows]
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    # skip_init: a plain nn.Linear would draw its initial weights from the global RNG, shifting every
+    # later draw (dropout, stochastic depth) against the run without compaction
+    out = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                   device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         out.weight.copy_(weight)
         if bias is not None:

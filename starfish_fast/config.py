@@ -45,11 +45,12 @@ class HealConfig:
     mode: str = option("fast", "exact: the reference's step semantics; fast: bf16, compile, fused steps",
                        ("fast", "exact"))
     objective: str = option("starfish", "healing loss", OBJECTIVES)
-    cosine_per: str = option("auto", "cosine rows: token (B*T rows) or sample (B rows); auto: the model's rule",
+    cosine_per: str = option("auto", "cosine rows: token (B*T rows) or sample (B rows); auto: the model's rule "
+                                     "(tokens of (B, T, D) and of channels-last maps, else images)",
                              ("auto", "token", "sample"))
     block_weights: Any = option(None, "per-block loss weights: comma-separated numbers (default: uniform)")
-    precision: str = option("auto", "compute precision in fast mode (auto: bf16 on CUDA and for transformers "
-                                    "on bf16-native CPUs, else fp32)", ("auto", *PRECISIONS))
+    precision: str = option("auto", "compute precision in fast mode (auto: bf16 on CUDA and for ViTs on "
+                                    "bf16-native CPUs, else fp32)", ("auto", *PRECISIONS))
     compile: str = option("auto", "per-block torch.compile (auto: on CUDA in fast mode)", AUTO_ON_OFF)
     teacher_store: str = option("auto", "where the dense model's block outputs live (auto: from their size "
                                         "and the free memory)", STORE_KINDS)

@@ -1,31 +1,42 @@
-"""Calibration and evaluation data: Fashion-MNIST IDX files, ImageFolder trees,
-in-memory tensors and (optionally) Hugging Face streaming, as the reference.
+"""Calibration and evaluation data: Fashion-MNIST IDX files, folders of image files, in-memory
+tensors and Hugging Face streaming (the reference's loaders, same signatures).
 
-    from starfish_fast.data import load_fashion_mnist, calibration_batches
-    images, labels = load_fashion_mnist(split="train")           # (60000,1,28,28) float, (60000,)
-    calib = calibration_batches(images, num_samples=1000, batch_size=32, seed=0)
+    from starfish_fast.data import fashion_mnist_split, image_files_loader, split_batches
+    calib, eval_images, eval_labels = fashion_mnist_split("/usr/share/datasets/fashion-mnist", "test",
+                                                          calib_samples=1000, eval_samples=9000, seed=0)
+    batches = split_batches(calib, batch_size=32)                  # (32, 1, 28, 28) float batches, no labels
+    loader = image_files_loader("my_images/", num_samples=512, shuffle=True)   # (images, labels=-100) batches
 
-Calibration images are unlabeled: the functions that build calibration sets
-return images only, so labels can never reach the healing objective.
+    from starfish_fast.data import build_transform, make_calibration_loader   # pip install 'starfish_fast[hf]'
+    loader = make_calibration_loader(dataset_name="ILSVRC/imagenet-1k", source="test", batch_size=32,
+                                     transform=build_transform(), calib_samples=5000, seed=0, shuffle_buffer=5000)
+
+Calibration images are unlabeled: the functions that build calibration sets return images
+only (or labels of -100), so labels can never reach the healing objective.
 """
 from __future__ import annotations
 
 import gzip
-import logging
+import io
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
-
-log = logging.getLogger(__name__)
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
+CALIB_SOURCES = ("train", "val", "test")
+# Calibration source -> (Hugging Face split, shuffled): the reference's rule.
+HF_CALIB_SPLITS = {"train": ("train", True), "val": ("validation", False), "test": ("test", True)}
+HF_IMAGE_KEYS = ("image", "jpg", "jpeg", "png", "webp")
 # Per-pixel statistics of the Fashion-MNIST train split (60k images, [0,1] scale).
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -77,12 +88,131 @@ def load_fashion_mnist(directory: str | os.PathLike = FASHION_MNIST_DIR, split: 
     return images, labels
 
 
+def _check_source(source: str) -> None:
+    if source not in CALIB_SOURCES:
+        raise ValueError(f"unknown calibration source {source!r}; allowed: {', '.join(CALIB_SOURCES)}")
+
+
+def _check_split_counts(source: str, calib_samples: int, eval_samples: int, sizes: Mapping[str, int]) -> None:
+    """ValueError unless the calibration split holds ``calib_samples`` images and ``eval_samples`` test
+    images remain for evaluation (``sizes``: images per split)."""
+    pool = "train" if source == "train" else "test"
+    if calib_samples > sizes[pool]:
+        raise ValueError(f"calibration set too small: --calib-samples {calib_samples} but only {sizes[pool]} images "
+                         f"in the Fashion-MNIST {pool} split (--calib-source {source})")
+    if source == "train" and eval_samples > sizes["test"]:
+        raise ValueError(f"--eval-samples {eval_samples} but the Fashion-MNIST test split has only {sizes['test']} "
+                         f"images (--calib-source {source})")
+    remaining = sizes["test"] - calib_samples
+    if source != "train" and eval_samples > remaining:
+        raise ValueError(f"--eval-samples {eval_samples} but only {remaining} test images remain after the "
+                         f"{calib_samples} calibration images (--calib-source {source})")
+
+
+def fashion_mnist_split(directory: str | os.PathLike, source: str, calib_samples: int, eval_samples: int,
+                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Unlabeled calibration images and disjoint labeled evaluation images ``(calib, eval_images, eval_labels)``
+    (the last two None when ``eval_samples == 0``), normalised like ``load_fashion_mnist``.
+
+    ``train``: calibration = a seeded random subset of the train split, evaluation = the first test images;
+    ``test``: calibration = a seeded random subset of the test split, evaluation = the first test images
+    not used for calibration, in order; ``val``: calibration = the first test images (unshuffled, the
+    reference's val rule), evaluation = the next ones."""
+    _check_source(source)
+    if calib_samples <= 0 or eval_samples < 0:
+        raise ValueError(f"need calib_samples > 0 and eval_samples >= 0, got {calib_samples} and {eval_samples}")
+    _check_split_counts(source, calib_samples, eval_samples, FASHION_MNIST_SIZES)   # before reading anything
+    train = load_fashion_mnist(directory, "train")[0] if source == "train" else None
+    test_images, test_labels = load_fashion_mnist(directory, "test") if source != "train" or eval_samples \
+        else (None, None)
+    sizes = {"train": 0 if train is None else train.shape[0],
+             "test": 0 if test_images is None else test_images.shape[0]}
+    _check_split_counts(source, calib_samples, eval_samples, sizes)    # a directory of other sizes than Fashion-MNIST's
+    pool = train if source == "train" else test_images
+    calib_index = torch.arange(calib_samples) if source == "val" else \
+        select_calibration(torch.arange(pool.shape[0]), calib_samples, seed)          # (calib_samples,)
+    if eval_samples == 0:
+        return pool[calib_index], None, None
+    keep = torch.ones(test_images.shape[0], dtype=torch.bool)                         # (N_test,)
+    if source != "train":
+        keep[calib_index] = False                                                     # no image in both sets
+    eval_index = keep.nonzero().flatten()[:eval_samples]                              # (eval_samples,), in order
+    return pool[calib_index], test_images[eval_index], test_labels[eval_index]
+
+
+def fashion_mnist_eval(directory: str | os.PathLike = FASHION_MNIST_DIR, eval_samples: int | None = None,
+                       batch_size: int = 256) -> TensorLoader:
+    """A loader of the first ``eval_samples`` Fashion-MNIST test images and their labels (all when None)."""
+    test_size = FASHION_MNIST_SIZES["test"]
+    if eval_samples is not None and not 0 < eval_samples <= test_size:
+        raise ValueError(f"--eval-samples {eval_samples}: the Fashion-MNIST test split has {test_size} images "
+                         f"(ask for 1 to {test_size})")
+    images, labels = load_fashion_mnist(directory, "test")
+    return TensorLoader(images[:eval_samples], labels[:eval_samples], batch_size=batch_size)
+
+
+def image_files(directory: str | os.PathLike) -> list[Path]:
+    """Every image file under ``directory`` at any depth (flat, class subfolders or any nesting), sorted;
+    an image is a file with one of torchvision's ``IMG_EXTENSIONS``."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"image directory {directory} does not exist")
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not an image directory")
+    files = sorted(path for path in directory.rglob("*") if path.suffix.lower() in IMG_EXTENSIONS and path.is_file())
+    if not files:
+        raise ValueError(f"image directory {directory} holds no images (looked for {' '.join(IMG_EXTENSIONS)} "
+                         f"at any depth)")
+    return files
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:          # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"{path} is not a readable image ({error})") from None
+
+
+class ImageFiles(Dataset):
+    """``(transform(RGB image), -100)`` per image file: no labels are read."""
+
+    def __init__(self, files: list[Path], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(_open_rgb(self.files[index])), -100
+
+
+def _subset_loader(dataset: Dataset, batch_size: int, num_samples: int, shuffle: bool, seed: int,
+                   num_workers: int) -> DataLoader:
+    """``num_samples > 0`` items of ``dataset`` (a seeded random subset when ``shuffle``, else the first)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)) if shuffle \
+        else torch.arange(len(dataset))
+    if num_samples > 0:
+        order = order[:num_samples]
+    return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def image_files_loader(directory: str | os.PathLike, *, batch_size: int = 32, transform=None, num_samples: int = 0,
+                       shuffle: bool = False, seed: int = 0, num_workers: int = 2) -> DataLoader:
+    """A ``DataLoader`` of ``(images, labels)`` over the unlabeled image files of ``image_files(directory)``;
+    labels are all -100. ``num_samples > 0`` takes that many (a seeded random subset when ``shuffle``);
+    default transform: ``build_transform()`` (ImageNet 224 crop), applied to the RGB image."""
+    dataset = ImageFiles(image_files(directory), transform or build_transform())
+    return _subset_loader(dataset, batch_size, num_samples, shuffle, seed, num_workers)
+
+
 def image_folder_loader(directory: str | os.PathLike, batch_size: int = 32, transform=None, num_samples: int = 0,
-                        shuffle: bool = False, seed: int = 0, num_workers: int = 2):
-    """A ``DataLoader`` of ``(images, labels)`` over a torchvision ImageFolder tree, streamed from disk.
-    ``num_samples > 0`` takes that many (a seeded random subset when ``shuffle``); default
-    transform: the reference's ``build_transform()`` (ImageNet 224 crop)."""
-    from torch.utils.data import DataLoader, Subset
+                        shuffle: bool = False, seed: int = 0, num_workers: int = 2) -> DataLoader:
+    """A ``DataLoader`` of ``(images, labels)`` over a labeled torchvision ImageFolder tree (class subfolders),
+    streamed from disk. ``num_samples > 0`` takes that many (a seeded random subset when ``shuffle``);
+    default transform: the reference's ``build_transform()`` (ImageNet 224 crop)."""
     from torchvision.datasets import ImageFolder
 
     directory = Path(directory)
@@ -91,11 +221,7 @@ def image_folder_loader(directory: str | os.PathLike, batch_size: int = 32, tran
     dataset = ImageFolder(str(directory), transform=transform or build_transform())
     if len(dataset) == 0:
         raise ValueError(f"image directory {directory} holds no images")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)) if shuffle \
-        else torch.arange(len(dataset))
-    if num_samples > 0:
-        order = order[:num_samples]
-    return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return _subset_loader(dataset, batch_size, num_samples, shuffle, seed, num_workers)
 
 
 def build_transform():
@@ -139,10 +265,6 @@ def split_batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
-
-
-def calibration_batches(images: torch.Tensor, num_samples: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
-    return split_batches(select_calibration(images, num_samples, seed), batch_size)
 
 
 def as_batches(calib, batch_size: int | None = None) -> list[torch.Tensor]:
@@ -199,59 +321,72 @@ class TensorLoader:
             yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
 
 
-def _hf_stream(dataset_name: str, split: str, transform, skip: int, take: int, seed: int, shuffle_buffer: int,
-               shuffle: bool):
+# ----------------------------------------------------------------------------- Hugging Face streaming
+def _row_image(row: Mapping) -> Image.Image:
+    """The image of one dataset row: the first present key of ``HF_IMAGE_KEYS``, as a PIL image, raw bytes
+    or ``{"bytes": ...}``."""
+    key = next((key for key in HF_IMAGE_KEYS if row.get(key) is not None), None)
+    if key is None:
+        raise ValueError(f"dataset row has no image under any of {', '.join(HF_IMAGE_KEYS)}; its keys: {list(row)}")
+    value = row[key]
+    if isinstance(value, Mapping):
+        value = value.get("bytes")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, Image.Image):
+        return value
+    raise ValueError(f"dataset row key {key!r} holds a {type(value).__name__}; expected a PIL image, bytes "
+                     f"or {{'bytes': ...}}")
+
+
+class HFImageStream(IterableDataset):
+    """``(transform(RGB image), int(label))`` for every row of a Hugging Face stream; label -100 when
+    absent or None."""
+
+    def __init__(self, stream, transform):
+        super().__init__()
+        self.stream, self.transform = stream, transform
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for row in self.stream:
+            label = row.get("label")
+            yield self.transform(_row_image(row).convert("RGB")), -100 if label is None else int(label)
+
+
+def make_hf_loader(*, dataset_name: str, split: str, batch_size: int, transform, shuffle_buffer: int = 0,
+                   seed: int = 0, take: int | None = None, skip: int = 0) -> DataLoader:
+    """``(images, labels)`` batches streamed from a Hugging Face dataset split: shuffled (``seed``) when
+    ``shuffle_buffer > 0``, then ``skip`` rows skipped, then ``take`` rows taken (all when None)."""
+    if skip < 0 or (take is not None and take < 0):
+        raise ValueError(f"skip and take must be >= 0, got skip={skip} and take={take}")
     try:
         from datasets import load_dataset
-    except ImportError as error:  # pragma: no cover - optional extra
-        raise ImportError("Hugging Face streaming needs the `hf` extra: pip install 'starfish_fast[hf]'") from error
-    split_name = {"train": "train", "val": "validation", "test": "test"}[split]
-    stream = load_dataset(dataset_name, split=split_name, streaming=True)
-    if shuffle:
+    except ImportError as error:
+        raise ImportError("Hugging Face streaming needs the `datasets` package: "
+                          "pip install 'starfish_fast[hf]'") from error
+    stream = load_dataset(dataset_name, streaming=True, split=split)
+    if shuffle_buffer > 0:
         stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
-    stream = stream.skip(skip).take(take)
-    for row in stream:
-        image = row.get("image", row.get("img"))
-        label = row.get("label", -100)
-        yield transform(image.convert("RGB")), (-100 if label is None or label < 0 else int(label))
+    if skip > 0:
+        stream = stream.skip(skip)
+    if take is not None:
+        stream = stream.take(take)
+    return DataLoader(HFImageStream(stream, transform), batch_size=batch_size, num_workers=0,
+                      pin_memory=torch.cuda.is_available())
 
 
-def _hf_loader(*, dataset_name: str, split_source: str, batch_size: int, transform, skip: int, num_samples: int,
-               seed: int, shuffle_buffer: int, shuffle: bool):
-    if split_source not in ("train", "val", "test"):
-        raise ValueError(f"unknown split source {split_source!r}; allowed: train, val, test")
-    transform = transform or build_transform()
-
-    class _Loader:
-        def __iter__(self):
-            images, labels = [], []
-            for image, label in _hf_stream(dataset_name, split_source, transform, skip, num_samples, seed,
-                                           shuffle_buffer, shuffle):
-                images.append(image)
-                labels.append(label)
-                if len(images) == batch_size:
-                    yield torch.stack(images), torch.tensor(labels)
-                    images, labels = [], []
-            if images:
-                yield torch.stack(images), torch.tensor(labels)
-
-    return _Loader()
+def make_calibration_loader(*, dataset_name: str, source: str, batch_size: int, transform, calib_samples: int,
+                            seed: int, shuffle_buffer: int) -> DataLoader:
+    """The first ``calib_samples`` rows of split ``train`` (shuffled), ``validation`` (``val``: unshuffled,
+    evaluation then skips them) or ``test`` (shuffled), by ``source``."""
+    _check_source(source)
+    split, shuffled = HF_CALIB_SPLITS[source]
+    return make_hf_loader(dataset_name=dataset_name, split=split, batch_size=batch_size, transform=transform,
+                          shuffle_buffer=shuffle_buffer if shuffled else 0, seed=seed, take=calib_samples)
 
 
-def make_calibration_loader(*, dataset_name: str = "ILSVRC/imagenet-1k", split_source: str = "test",
-                            batch_size: int = 32, transform=None, num_samples: int = 5000, seed: int = 0,
-                            shuffle_buffer: int = 5000, shuffle: bool = True):
-    """Streaming ``(image, label)`` batches from a Hugging Face dataset (reference API)."""
-    return _hf_loader(dataset_name=dataset_name, split_source=split_source, batch_size=batch_size,
-                      transform=transform, skip=0, num_samples=num_samples, seed=seed,
-                      shuffle_buffer=shuffle_buffer, shuffle=shuffle)
-
-
-def make_eval_loader(*, dataset_name: str = "ILSVRC/imagenet-1k", split_source: str = "val", batch_size: int = 32,
-                     transform=None, num_samples: int = 0, skip_samples: int = 0, seed: int = 0,
-                     shuffle_buffer: int = 5000, shuffle: bool = False):
-    """Streaming evaluation batches; ``skip_samples`` skips the calibration images when both use ``val``."""
-    return _hf_loader(dataset_name=dataset_name, split_source=split_source, batch_size=batch_size,
-                      transform=transform, skip=skip_samples, num_samples=num_samples, seed=seed,
-                      shuffle_buffer=shuffle_buffer, shuffle=shuffle)
-
+def make_eval_loader(*, dataset_name: str, batch_size: int, transform, eval_samples: int,
+                     skip: int = 0) -> DataLoader:
+    """Split ``validation`` in order: ``skip`` rows skipped, then ``eval_samples`` taken."""
+    return make_hf_loader(dataset_name=dataset_name, split="validation", batch_size=batch_size, transform=transform,
+                          take=eval_samples, skip=skip)

@@ -107,9 +107,10 @@ def kl_bound_terms(h: torch.Tensor, h_pruned: torch.Tensor, weight: torch.Tensor
 
 # ----------------------------------------------------------------------------- models
 def classifier_head(model: nn.Module) -> nn.Linear:
-    """The final ``nn.Linear`` whose input is the last hidden representation h."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(
-        getattr(model, "heads", None), "head", None)                               # timm / torchvision ViT
+    """The final ``nn.Linear`` whose input is the last hidden representation h: timm's
+    ``get_classifier()``, else the model's last ``nn.Linear`` (torchvision's fc / heads.head / classifier[-1])."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    head = model.get_classifier() if hasattr(model, "get_classifier") else (linears[-1] if linears else None)
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{type(model).__name__}: no linear classification head found (got "
                          f"{type(head).__name__}); the KL bound needs logits = A h + b")
@@ -150,8 +151,9 @@ def representation_diagnostics(dense: nn.Module, model: nn.Module, images, label
     ``{block: mean cosine to the dense output}`` (rows as the STARFISH loss: tokens of
     (B, T, D) outputs, images otherwise). Both models are put in eval mode and restored."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, block_names)
     block_names = list(block_names) if block_names is not None else adapter.block_names(model)
+    per = "token" if adapter.rows == "token" else "auto"
     head, dense_head = classifier_head(model), classifier_head(dense)
     modes = dense.training, model.training
     dense.eval()
@@ -172,8 +174,8 @@ def representation_diagnostics(dense: nn.Module, model: nn.Module, images, label
             zeta_max = max(zeta_max, float(terms["zeta"].max()))
             n = batch_images.shape[0]
             for i, (s, t) in enumerate(zip(reps_model, reps_dense)):
-                # per="auto": mean over tokens of (B, T, D) or over images; T is fixed, so weight by n
-                cosine_sums[i] += n * (1 - float(multi_block_cosine_loss_reference([s.float()], [t.float()], "auto")))
+                # the STARFISH rows: tokens of (B, T, D) (and of channels-last maps), else images; weighted by n
+                cosine_sums[i] += n * (1 - float(multi_block_cosine_loss_reference([s.float()], [t.float()], per)))
             batch_labels = batch_labels.to(device)
             valid = batch_labels >= 0                                               # (B,): -100 = unlabeled
             correct_dense += int((logits_dense.argmax(-1).eq(batch_labels) & valid).sum())

@@ -91,7 +91,7 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
         raise ValueError("calibration set is empty")
     plan = resolve_plan(config, pruned_model, calib=batches, block_names=block_names)
     log.info("%s", plan.summary())
-    predicate = predicate or adapter_for(pruned_model).scope_predicate(plan.scope)
+    predicate = predicate or adapter_for(pruned_model, plan.blocks).scope_predicate(plan.scope)
     masks = validate_masks(masks, pruned_model, predicate)
     narrowing = compaction_plan(pruned_model, masks, mlp=plan.compact_mlp, qk=plan.compact_qk,
                                 every_attention=plan.attention_fp32_core)
@@ -115,7 +115,7 @@ class _Run:
 
     def __init__(self, student, dense, masks, batches, config: HealConfig, plan: Plan, labels, predicate):
         self.config, self.plan, self.device = config, plan, plan.torch_device
-        self.adapter = adapter_for(student)
+        self.adapter = adapter_for(student, plan.blocks)
         self.masks, self.batches = masks, batches
         self.labels = _label_batches(labels, batches, config) if config.objective == "ce" else None
         self.student, self.dense = student.to(self.device), dense.to(self.device).eval()
@@ -170,6 +170,7 @@ def _heal_model(student, dense, masks, batches, config: HealConfig, plan: Plan, 
     with contextlib.ExitStack() as swaps:       # module swaps and compiled wrappers, undone on any exit
         try:
             run.student.train()                 # the reference's student mode (BatchNorm statistics update)
+            swaps.enter_context(run.adapter.prepared(run.student, plan.blocks))
             step.setup(swaps)
             step_losses, history = _loop(run, store, step)
         finally:

@@ -50,6 +50,7 @@ def block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch
     if len(students) != len(teachers) or not students:
         raise ValueError(f"need the same non-zero number of student and teacher blocks, got "
                          f"{len(students)} and {len(teachers)}")
+    per = "auto" if per == "shape" else per           # the plan's "by shape" is the kernels' auto
     if block_weights is None:
         fused = use_triton("cosine_loss", students[0], kernels)
         return multi_block_cosine_loss(list(students), list(teachers), per, kernel=fused)

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from starfish_fast.compaction import ATTENTION_LAYERS
 from starfish_fast.config import KERNEL_OPS, HealConfig
 from starfish_fast.kernels._dispatch import AUTO_TRITON_ON_CUDA, triton_available_for
 from starfish_fast.models import adapter_for
@@ -38,7 +39,7 @@ class Plan:
     family: str                       # the model adapter's family
     scope: str
     blocks: tuple[str, ...]
-    cosine_per: str                   # token | sample
+    cosine_per: str                   # token | sample | shape ((B, T, D) per token, (B, C, H, W) per image)
     precision: str                    # fp32 | bf16 | fp16
     teacher_dtype: str
     teacher_store: str                # gpu | pinned | disk | recompute | memory | none
@@ -100,20 +101,20 @@ def cpu_has_native_bf16() -> bool:
                for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def _precision(config: HealConfig, device: torch.device, rows: str) -> tuple[str, str, str]:
-    """(compute precision, teacher dtype, reason). ``rows``: the adapter's cosine rows (token: transformers).
+def _precision(config: HealConfig, device: torch.device, family: str) -> tuple[str, str, str]:
+    """(compute precision, teacher dtype, reason).
 
-    CPU ``auto``: bf16 autocast healed transformers about 1.8x faster than fp32 once the attention
-    core runs in fp32 (compaction.py), and the MobileNet-style CNN 0.6x as fast
-    (bench/results/precision_cpu.json): bf16 for token models on bf16-native CPUs only."""
+    CPU ``auto``: bf16 autocast healed ViTs about 1.8x faster than fp32 once the attention core runs
+    in fp32 (the ViT families' attention is swapped for compaction.py's module), and the MobileNet-style
+    CNN 0.6x as fast (bench/results/precision_cpu.json): bf16 for those ViTs on bf16-native CPUs only."""
     if config.mode == "exact":
         return "fp32", "fp16" if config.teacher_dtype == "auto" else config.teacher_dtype, "exact mode: fp32"
     if config.precision != "auto":
         precision, reason = config.precision, "requested"
     elif device.type == "cuda":
         precision, reason = "bf16", "auto: bf16 tensor cores on CUDA"
-    elif rows == "token" and cpu_has_native_bf16():
-        precision, reason = "bf16", "auto: transformer on a bf16-native CPU (bench/results/precision_cpu.json)"
+    elif family in ATTENTION_LAYERS and cpu_has_native_bf16():
+        precision, reason = "bf16", "auto: ViT on a bf16-native CPU (bench/results/precision_cpu.json)"
     else:
         precision, reason = "fp32", "auto: fp32 on this CPU for this model (bench/results/precision_cpu.json)"
     teacher = config.teacher_dtype if config.teacher_dtype != "auto" else ("bf16" if precision == "bf16" else "fp16")
@@ -167,13 +168,12 @@ def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.devic
     from starfish_fast.objectives import needs_blocks, needs_teacher_logits
 
     device = resolve_device(config.device if device is None else device)
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, block_names)
     scope = adapter.check_scope(config.scope)
     blocks = tuple(block_names) if block_names is not None else tuple(adapter.block_names(model))
     if not blocks and needs_blocks(config.objective):
         raise ValueError("no blocks to align: block_names is empty")
-    rows = adapter.rows
-    precision, teacher_dtype, precision_reason = _precision(config, device, rows)
+    precision, teacher_dtype, precision_reason = _precision(config, device, adapter.family)
     fast = config.mode == "fast"
     compile_on = config.compile == "on" or (config.compile == "auto" and fast and device.type == "cuda")
     if compile_on and not fast:
@@ -190,9 +190,10 @@ def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.devic
                "semi_structured": "requested" if config.semi_structured != "auto" else
                "auto: off until bench_sparse24.py measures a gain"}
     plan = Plan(device=str(device), mode=config.mode, family=adapter.family, scope=scope, blocks=blocks,
-                cosine_per=rows if config.cosine_per == "auto" else config.cosine_per, precision=precision,
+                cosine_per=adapter.rows if config.cosine_per == "auto" else config.cosine_per, precision=precision,
                 teacher_dtype=teacher_dtype, teacher_store=store, compile=compile_on, compact_mlp=compact_mlp,
-                compact_qk=compact_qk, attention_fp32_core=fast and device.type == "cpu", kernels=kernels,
+                compact_qk=compact_qk, kernels=kernels,
+                attention_fp32_core=fast and device.type == "cpu" and adapter.family in ATTENTION_LAYERS,
                 semi_structured=fast and config.semi_structured == "on", reasons=reasons)
     log.debug("plan reasons: %s", reasons)
     return plan

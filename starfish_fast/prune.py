@@ -8,7 +8,7 @@ reference's prune scopes, in the reference's mask format.
     print(format_summary(sparsity_summary(masks)))              # per-layer and total sparsity
     torch.save(masks, "masks.pt")                               # loads in the reference's load_masks
 
-    starfish-fast prune --model-name fashion_vit --method nm --output masks.safetensors
+    starfish-fast prune --model-name fashion_vit --method nm --output masks.safetensors   # the same from the shell
 
 Every maker returns a mask (True = keep and train) for every weight of the scope, on the CPU,
 and logs its summary. Importance is the weight magnitude unless ``score`` says otherwise: a
@@ -33,15 +33,13 @@ Conventions:
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from starfish_fast.models import MLP_LAYERS, adapter_for, prunable_weights
+from starfish_fast.models import adapter_for, prunable_weights
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +56,7 @@ def magnitude_score(key: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- checks and helpers
-def _check_sparsity(sparsity) -> float:
+def check_sparsity(sparsity) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of weights removed), got {sparsity!r}")
     return float(sparsity)
@@ -111,7 +109,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "auto", per:
                     score: ScoreFn = magnitude_score) -> dict[str, torch.Tensor]:
     """Unstructured masks removing the lowest-scoring ``sparsity`` fraction of each layer
     (``per="layer"``) or of the whole scope at once (``per="global"``)."""
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     if per not in ("layer", "global"):
         raise ValueError(f"per must be 'layer' or 'global', got {per!r}")
     _, resolved, weights = _scope_weights(model, scope)
@@ -171,23 +169,25 @@ def nm_masks(model: nn.Module, n: int = 2, m: int = 4, scope: str = "auto",
 def structured_masks(model: nn.Module, sparsity: float, scope: str = "auto", kind: str | None = None,
                      score: ScoreFn = magnitude_score) -> dict[str, torch.Tensor]:
     """Structured masks: whole MLP neurons (``mlp``), QK head dimensions (``qk``), both
-    (``qk_mlp``), or conv output channels (``channel``, MobileNetV1); ``sparsity`` of each layer's
-    groups is removed. Without ``kind``: ``channel`` for MobileNetV1; for ViTs ``qk`` with the
-    attention-only scopes (qk, qkv, qkv_out), ``qk_mlp`` with qk_mlp, ``mlp`` otherwise.
+    (``qk_mlp``), or conv output channels (``channel``: MobileNetV1 and any CNN); ``sparsity`` of each
+    layer's groups is removed. Without ``kind``: ``channel`` for CNNs; for ViTs ``qk`` with the
+    attention-only scopes (qk, qkv, qkv_out), ``qk_mlp`` with qk_mlp, ``mlp`` otherwise; for other
+    models with timm ``Mlp`` blocks, ``mlp`` with the linear and mlp scopes.
     Weights of the scope that the kind does not touch get all-True masks."""
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     adapter, resolved, weights = _scope_weights(model, scope)
-    kind = kind if kind is not None else _default_kind(adapter.family, resolved)
+    pairs = adapter.mlp_pairs(model)
+    kind = kind if kind is not None else _default_kind(adapter.family, resolved, bool(pairs))
     if kind not in STRUCTURED_KINDS:
         raise ValueError(f"unknown structured kind {kind!r}; allowed: {', '.join(STRUCTURED_KINDS)}")
-    allowed = ("channel",) if adapter.family == "mobilenetv1" else ("mlp", "qk", "qk_mlp")
+    allowed = {"mobilenetv1": ("channel",), "generic": ("mlp", "channel")}.get(adapter.family, ("mlp", "qk", "qk_mlp"))
     if kind not in allowed:
         raise ValueError(f"structured kind {kind!r} does not apply to {adapter.family} models; allowed: "
                          f"{', '.join(allowed)}")
     scores = _scores(weights, score)
     masks = {key: torch.ones_like(value, dtype=torch.bool) for key, value in scores.items()}
     if kind in ("mlp", "qk_mlp"):
-        masks.update(_mlp_neuron_masks(adapter.family, scores, sparsity, resolved))
+        masks.update(_mlp_neuron_masks(pairs, scores, sparsity, resolved))
     if kind in ("qk", "qk_mlp"):
         masks.update(_qk_masks(model, scores, sparsity, resolved))
     if kind == "channel":
@@ -195,17 +195,15 @@ def structured_masks(model: nn.Module, sparsity: float, scope: str = "auto", kin
     return _finish(masks, f"structured {kind} pruning, sparsity {sparsity:g}, scope {resolved}")
 
 
-def _default_kind(family: str, scope: str) -> str:
-    if family == "mobilenetv1":
-        return "channel"
+def _default_kind(family: str, scope: str, has_mlp: bool) -> str:
+    if family in ("mobilenetv1", "generic"):
+        return "mlp" if family == "generic" and has_mlp and scope in ("linear", "mlp") else "channel"
     return {"qk": "qk", "qkv": "qk", "qkv_out": "qk", "qk_mlp": "qk_mlp"}.get(scope, "mlp")
 
 
-def _mlp_neuron_masks(family: str, scores, sparsity: float, scope: str) -> dict[str, torch.Tensor]:
-    fc1_suffix, fc2_suffix = (f".{layer}.weight" for layer in MLP_LAYERS[family])
+def _mlp_neuron_masks(pairs, scores, sparsity: float, scope: str) -> dict[str, torch.Tensor]:
     masks = {}
-    for fc1_key in [key for key in scores if key.endswith(fc1_suffix)]:
-        fc2_key = fc1_key[:-len(fc1_suffix)] + fc2_suffix
+    for fc1_key, fc2_key in [(f"{fc1}.weight", f"{fc2}.weight") for fc1, fc2 in pairs if f"{fc1}.weight" in scores]:
         if fc2_key not in scores:
             raise ValueError(f"structured mlp pruning needs {fc2_key} in the scope beside {fc1_key}")
         neuron_scores = scores[fc1_key].sum(1) + scores[fc2_key].sum(0)   # (hidden,): fc1 row + fc2 column
@@ -275,84 +273,3 @@ def format_summary(summary: Mapping) -> str:
              for key, layer in summary["layers"].items()]
     lines.append(f"{'total':<{width}}  {summary['total']:>20,}  sparsity {summary['sparsity']:.4f}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- command line
-MASK_SUFFIXES = (".pt", ".pth", ".safetensors")
-
-
-def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``starfish-fast prune``."""
-    parser.add_argument("--model-name", required=True, help="a supported model name; fashion_vit is the bundled one")
-    parser.add_argument("--dense-path", default=None,
-                        help="dense checkpoint (state dict or {'state_dict': ...}); optional for fashion_vit")
-    parser.add_argument("--method", choices=("magnitude", "nm", "structured"), default="magnitude")
-    parser.add_argument("--sparsity", type=float, default=None,
-                        help="fraction of weights removed, in [0, 1) (magnitude, structured; N:M fixes it)")
-    parser.add_argument("--per", choices=("layer", "global"), default="layer", help="magnitude: threshold scope")
-    parser.add_argument("--n", type=int, default=2, help="N:M: weights kept per group")
-    parser.add_argument("--m", type=int, default=4, help="N:M: group size along the reduction dimension")
-    parser.add_argument("--kind", choices=STRUCTURED_KINDS, default=None,
-                        help="structured: what to remove (default: from the model and scope)")
-    parser.add_argument("--prune-scope", default="auto", help="reference prune scope (auto = the model's default)")
-    parser.add_argument("--output", required=True, help="mask file: .pt/.pth (torch.save, reference format) or "
-                                                        ".safetensors")
-    parser.add_argument("--allow-unsafe-pickle", action="store_true",
-                        help="unpickle a non-weights-only checkpoint (only for files you trust)")
-
-
-def run_prune(args: argparse.Namespace) -> int:
-    """Make masks as ``args`` say and write them; 0 on success, 2 on a usage or input error
-    (reported on stderr). Everything is checked before anything is written."""
-    try:
-        masks, summary = _prune_from_args(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"starfish-fast prune: error: {error}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    print(f"wrote {len(masks)} masks to {args.output}")
-    return 0
-
-
-def _prune_from_args(args: argparse.Namespace):
-    from starfish_fast.checkpoint import save_safetensors_atomic, save_torch_atomic
-    from starfish_fast.masks import validate_masks
-
-    if not str(args.output).endswith(MASK_SUFFIXES):
-        raise ValueError(f"--output must end with one of {', '.join(MASK_SUFFIXES)}, got {args.output!r}")
-    if args.method == "nm":
-        if args.sparsity is not None:
-            raise ValueError("--sparsity does not apply to --method nm: N:M fixes it at 1 - n/m")
-    elif args.sparsity is None:
-        raise ValueError(f"--method {args.method} needs --sparsity")
-    else:
-        _check_sparsity(args.sparsity)
-    model = _load_dense_model(args)
-    if args.method == "magnitude":
-        masks = magnitude_masks(model, args.sparsity, args.prune_scope, per=args.per)
-    elif args.method == "nm":
-        masks = nm_masks(model, n=args.n, m=args.m, scope=args.prune_scope)
-    else:
-        masks = structured_masks(model, args.sparsity, args.prune_scope, kind=args.kind)
-    adapter = adapter_for(model)
-    validate_masks(masks, model, adapter.scope_predicate(args.prune_scope), source="generated masks")
-    summary = sparsity_summary(masks)
-    if str(args.output).endswith(".safetensors"):
-        metadata = {"model_name": args.model_name, "method": args.method, "prune_scope": adapter.check_scope(
-            args.prune_scope), "sparsity": f"{summary['sparsity']:.6f}"}
-        save_safetensors_atomic(masks, args.output, metadata=metadata)
-    else:
-        save_torch_atomic(masks, args.output)
-    return masks, summary
-
-
-def _load_dense_model(args: argparse.Namespace) -> nn.Module:
-    from starfish_fast.bundled import BUNDLED_MODEL_NAME, load_bundled_model
-    from starfish_fast.models import infer_model_kind, load_model
-
-    infer_model_kind(args.model_name)
-    if args.dense_path is None:
-        if args.model_name != BUNDLED_MODEL_NAME:
-            raise ValueError(f"--dense-path is required for {args.model_name} (only {BUNDLED_MODEL_NAME} is bundled)")
-        return load_bundled_model()[0]
-    return load_model(args.model_name, args.dense_path, "cpu", allow_unsafe_pickle=args.allow_unsafe_pickle)

@@ -1,6 +1,10 @@
-"""The command line end to end on the bundled model and Fashion-MNIST; bad inputs write nothing."""
+"""The command line end to end on the bundled model and Fashion-MNIST, on a timm model with a local
+checkpoint and a folder of images; every user mistake is one line, exit code 2, and nothing written."""
 import json
 import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,9 @@ REFERENCE_FLAGS = ["--dense-path", "--mask-path", "--model-name", "--output-path
                    "--batch-size", "--lr", "--min-lr", "--lr-schedule", "--weight-decay", "--grad-clip",
                    "--grad-checkpointing", "--hf-dataset", "--calib-source", "--shuffle-buffer", "--eval-samples",
                    "--prune-scope", "--store-dense-float32", "--no-dense-cache", "--device", "--seed"]
+ENGINE_FLAGS = ["--mode", "--objective", "--precision", "--compile", "--teacher-store", "--teacher-dtype", "--kernels",
+                "--compact", "--semi-structured", "--moments-dtype", "--log-every", "--checkpoint-every", "--resume",
+                "--export", "--calib-dir", "--eval-dir", "--fashion-mnist", "--allow-unsafe-pickle", "--blocks"]
 
 
 @pytest.fixture(scope="module")
@@ -34,131 +41,286 @@ def _recover_args(mask_file, output, *extra):
             "--no-progress", *extra]
 
 
-def test_help_lists_every_reference_flag(capsys):
+def _only_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- help and entry points
+def test_help_lists_every_flag_with_defaults_and_imports_nothing_heavy(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["recover", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for flag in REFERENCE_FLAGS + ["--mode", "--fashion-mnist", "--calib-dir", "--allow-unsafe-pickle"]:
+    for flag in REFERENCE_FLAGS + ENGINE_FLAGS:
         assert flag in text, flag
-    for command in ("demo", "eval", "prune"):
+    assert "(default: outputs/recovered.pt)" in text and "(default: exact)" in text and "%%" not in text
+    for command in ("demo", "eval", "prune", "blocks"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert "usage: starfish-fast " + command in capsys.readouterr().out
+    # --help answers at once: parsing imports neither torch nor the library's heavy modules
+    code = ("import sys; from starfish_fast import cli\n"
+            "for c in ('demo', 'recover', 'eval', 'prune', 'blocks'):\n"
+            "    try: cli.build_parser().parse_args([c, '--help'])\n"
+            "    except SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'timm', 'starfish_fast.engine') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stderr
 
 
-def test_recover_writes_reference_checkpoint(tmp_path, mask_file):
+def test_version_and_python_dash_m():
+    proc = subprocess.run([sys.executable, "-m", "starfish_fast", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("starfish-fast ")
+
+
+# ----------------------------------------------------------------------------- recover
+def test_recover_writes_the_reference_checkpoint_and_prints_a_summary(tmp_path, mask_file, capsys):
     output = tmp_path / "out" / "recovered.pt"
-    assert cli.main(_recover_args(mask_file, output)) == 0
-    checkpoint = torch.load(output, weights_only=True)
-    metadata = checkpoint["metadata"]
-    expected_keys = {"model_name", "dense_path", "mask_path", "calib_source", "calib_samples", "epochs", "batch_size",
-                     "lr", "grad_checkpointing", "blocks", "history", "top1_before", "top1_after", "mask_density"}
-    assert set(metadata) == expected_keys
+    old = os.umask(0o022)
+    try:
+        assert cli.main(_recover_args(mask_file, output, "--export", str(tmp_path / "out" / "healed.safetensors"))) == 0
+    finally:
+        os.umask(old)
+    summary = json.loads(capsys.readouterr().out)
+    metadata = torch.load(output, weights_only=True)["metadata"]
+    assert set(metadata) == {"model_name", "dense_path", "mask_path", "calib_source", "calib_samples", "epochs",
+                             "batch_size", "lr", "grad_checkpointing", "blocks", "history", "top1_before",
+                             "top1_after", "mask_density"}
     assert json.loads(Path(str(output) + ".json").read_text()) == json.loads(json.dumps(metadata))
-    assert metadata["blocks"] == [f"blocks.{i}" for i in range(6)]
-    assert metadata["history"][0]["epoch"] == 1.0 and metadata["mask_density"] == pytest.approx(0.25, abs=1e-3)
-    assert 0 <= metadata["top1_before"] <= 100 and 0 <= metadata["top1_after"] <= 100
+    assert metadata["blocks"] == [f"blocks.{i}" for i in range(6)] and metadata["history"][0]["epoch"] == 1.0
+    assert summary["top1_after"] == metadata["top1_after"] and summary["output"] == str(output)
+    assert "plan: cpu exact fp32" in summary["plan"]
     healed = compat.load_model("fashion_vit", output, "cpu")
-    masks = torch.load(mask_file, weights_only=True)
-    for key, mask in masks.items():
+    for key, mask in torch.load(mask_file, weights_only=True).items():
         assert (healed.state_dict()[key][~mask] == 0).all()
-    assert Path(str(output) + ".loss.png").exists() and Path(str(output) + ".metrics.jsonl").exists()
-    assert sorted(p.name for p in output.parent.iterdir() if p.name.startswith(".")) == []   # no temp files left
+    files = {p.name for p in output.parent.iterdir()}
+    assert files == {"recovered.pt", "recovered.pt.json", "recovered.pt.metrics.jsonl", "recovered.pt.loss.png",
+                     "healed.safetensors"}                                  # no temporary files left
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in output.parent.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes                          # as the umask says
 
 
-def _bad_mask(tmp_path, mask_file):
-    masks = torch.load(mask_file, weights_only=True)
-    masks["blocks.0.attn.qkv.weight"] = masks["blocks.0.attn.qkv.weight"][:, :5]
-    path = tmp_path / "bad.pt"
-    torch.save(masks, path)
+def _bad_file(tmp_path, mask_file, case):
+    path = tmp_path / {"bogus_safetensors": "bad.safetensors"}.get(case, "bad.pt")
+    if case == "bad_shape":
+        masks = torch.load(mask_file, weights_only=True)
+        masks["blocks.0.attn.qkv.weight"] = masks["blocks.0.attn.qkv.weight"][:, :5]
+        torch.save(masks, path)
+    elif case == "pickle":
+        torch.save({"blocks.0.attn.qkv.weight": torch.ones(192, 64), "note": os.stat_result(range(10))}, path)
+    elif case == "text":
+        path.write_text("these are not masks\n")
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        path.write_bytes(Path(mask_file).read_bytes()[:300])
+    elif case == "bogus_safetensors":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    elif case == "directory":
+        path.mkdir()
     return path
 
 
 @pytest.mark.parametrize("case,message", [
-    ("bad_mask", "has shape (192, 5) but the weight has shape (192, 64)"),
-    ("scope", "unknown prune scope 'conv_only'"),
-    ("data_dir", "does not exist"),
-    ("too_few", "calibration set too small: --calib-samples 70000 but only 60000"),
-    ("pickle", "weights_only=True"),
-    ("missing_mask", "does not exist"),
+    ("bad_shape", "has shape (192, 5) but the weight has shape (192, 64)"),
+    ("pickle", "holds Python objects that weights_only=True refuses"),
+    ("text", "is not a torch.save or safetensors file (it starts with b'these ar': text)"),
+    ("empty", "is empty (0 bytes)"),
+    ("truncated", "is truncated or corrupt"),
+    ("bogus_safetensors", "is not a valid safetensors file"),
+    ("directory", "is a directory, not a checkpoint or mask file"),
+    ("missing", "--mask-path"),
 ])
-def test_recover_bad_inputs_write_nothing(tmp_path, mask_file, capsys, case, message):
+def test_bad_mask_files_are_one_line_naming_the_file(tmp_path, mask_file, capsys, case, message):
     output = tmp_path / "out" / "recovered.pt"
+    path = tmp_path / "none.pt" if case == "missing" else _bad_file(tmp_path, mask_file, case)
     args = _recover_args(mask_file, output)
-    if case == "bad_mask":
-        args[args.index("--mask-path") + 1] = str(_bad_mask(tmp_path, mask_file))
-    elif case == "scope":
-        args += ["--prune-scope", "conv_only"]
-    elif case == "data_dir":
-        args += ["--fashion-mnist", str(tmp_path / "nowhere")]
-    elif case == "too_few":
-        args[args.index("--calib-samples") + 1] = "70000"
-    elif case == "pickle":
-        pickled = tmp_path / "pickled.pt"
-        torch.save({"blocks.0.attn.qkv.weight": torch.ones(192, 64), "note": os.stat_result(range(10))}, pickled)
-        args[args.index("--mask-path") + 1] = str(pickled)
-    elif case == "missing_mask":
-        args[args.index("--mask-path") + 1] = str(tmp_path / "none.pt")
+    args[args.index("--mask-path") + 1] = str(path)
     assert cli.main(args) == 2
-    assert message in capsys.readouterr().err
-    assert not output.parent.exists() or not any(output.parent.iterdir())
+    line = _only_line(capsys.readouterr().err)
+    assert message in line and str(path.name) in line
+    assert ("--allow-unsafe-pickle" in line) == (case == "pickle")   # the hint only for a real refused pickle
+    assert not output.parent.exists()
 
 
-def test_recover_from_image_folders(tmp_path, mask_file, capsys):
+@pytest.mark.parametrize("extra,message", [
+    (["--prune-scope", "conv_only"], "unknown prune scope 'conv_only'"),
+    (["--fashion-mnist", "/nowhere"], "--fashion-mnist /nowhere: no such file or directory"),
+    (["--calib-samples", "70000"], "calibration set too small: --calib-samples 70000 but only 60000"),
+    (["--calib-source", "test", "--calib-samples", "1000", "--eval-samples", "9500"],
+     "--eval-samples 9500 but only 9000 test images remain after the 1000 calibration images"),
+    (["--epochs", "0"], "HealConfig.epochs must be a positive integer, got 0"),
+    (["--device", "cuda"], "no CUDA GPU is available here"),
+    (["--blocks", "blocks.(["], "is not a regular expression"),
+    (["--blocks", "nothing.*"], "matches no module of fashion_vit"),
+    (["--export", "healed.pt"], "the export is a .safetensors file"),
+    (["--no-dense-cache", "--teacher-store", "disk"], "contradict each other"),
+])
+def test_recover_mistakes_fail_before_any_work(tmp_path, mask_file, capsys, extra, message):
+    output = tmp_path / "out" / "recovered.pt"
+    assert cli.main(_recover_args(mask_file, output, *extra)) == 2
+    assert message in _only_line(capsys.readouterr().err)
+    assert not output.parent.exists()
+
+
+def test_unknown_model_name_lists_close_matches(tmp_path, mask_file, capsys):
+    assert cli.main(["recover", "--model-name", "fashion_vitt", "--mask-path", str(mask_file)]) == 2
+    assert "unknown model name 'fashion_vitt'; close matches: fashion_vit" in _only_line(capsys.readouterr().err)
+
+
+def test_debug_shows_the_traceback(tmp_path, mask_file):
+    with pytest.raises(ValueError, match="HealConfig.epochs"):
+        cli.main(_recover_args(mask_file, tmp_path / "r.pt", "--epochs", "0", "--debug"))
+
+
+def test_ctrl_c_exits_130_keeps_the_resume_checkpoint_and_leaves_no_partial_output(tmp_path, mask_file, capsys,
+                                                                                    monkeypatch):
+    import starfish_fast.steps as steps
+
+    original, calls = steps.ExactStep.__call__, []
+
+    def interrupted(self, step, index):
+        calls.append(step)
+        if step == 1:
+            raise KeyboardInterrupt
+        return original(self, step, index)
+
+    monkeypatch.setattr(steps.ExactStep, "__call__", interrupted)
+    output = tmp_path / "out" / "recovered.pt"
+    assert cli.main(_recover_args(mask_file, output, "--checkpoint-every", "1")) == 130
+    assert _only_line(capsys.readouterr().err) == "starfish-fast recover: interrupted"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["recovered.pt.resume"]
+    monkeypatch.setattr(steps.ExactStep, "__call__", original)
+    assert cli.main(_recover_args(mask_file, output, "--checkpoint-every", "1", "--resume")) == 0
+    assert output.exists()
+
+
+def test_calibration_from_a_flat_folder_evaluates_the_bundled_model_on_fashion_mnist(tmp_path, mask_file, capsys):
     from PIL import Image
 
     from starfish_fast.data import load_fashion_mnist
-    images, labels = load_fashion_mnist(split="test", normalize=False)
-    for i in range(8):                                   # an ImageFolder tree of real test images
-        folder = tmp_path / "images" / f"class_{int(labels[i])}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((images[i, 0] * 255).byte().numpy()).save(folder / f"{i}.png")
+    images, _ = load_fashion_mnist(split="train", normalize=False)
+    (tmp_path / "calib").mkdir()
+    for i in range(8):                                   # a flat folder of unlabeled images
+        Image.fromarray((images[i, 0] * 255).byte().numpy()).save(tmp_path / "calib" / f"{i}.png")
     output = tmp_path / "out" / "recovered.pt"
-    args = _recover_args(mask_file, output) + ["--calib-dir", str(tmp_path / "images"), "--eval-dir",
-                                                str(tmp_path / "images")]
-    args[args.index("--calib-samples") + 1] = "6"
-    args[args.index("--eval-samples") + 1] = "8"
+    args = _recover_args(mask_file, output, "--calib-dir", str(tmp_path / "calib"))
+    args[args.index("--calib-samples") + 1] = "8"
     assert cli.main(args) == 0
-    assert torch.load(output, weights_only=True)["metadata"]["calib_samples"] == 6
+    summary = json.loads(capsys.readouterr().out)
+    assert 30 < summary["top1_before"] and summary["top1_after"] is not None      # Fashion-MNIST test images
     args[args.index("--calib-samples") + 1] = "9"
     assert cli.main(args) == 2
     assert "calibration set too small: 9 samples requested but the loader gave 8" in capsys.readouterr().err
 
 
-def test_unknown_model_name_is_rejected(tmp_path, mask_file, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["recover", "--model-name", "resnet50", "--mask-path", str(mask_file)])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'resnet50'" in capsys.readouterr().err
-
-
-def test_eval_reports_top1(capsys):
+# ----------------------------------------------------------------------------- eval and demo
+def test_eval_prints_one_json_format_with_or_without_diagnostics(tmp_path, mask_file, capsys):
     assert cli.main(["eval", "--model-name", "fashion_vit", "--eval-samples", "300"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["model_name"] == "fashion_vit" and 10 < report["top1"] <= 100
-
-
-def test_eval_diagnostics_before_and_after(tmp_path, mask_file, capsys):
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["model_name"] == "fashion_vit" and 10 < plain["top1"] <= 100
     output = tmp_path / "recovered.pt"
     assert cli.main(_recover_args(mask_file, output)) == 0
     capsys.readouterr()
     assert cli.main(["eval", "--model-name", "fashion_vit", "--checkpoint", str(output), "--eval-samples", "300",
                      "--diagnostics", "--mask-path", str(mask_file)]) == 0
-    text = capsys.readouterr().out
-    assert "pruned: top-1" in text and "healed: top-1" in text and "KL(dense || healed)" in text
-    report = json.loads(Path(str(output) + ".diagnostics.json").read_text())
-    assert report["after"]["kl"] < report["before"]["kl"] <= report["before"]["bound_certified"]
-    assert len(report["after"]["block_cosine"]) == 6
-    for suffix in (".block_cosine.png", ".kl_bound.png"):
-        assert Path(str(output) + suffix).read_bytes()[:4] == b"\x89PNG"
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["kl"] < report["pruned"]["kl"] <= report["pruned"]["bound_certified"]
+    assert len(report["model"]["block_cosine"]) == 6 and report["top1"] == pytest.approx(report["model"]["top1_model"])
+    assert set(report["files"]) == {"diagnostics", "block_cosine_plot", "kl_bound_plot"}
+    for path in report["files"].values():
+        assert Path(path).exists()
+    assert Path(report["files"]["kl_bound_plot"]).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_demo_reduced_improves_over_pruned(tmp_path):
+def test_demo_reduced_improves_over_pruned(tmp_path, capsys):
     args = ["demo", "--calib-samples", "256", "--epochs", "3", "--eval-samples", "1000", "--output-dir",
-            str(tmp_path), "--no-progress"]
+            str(tmp_path / "demo"), "--no-progress"]
     assert cli.main(args) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["healed_top1"] > summary["pruned_top1"] + 5
-    assert summary["sparsity"] == pytest.approx(0.75, abs=1e-3)
-    assert (tmp_path / "loss.png").exists() and (tmp_path / "healed.safetensors").exists()
+    assert summary["sparsity"] == pytest.approx(0.75, abs=1e-3) and summary["plan"]["mode"] == "fast"
+    assert {p.name for p in (tmp_path / "demo").iterdir()} == {"loss.png", "metrics.jsonl", "healed.safetensors",
+                                                               "summary.json"}
+    assert "healed top-1" in capsys.readouterr().out
+    assert cli.main(["demo", "--epochs", "0", "--output-dir", str(tmp_path / "nothing")]) == 2
+    assert not (tmp_path / "nothing").exists()
+
+
+# ----------------------------------------------------------------------------- prune, blocks, any timm model
+def test_prune_writes_reference_pt_and_safetensors(tmp_path, capsys):
+    pt, st = tmp_path / "masks.pt", tmp_path / "out" / "masks.safetensors"
+    assert cli.main(["prune", "--model-name", "fashion_vit", "--method", "magnitude", "--sparsity", "0.6", "--per",
+                     "global", "--output", str(pt)]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.6, abs=1e-5)
+    raw = torch.load(pt, weights_only=True)
+    assert type(raw) is dict and all(v.dtype == torch.bool for v in raw.values())
+    assert cli.main(["prune", "--model-name", "fashion_vit", "--method", "nm", "--prune-scope", "qkv", "--output",
+                     str(st)]) == 0
+    from safetensors.torch import load_file
+    loaded = load_file(str(st))
+    assert set(loaded) == {f"blocks.{i}.attn.qkv.weight" for i in range(6)}
+    assert all((mask.view(mask.shape[0], -1, 4).sum(-1) == 2).all() for mask in loaded.values())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "magnitude", "--sparsity", "0.5", "--output", "{tmp}/m.bin"], "--output must end with"),
+    (["--method", "magnitude", "--output", "{tmp}/m.pt"], "needs --sparsity"),
+    (["--method", "magnitude", "--sparsity", "1.2", "--output", "{tmp}/m.pt"], "sparsity must be"),
+    (["--method", "nm", "--sparsity", "0.5", "--output", "{tmp}/m.pt"], "does not apply to --method nm"),
+    (["--method", "nm", "--m", "3", "--output", "{tmp}/m.pt"], "multiple of m=3"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--prune-scope", "conv_fc", "--output", "{tmp}/m.pt"],
+     "unknown prune scope"),
+    (["--method", "structured", "--sparsity", "0.5", "--kind", "channel", "--output", "{tmp}/m.pt"],
+     "does not apply"),
+])
+def test_prune_mistakes_write_nothing(tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert cli.main(["prune", "--model-name", "fashion_vit", *argv]) == 2
+    assert message in _only_line(capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_prune_model_errors(tmp_path, capsys):
+    assert cli.main(["prune", "--model-name", "deit_tiny_patch16_224", "--sparsity", "0.5", "--output",
+                     str(tmp_path / "m.pt")]) == 2
+    assert "needs its dense weights: --dense-path FILE, --pretrained or --pretrained-file" in capsys.readouterr().err
+
+
+def test_blocks_lists_blocks_and_scopes(capsys):
+    assert cli.main(["blocks", "--model-name", "resnet18", "--model-kwargs", "num_classes=10"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["found_by"] == "timm's group_matcher" and len(report["blocks"]) == 8
+    assert report["blocks"][0] == {"name": "layer1.0", "class": "BasicBlock", "parameters": 73984}
+    assert report["default_scope"] == "conv" and report["scope_weights"]["linear"] == 0
+
+
+def test_prune_recover_eval_on_a_timm_model_with_a_local_checkpoint_and_image_folders(tmp_path, capsys):
+    from PIL import Image
+
+    import timm
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("calib", 12), ("eval/a", 3), ("eval/b", 3)):
+        (tmp_path / split).mkdir(parents=True)
+        for i in range(count):
+            pixels = (torch.rand(40, 40, 3, generator=generator) * 255).byte().numpy()
+            Image.fromarray(pixels).save(tmp_path / split / f"{i}.png")
+    torch.manual_seed(0)
+    dense = tmp_path / "dense.safetensors"
+    from safetensors.torch import save_file
+    save_file(timm.create_model("regnetx_002", num_classes=2).state_dict(), str(dense))
+    common = ["--model-name", "regnetx_002", "--model-kwargs", "num_classes=2", "--dense-path", str(dense)]
+    assert cli.main(["prune", *common, "--sparsity", "0.5", "--output", str(tmp_path / "masks.pt")]) == 0
+    capsys.readouterr()
+    output = tmp_path / "out" / "healed.pt"
+    assert cli.main(["recover", *common, "--mask-path", str(tmp_path / "masks.pt"), "--calib-dir",
+                     str(tmp_path / "calib"), "--calib-samples", "8", "--batch-size", "4", "--epochs", "2",
+                     "--eval-dir", str(tmp_path / "eval"), "--eval-samples", "6", "--mode", "fast",
+                     "--output-path", str(output), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["top1_before"] is not None and "generic" in summary["plan"] and "scope conv" in summary["plan"]
+    assert cli.main(["eval", *common[:4], "--checkpoint", str(output), "--eval-dir", str(tmp_path / "eval")]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["top1_after"])

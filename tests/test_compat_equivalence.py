@@ -1,5 +1,5 @@
 """compat.starfish_recovery against a plain implementation of the reference semantics
-(starfish_fast.baseline: written from REFERENCE_API.md for clarity, sharing no engine code)."""
+(starfish_fast.baseline: written from the reference's documented semantics for clarity, sharing no engine code)."""
 import copy
 import math
 
@@ -91,3 +91,21 @@ def test_starfish_recovery_rejects_bad_arguments(bad):
                                  calib_batches=bad.get("calib", [images(4)]), device="cpu",
                                  is_prunable_weight=compat.is_prunable_weight("deit_tiny_patch16_224", "auto"),
                                  config=config)
+
+
+def test_hooked_forwards_match_the_block_loop():
+    """forward_vit_with_tokens / forward_cnn_with_activations (hooks) against extract_representations (the
+    adapters' explicit block loop): same logits, same block outputs (CNN ones flattened per image)."""
+    for model, names, x, hooked in [
+            (tiny_vit(), ["blocks.0", "blocks.1"], images(3), compat.forward_vit_with_tokens),
+            (tiny_mobilenet(), ["blocks.0.0", "blocks.3.5", "blocks.4.1"], images(2, size=32),
+             compat.forward_cnn_with_activations)]:
+        kind = "vit" if hooked is compat.forward_vit_with_tokens else "mobilenet"
+        with torch.no_grad():
+            logits, reps = hooked(model, names, x)
+            want_logits, want = compat.extract_representations(model, kind=kind, block_names=names, images=x)
+        torch.testing.assert_close(logits, want_logits)
+        for name in names:
+            torch.testing.assert_close(compat.flatten_for_cosine(reps[name]),
+                                       compat.flatten_for_cosine(want[name]), msg=name)
+        assert float(compat.cosine_alignment_loss(reps, want, names)) == pytest.approx(0.0, abs=1e-6)

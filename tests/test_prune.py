@@ -1,20 +1,16 @@
 """Mask makers: exact sparsity, largest-score weights kept, N:M groups, structured pairs, errors, CLI."""
-import argparse
 import math
 
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
 
-from starfish_fast.bundled import build_bundled_model
-from starfish_fast.masks import load_masks, validate_masks
+from starfish_fast.masks import validate_masks
 from starfish_fast.models import adapter_for, prunable_weights
-from starfish_fast.prune import (add_prune_arguments, format_summary, magnitude_masks, nm_masks, run_prune,
-                                 sparsity_summary, structured_masks)
+from starfish_fast.prune import format_summary, magnitude_masks, nm_masks, sparsity_summary, structured_masks
 
 
 def tiny_vit(seed=0):
@@ -251,65 +247,3 @@ def test_summary_counts_and_text():
     assert (summary["total"], summary["pruned"], summary["sparsity"]) == (8, 3, 0.375)
     text = format_summary(summary)
     assert "a.weight" in text and "0.7500" in text and "total" in text.splitlines()[-1]
-
-
-# ----------------------------------------------------------------------------- command line
-@pytest.fixture
-def dense_checkpoint(tmp_path):
-    path = tmp_path / "dense.pt"
-    torch.manual_seed(0)
-    torch.save(build_bundled_model().state_dict(), path)
-    return path
-
-
-def run_cli(*argv):
-    parser = argparse.ArgumentParser()
-    add_prune_arguments(parser)
-    return run_prune(parser.parse_args([str(a) for a in argv]))
-
-
-def test_cli_writes_reference_pt_and_safetensors(tmp_path, dense_checkpoint, capsys):
-    pt, st = tmp_path / "masks.pt", tmp_path / "out" / "masks.safetensors"
-    assert run_cli("--model-name", "fashion_vit", "--dense-path", dense_checkpoint, "--method", "magnitude",
-                   "--sparsity", "0.6", "--per", "global", "--output", pt) == 0
-    assert "total" in capsys.readouterr().out
-    raw = torch.load(pt, weights_only=True)
-    assert type(raw) is dict and all(v.dtype == torch.bool for v in raw.values())
-    model = build_bundled_model()
-    masks = load_masks(pt, model, adapter_for(model).scope_predicate("auto"))
-    assert sparsity_summary(masks)["sparsity"] == pytest.approx(0.6, abs=1e-5)
-    assert run_cli("--model-name", "fashion_vit", "--dense-path", dense_checkpoint, "--method", "nm",
-                   "--prune-scope", "qkv", "--output", st) == 0
-    loaded = load_file(str(st))
-    assert set(loaded) == {f"blocks.{i}.attn.qkv.weight" for i in range(6)}
-    assert all((mask.view(mask.shape[0], -1, 4).sum(-1) == 2).all() for mask in loaded.values())
-    assert run_cli("--model-name", "fashion_vit", "--dense-path", dense_checkpoint, "--method", "structured",
-                   "--sparsity", "0.5", "--kind", "qk_mlp", "--prune-scope", "qk_mlp", "--output", pt) == 0
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--method", "magnitude", "--sparsity", "0.5", "--output", "{tmp}/m.bin"], "--output must end with"),
-    (["--method", "magnitude", "--output", "{tmp}/m.pt"], "needs --sparsity"),
-    (["--method", "magnitude", "--sparsity", "1.2", "--output", "{tmp}/m.pt"], "sparsity must be"),
-    (["--method", "nm", "--sparsity", "0.5", "--output", "{tmp}/m.pt"], "does not apply to --method nm"),
-    (["--method", "nm", "--m", "3", "--output", "{tmp}/m.pt"], "multiple of m=3"),
-    (["--method", "magnitude", "--sparsity", "0.5", "--prune-scope", "conv_fc", "--output", "{tmp}/m.pt"],
-     "unknown prune scope"),
-    (["--method", "structured", "--sparsity", "0.5", "--kind", "channel", "--output", "{tmp}/m.pt"],
-     "does not apply"),
-])
-def test_cli_errors_write_nothing(tmp_path, dense_checkpoint, capsys, argv, message):
-    argv = [a.format(tmp=tmp_path) for a in argv]
-    assert run_cli("--model-name", "fashion_vit", "--dense-path", dense_checkpoint, *argv) == 2
-    assert message in capsys.readouterr().err
-    assert not [p for p in tmp_path.iterdir() if p.name != "dense.pt"]
-
-
-def test_cli_model_errors(tmp_path, capsys):
-    assert run_cli("--model-name", "deit_tiny_patch16_224", "--sparsity", "0.5", "--output", tmp_path / "m.pt") == 2
-    assert "--dense-path is required" in capsys.readouterr().err
-    assert run_cli("--model-name", "resnet50", "--sparsity", "0.5", "--output", tmp_path / "m.pt") == 2
-    assert "unsupported model name" in capsys.readouterr().err
-    assert run_cli("--model-name", "fashion_vit", "--dense-path", tmp_path / "missing.pt", "--sparsity", "0.5",
-                   "--output", tmp_path / "m.pt") == 2
-    assert "does not exist" in capsys.readouterr().err
