@@ -4,15 +4,17 @@ Fashion-MNIST, with the KL-bound diagnostics of Theorem 1.
     python bench/accuracy.py --quick                  # reduced grid: 65 s on the 2-core CPU
     python bench/accuracy.py                          # full grid, bundled Fashion-MNIST ViT: 29 min (105 runs)
     python bench/accuracy.py --model-name fashion_cnn --extras structured   # the CNN (bench/train_fashion_cnn.py)
+    python bench/accuracy.py --model-name fashion_resnet                    # the residual CNN (train_fashion_resnet.py)
     python bench/accuracy.py --resume --extras 2:4 structured structured_qk   # + QK head dims and MLP neurons
     python bench/accuracy.py --model-name deit_base_patch16_224 --dense-path deit_b.pth \
         --imagenet-dir /data/imagenet --calib-samples 5000       # the real thing, on a GPU
 
 Protocol (the paper's Appendix B unless said otherwise): the dense model is pruned by magnitude
-per layer on qkv+proj+MLP (ViT; for the CNN scope conv_fc: every non-depthwise conv, the stem
-included, and the classifier) at each sparsity, plus a 2:4 setting on the same scope (ViT only:
-the CNN's stem has a reduction of 9, not a multiple of 4) and a structured 50% MLP-neuron
-setting (whole conv filters for the CNN); the surviving weights are healed with each objective through the engine
+per layer on qkv+proj+MLP (ViT; for the MobileNet-style CNN scope conv_fc: every non-depthwise
+conv, the stem included, and the classifier; for the ResNet scope conv: its convs but the stem)
+at each sparsity, plus a 2:4 setting on the same scope (not for the MobileNet: its stem has a
+reduction of 9, not a multiple of 4) and a structured 50% MLP-neuron setting (whole conv filters
+for the CNNs); the surviving weights are healed with each objective through the engine
 (``starfish_fast.heal``, fast mode; fp32 on CPU) on unlabeled calibration images drawn from
 the train split (1,000 = 1.7% of Fashion-MNIST's 60k; only ``ce`` sees their labels), AdamW
 (weight decay 0.05), lr 6e-4 cosine to 1e-6, batch 32, 10 epochs; each model is evaluated on
@@ -56,14 +58,13 @@ from starfish_fast.diagnostics import (PAPER_ZETA_POINTS, plot_block_cosine, plo
 from starfish_fast.checkpoint import tensor_fingerprint
 from starfish_fast.plan import resolve_device
 from starfish_fast.masks import apply_masks, mask_density
-from starfish_fast.models import adapter_for, load_dense, load_model
+from starfish_fast.models import adapter_for, load_dense, load_model, model_spec
 from starfish_fast.objectives import OBJECTIVES, kl_dense_to_pruned
 from starfish_fast.prune import magnitude_masks, nm_masks, structured_masks
 
 log = logging.getLogger("accuracy")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CNN_NAME = "fashion_cnn"
 FULL = dict(sparsities=(0.5, 0.6, 0.7, 0.8, 0.9), objectives=OBJECTIVES, seeds=(0, 1, 2), extras=("2:4", "structured"),
             epochs=10, calib_samples=1000, eval_samples=0)
 # --quick: the two sparsities of the targets, 2:4 and structured, every objective, one seed, and
@@ -103,7 +104,10 @@ class Setting:
 # ----------------------------------------------------------------------------- tasks
 def _fashion_task(args, device) -> Task:
     dense = load_dense(args.model_name, args.dense_path)
-    scope, kind = ("qkv_out_mlp", "mlp") if args.model_name == BUNDLED_MODEL_NAME else ("conv_fc", "channel")
+    adapter = adapter_for(dense)
+    # the model's default scope (ViT qkv+proj+MLP; MobileNet conv_fc; ResNet its non-stem convs); structured:
+    # MLP neurons for the ViT, whole conv filters for the CNNs
+    scope, kind = adapter.default_scope, "mlp" if adapter.family == "timm_vit" else "channel"
     train_images, train_labels = load_fashion_mnist(args.data_dir, "train")
     test_images, test_labels = load_fashion_mnist(args.data_dir, "test")
     if args.eval_samples:
@@ -384,7 +388,8 @@ def plot_retention(summary: list[dict], pruned: dict, objectives, path: Path, ti
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-name", default=BUNDLED_MODEL_NAME,
-                        help=f"{BUNDLED_MODEL_NAME} (bundled), {CNN_NAME}, or an ImageNet model name")
+                        help="a bundled Fashion-MNIST model (fashion_vit, fashion_cnn, fashion_resnet) or an ImageNet "
+                             "model name")
     parser.add_argument("--dense-path", default=None, help="dense weights (needed for ImageNet models)")
     parser.add_argument("--imagenet-dir", default=None, help="ImageFolder root with train/ and val/")
     parser.add_argument("--data-dir", default=FASHION_MNIST_DIR, help="Fashion-MNIST IDX directory")
@@ -433,7 +438,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    fashion = args.model_name in (BUNDLED_MODEL_NAME, CNN_NAME)
+    fashion = model_spec(args.model_name).source == "bundled"
     task = _fashion_task(args, device) if fashion else _imagenet_task(args, device)
     if "structured_qk" in args.extras and task.structured_kind != "mlp":
         raise ValueError("--extras structured_qk needs a ViT (QK head dims); this model is a CNN")

@@ -95,7 +95,8 @@ def timed_heal(dense: torch.nn.Module, masks, batches, config: HealConfig):
         config = dataclasses.replace(config, metrics_path=str(metrics))
         model = copy.deepcopy(dense)
         result = heal(model, dense, masks, batches, config)
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        # under torchrun rank 0 alone writes metrics: the other ranks have no timings to report
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     windows = [r for r in records if r["type"] == "step"][1:]
     return result, model, [config.batch_size / r["images_per_s"] for r in windows]
 

@@ -71,14 +71,23 @@ def _rows(x: torch.Tensor, per: str) -> torch.Tensor:
 
 
 def multi_block_cosine_loss_reference(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor],
-                                      per: str = "token") -> torch.Tensor:
-    """Plain torch, as the STARFISH reference writes it (result in the student dtype)."""
-    per_block = []
+                                      per: str = "token", block_weights: Sequence[float] | torch.Tensor | None = None,
+                                      per_block: bool = False):
+    """Plain torch, as the STARFISH reference writes it (result in the student dtype). With
+    ``block_weights`` the mean over blocks is weighted (``sum w_l loss_l / sum w_l``); with
+    ``per_block`` also each block's unweighted loss (L,), detached."""
+    losses = []
     for s, t in zip(students, teachers):
         sn = F.normalize(_rows(s, per), dim=1, eps=EPS)                           # (R, D)
         tn = F.normalize(_rows(t.to(s.dtype), per), dim=1, eps=EPS)               # (R, D)
-        per_block.append((1 - (sn * tn).sum(1)).mean())
-    return torch.stack(per_block).mean()
+        losses.append((1 - (sn * tn).sum(1)).mean())
+    stacked = torch.stack(losses)                                                 # (L,)
+    if block_weights is None:
+        loss = stacked.mean()
+    else:
+        weights = torch.as_tensor(block_weights, dtype=stacked.dtype, device=stacked.device)   # (L,)
+        loss = (stacked * weights).sum() / weights.sum()
+    return (loss, stacked.detach().float()) if per_block else loss
 
 
 # --------------------------------------------------------------------------- kernels
@@ -149,10 +158,11 @@ if HAVE_TRITON:
         tl.store(out + 2 * rows_total, st, mask=rmask)
 
     @triton.jit
-    def _cos_finalize_kernel(tab_ptr, part_ptr, coef_ptr, loss_ptr, n_blocks, n_split, part_rows, coef_rows,
-                             inv_l, eps,
+    def _cos_finalize_kernel(tab_ptr, part_ptr, coef_ptr, loss_ptr, raw_ptr, w_ptr, n_blocks, n_split, part_rows,
+                             coef_rows, eps,
                              TAB: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Per row: loss term and gradient coefficients (A, C); per program: its loss sum."""
+        """Per row: loss term and gradient coefficients (A, C); per program: its weighted loss sum and its
+        block's unweighted mean contribution. ``w_ptr``: each block's weight over the weights' sum."""
         tile = tl.program_id(0)
         blk = _block_of(tab_ptr, tile, n_blocks, TAB)
         row = tab_ptr + blk * TAB
@@ -173,13 +183,14 @@ if HAVE_TRITON:
         ns = tl.maximum(norm_s, eps)                  # F.normalize: x / norm.clamp_min(eps)
         nt = tl.maximum(tl.sqrt(tt), eps)
         cos = st / (ns * nt)
-        w = inv_l / R.to(tl.float32)                  # mean over rows, then over blocks
+        w = tl.load(w_ptr + blk) / R.to(tl.float32)   # mean over rows, then weighted mean over blocks
         coef_a = -w / (ns * nt)
         # clamp_min passes gradient only where norm >= eps; below it n(s) is the constant eps
         coef_c = tl.where(norm_s >= eps, w * cos / (ns * ns), 0.0)
         tl.store(coef_ptr + row0 + rows, coef_a, mask=rmask)
         tl.store(coef_ptr + coef_rows + row0 + rows, coef_c, mask=rmask)
         tl.store(loss_ptr + tile, tl.sum(tl.where(rmask, w * (1.0 - cos), 0.0), axis=0))
+        tl.store(raw_ptr + tile, tl.sum(tl.where(rmask, (1.0 - cos) / R.to(tl.float32), 0.0), axis=0))
 
     @triton.jit
     def _cos_grad_kernel(tab_ptr, gtab_ptr, s_any, t_any, coef_ptr, gout_ptr, n_blocks, n_split, rows_total,
@@ -238,6 +249,7 @@ class _Group:
 
     def __init__(self, ids, s_rows, t_rows, device, row_offset, tile_offset):
         self.ids = ids
+        self.block_ids = device_table(list(ids), device)                          # (L_g,) the blocks, overall
         ds = [s.shape[1] for s in s_rows]
         rs = [s.shape[0] for s in s_rows]
         self.block_d = _chunk(ds, rs)
@@ -253,6 +265,8 @@ class _Group:
             values += [s.data_ptr(), t.data_ptr(), r, s.shape[1], s.stride(0), t.stride(0), tile0, row0]
             tile0, row0 = tile0 + n, row0 + r
         self.table = device_table(values, device)                                # (L_g * 8,)
+        # which block (overall index) each finalize program's tile belongs to: per-block sums of the raw parts
+        self.tile_blocks = device_table([i for i, n in zip(ids, tiles) for _ in range(n)], device)   # (tiles,)
         # vector loads: 16-byte aligned rows, D and strides multiples of 8 elements (16 bytes of bf16)
         self.aligned = all(x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0 and x.shape[1] % 8 == 0
                            for x in (*s_rows, *t_rows))
@@ -269,7 +283,9 @@ class MultiBlockCosineLoss(torch.autograd.Function):
     """Triton forward (stats + finalize) and backward (gradient) over all blocks."""
 
     @staticmethod
-    def forward(ctx, per, n_blocks, *tensors):
+    def forward(ctx, per, n_blocks, weights, *tensors):
+        """``weights``: (L,) fp32 block weights over their sum on the device. Returns the weighted loss and
+        each block's unweighted loss (L,), the latter not differentiable."""
         students, teachers = tensors[:n_blocks], tensors[n_blocks:]
         device = students[0].device
         s_rows = [_as_rows(s, per) for s in students]                              # (R_l, D_l) each
@@ -288,6 +304,8 @@ class MultiBlockCosineLoss(torch.autograd.Function):
             tiles_total += g.n_tiles
         coef = empty((2, rows_total), dtype=torch.float32, device=device)        # (A, C) per row
         loss_parts = empty((tiles_total,), dtype=torch.float32, device=device)   # one per finalize program
+        raw_parts = empty((tiles_total,), dtype=torch.float32, device=device)    # the same, unweighted
+        per_block = torch.zeros(n_blocks, dtype=torch.float32, device=device)    # (L,)
         for g in plans:
             part = empty((g.n_split, 3, g.rows), dtype=torch.float32, device=device)  # (split, ss|tt|st, row)
             s0, t0 = s_rows[g.ids[0]], t_rows[g.ids[0]]
@@ -297,23 +315,26 @@ class MultiBlockCosineLoss(torch.autograd.Function):
                     g.table, s0, t0, part, len(g.ids), g.n_split, g.rows,
                     TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, ALIGNED=g.aligned, num_warps=g.num_warps)
                 _cos_finalize_kernel[(g.n_tiles,)](
-                    g.table, part, coef[:, g.row_offset:], loss_parts[g.tile_offset:], len(g.ids), g.n_split,
-                    g.rows, rows_total, 1.0 / n_blocks, EPS, TAB=_TAB, BLOCK_R=g.block_r, num_warps=4)
+                    g.table, part, coef[:, g.row_offset:], loss_parts[g.tile_offset:], raw_parts[g.tile_offset:],
+                    weights.index_select(0, g.block_ids), len(g.ids), g.n_split, g.rows, rows_total, EPS,
+                    TAB=_TAB, BLOCK_R=g.block_r, num_warps=4)
+            per_block.index_add_(0, g.tile_blocks, raw_parts[g.tile_offset:g.tile_offset + g.n_tiles])
         loss = loss_parts.sum()                                                    # () fp32
+        ctx.mark_non_differentiable(per_block)
         ctx.per, ctx.n_blocks, ctx.plans, ctx.rows_total = per, n_blocks, plans, rows_total
         ctx.shapes = [s.shape for s in students]
         ctx.save_for_backward(coef, *s_rows, *t_rows)
-        return loss
+        return loss, per_block
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_per_block):
         coef, *rows = ctx.saved_tensors
         n = ctx.n_blocks
         s_rows, t_rows = rows[:n], rows[n:]
         grad_out = grad_out.reshape(1).to(torch.float32)
         grads: list[torch.Tensor | None] = [None] * n
         for g in ctx.plans:
-            if not any(ctx.needs_input_grad[2 + i] for i in g.ids):
+            if not any(ctx.needs_input_grad[3 + i] for i in g.ids):
                 continue
             # every block of the group is written (one launch); unneeded ones are dropped after
             outs = {i: empty(s_rows[i].shape, dtype=s_rows[i].dtype, device=coef.device) for i in g.ids}
@@ -328,8 +349,8 @@ class MultiBlockCosineLoss(torch.autograd.Function):
                     CLAMP=float(torch.finfo(torch.float16).max) if s0.dtype == torch.float16 else 0.0,
                     ALIGNED=g.aligned and all(out.data_ptr() % 16 == 0 for out in outs.values()))
             for i in g.ids:
-                grads[i] = outs[i].view(ctx.shapes[i]) if ctx.needs_input_grad[2 + i] else None
-        return (None, None, *grads, *([None] * n))
+                grads[i] = outs[i].view(ctx.shapes[i]) if ctx.needs_input_grad[3 + i] else None
+        return (None, None, None, *grads, *([None] * n))
 
 
 def _kernel_ok(students, teachers) -> bool:
@@ -338,9 +359,13 @@ def _kernel_ok(students, teachers) -> bool:
 
 
 def multi_block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], per: str = "token",
-                            *, kernel: bool | None = None) -> torch.Tensor:
+                            *, block_weights: Sequence[float] | torch.Tensor | None = None, per_block: bool = False,
+                            kernel: bool | None = None):
     """Mean over blocks of mean over rows of ``1 - cos(student_row, teacher_row)``.
 
+    ``block_weights``: (L,) non-negative weights of the blocks (a device tensor costs no copy): the mean
+    over blocks becomes ``sum w_l loss_l / sum w_l``, in the same launches. ``per_block``: also return
+    each block's unweighted loss, (L,) fp32, detached: ``(loss, per_block)``.
     ``kernel``: None dispatches (CUDA or TRITON_INTERPRET=1 -> Triton, else torch); False
     forces torch; True forces Triton (RuntimeError where it cannot run). The kernel path
     returns fp32, the reference the student dtype.
@@ -350,9 +375,16 @@ def multi_block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence
                          f"{len(students)} and {len(teachers)}")
     if per not in PERS:
         raise ValueError(f"unknown per={per!r}; allowed: {', '.join(PERS)}")
+    if block_weights is not None and len(block_weights) != len(students):
+        raise ValueError(f"{len(block_weights)} block weights for {len(students)} blocks")
     if resolve(kernel, students[0], "multi_block_cosine_loss") and _kernel_ok(students, teachers):
-        return MultiBlockCosineLoss.apply(per, len(students), *students, *[t.detach() for t in teachers])
-    return multi_block_cosine_loss_reference(students, teachers, per)
+        device = students[0].device
+        weights = torch.ones(len(students), device=device) if block_weights is None else \
+            torch.as_tensor(block_weights, device=device).float()                            # (L,)
+        loss, blocks = MultiBlockCosineLoss.apply(per, len(students), weights / weights.sum(), *students,
+                                                  *[t.detach() for t in teachers])
+        return (loss, blocks) if per_block else loss
+    return multi_block_cosine_loss_reference(students, teachers, per, block_weights, per_block)
 
 
 __all__ = ["multi_block_cosine_loss", "multi_block_cosine_loss_reference", "MultiBlockCosineLoss"]

@@ -10,6 +10,7 @@ the demo, the tests and the accuracy grids.
 |---|---|---|
 | ``fashion_vit`` | timm ``VisionTransformer``: 28x28, patch 4, width 64, depth 6, 2 heads (0.31M) | bench/train_fashion_mnist.py |
 | ``fashion_cnn`` | timm MobileNetV1 at a quarter width, 1 channel (0.22M) | bench/train_fashion_cnn.py |
+| ``fashion_resnet`` | timm ResNet-18 layout at a quarter width (16-128 channels), 1 channel (0.71M) | bench/train_fashion_resnet.py |
 
 Each file's safetensors metadata holds its recipe and test top-1.
 """
@@ -28,7 +29,9 @@ BUNDLED_WEIGHTS = ASSETS / "fashion_vit.safetensors"
 BUNDLED_ARCH = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=2,
                     mlp_ratio=4.0)
 CNN_ARCH = dict(variant="mobilenetv1_100", channel_multiplier=0.25, num_classes=10, in_chans=1)
-BUNDLED_NAMES = ("fashion_vit", "fashion_cnn")
+# a residual CNN with BatchNorm, healed through the generic adapter (timm's group_matcher finds its blocks)
+RESNET_ARCH = dict(model_name="resnet18", channels=(16, 32, 64, 128), stem_width=16, num_classes=10, in_chans=1)
+BUNDLED_NAMES = ("fashion_vit", "fashion_cnn", "fashion_resnet")
 
 
 def build_bundled_model(name: str = BUNDLED_MODEL_NAME) -> nn.Module:
@@ -41,6 +44,10 @@ def build_bundled_model(name: str = BUNDLED_MODEL_NAME) -> nn.Module:
         from timm.models.efficientnet import _gen_mobilenet_v1
 
         return _gen_mobilenet_v1(**CNN_ARCH)
+    if name == "fashion_resnet":
+        import timm
+
+        return timm.create_model(pretrained=False, **RESNET_ARCH)
     raise ValueError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_NAMES)}")
 
 

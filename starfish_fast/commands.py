@@ -27,7 +27,8 @@ from starfish_fast.engine import heal
 from starfish_fast.evaluate import evaluate_top1
 from starfish_fast.masks import apply_masks, load_masks, mask_density
 from starfish_fast.models import adapter_for, load_dense, model_spec
-from starfish_fast.plan import resolve_device
+from starfish_fast.config import HealConfig
+from starfish_fast.plan import process_device
 
 log = logging.getLogger("starfish_fast")
 MASK_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -122,7 +123,9 @@ def _check_recover(args):
     if args.export and not args.export.endswith(".safetensors"):
         raise ValueError(f"--export {args.export}: the export is a .safetensors file")
     check_files(args, "mask_path", "dense_path", "pretrained_file", "fashion_mnist", "calib_dir", "eval_dir")
-    return config, model_spec(args.model_name), resolve_device(args.device)
+    spec = model_spec(args.model_name)
+    device, group = process_device(config)
+    return config, spec, device, group is None or group.main
 
 
 def recover_data(args, spec, dense):
@@ -159,7 +162,7 @@ def recover_data(args, spec, dense):
 
 
 def run_recover(args) -> int:
-    config, spec, device = _check_recover(args)
+    config, spec, device, main = _check_recover(args)
     output = Path(args.output_path)
     with output_directory(output.parent):
         spec, dense = load_dense_model(args, device)
@@ -173,6 +176,8 @@ def run_recover(args) -> int:
         top1_before = evaluate_top1(pruned, evaluation, device) if evaluation is not None else float("nan")
         result = heal(pruned, dense, masks, calib, config, block_names=blocks, predicate=predicate)
         top1_after = evaluate_top1(pruned, evaluation, device) if evaluation is not None else float("nan")
+        if not main:                          # under torchrun rank 0 alone writes and reports
+            return 0
         save_recovered_checkpoint(path=output, model=pruned, args=args, blocks=blocks, history=result.history,
                                   before=top1_before, after=top1_after, mask_density_value=mask_density(masks))
         if args.export:
@@ -196,15 +201,17 @@ def run_eval(args) -> int:
     if args.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     check_files(args, "checkpoint", "dense_path", "pretrained_file", "fashion_mnist", "eval_dir", "mask_path")
-    spec, device = model_spec(args.model_name), resolve_device(args.device)
+    spec = model_spec(args.model_name)
+    device, group = process_device(HealConfig(device=args.device))     # under torchrun: evaluation split
     dense = load_dense_model(args, device)[1] if (args.diagnostics or not args.checkpoint) else None
     model = load_dense(args.model_name, args.checkpoint, device, model_kwargs=model_kwargs(args),
                        allow_unsafe_pickle=args.allow_unsafe_pickle) if args.checkpoint else dense
     loader = eval_loader(args, spec, model)
     result = {"model_name": args.model_name, "checkpoint": args.checkpoint, "top1": evaluate_top1(model, loader, device)}
     if args.diagnostics:
-        result.update(diagnostics(args, spec, dense, model, loader, device))
-    print_json(result)
+        result.update(diagnostics(args, spec, dense, model, loader, device, group is None or group.main))
+    if group is None or group.main:
+        print_json(result)
     return 0
 
 
@@ -219,7 +226,7 @@ def eval_loader(args, spec, model):
                                  transform=spec.transform(model), eval_samples=args.eval_samples or 50000)
 
 
-def diagnostics(args, spec, dense, model, loader, device) -> dict:
+def diagnostics(args, spec, dense, model, loader, device, main: bool = True) -> dict:
     """The paper's bound and per-block cosine, before (dense x masks, with --mask-path) and after; JSON and PNGs."""
     from starfish_fast.diagnostics import plot_block_cosine, plot_kl_bound, representation_diagnostics
 
@@ -234,6 +241,8 @@ def diagnostics(args, spec, dense, model, loader, device) -> dict:
     after = representation_diagnostics(dense, model, loader, block_names=blocks, device=device)
     stem = str(args.checkpoint or Path("outputs") / args.model_name.replace("/", "_"))
     files = {"diagnostics": stem + ".diagnostics.json", "block_cosine_plot": stem + ".block_cosine.png"}
+    if not main:
+        return {}
     save_json_atomic({"model_name": args.model_name, "checkpoint": args.checkpoint, "before": before,
                       "after": after}, files["diagnostics"])
     plot_block_cosine(before["block_cosine"] if before else None, after["block_cosine"], files["block_cosine_plot"])
@@ -252,7 +261,7 @@ def run_demo(args) -> int:
     output = Path(args.output_dir)
     config = config_from_args(args, scope="qkv_out_mlp", metrics_path=str(output / "metrics.jsonl"),
                               plot_path=str(output / "loss.png"), progress=not args.no_progress)
-    device = resolve_device(config.device)
+    device, group = process_device(config)
     if not 0 <= args.sparsity < 1:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     started = time.perf_counter()
@@ -268,6 +277,8 @@ def run_demo(args) -> int:
                 "pruned": evaluate_top1_tensors(pruned, test_images, test_labels, device=device)}
         result = heal(pruned, dense, masks, calib, config)
         top1["healed"] = evaluate_top1_tensors(pruned, test_images, test_labels, device=device)
+        if group is not None and not group.main:          # under torchrun rank 0 alone writes and reports
+            return 0
         save_safetensors_atomic(pruned.state_dict(), output / "healed.safetensors",
                                 metadata={"recipe": json.dumps(vars(args), default=str)})
         wall = time.perf_counter() - started

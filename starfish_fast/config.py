@@ -48,7 +48,9 @@ class HealConfig:
     cosine_per: str = option("auto", "cosine rows: token (B*T rows) or sample (B rows); auto: the model's rule "
                                      "(tokens of (B, T, D) and of channels-last maps, else images)",
                              ("auto", "token", "sample"))
-    block_weights: Any = option(None, "per-block loss weights: comma-separated numbers (default: uniform)")
+    block_weights: Any = option(None, "per-block loss weights: comma-separated numbers, or adaptive (from each "
+                                      "block's distance to the dense model, re-estimated every epoch); default "
+                                      "uniform")
     precision: str = option("auto", "compute precision in fast mode (auto: bf16 on CUDA and for ViTs on "
                                     "bf16-native CPUs, else fp32)", ("auto", *PRECISIONS))
     compile: str = option("auto", "per-block torch.compile (auto: on CUDA in fast mode)", AUTO_ON_OFF)
@@ -64,6 +66,10 @@ class HealConfig:
                                   "(auto: MLP in fast mode, QK on CPU)", AUTO_ON_OFF)
     semi_structured: str = option("auto", "2:4-masked linears through sparse tensor cores (auto: off until "
                                           "measured faster)", AUTO_ON_OFF)
+    distributed: str = option("auto", "under torchrun: one process per GPU, the global batch split across them, "
+                                      "gradients averaged by DDP (auto: when WORLD_SIZE > 1)", ("auto", "off"))
+    sync_bn: bool = option(False, "under torchrun on CUDA: SyncBatchNorm (statistics over the global batch) "
+                                  "instead of each process's own BatchNorm statistics")
     grad_checkpointing: bool = option(False, "recompute block activations in the backward (less memory)")
     device: str | None = option(None, "cuda, cuda:N or cpu (default: cuda if available)")
     log_every: int = option(10, "steps between loss reads (the only host syncs of fast mode)")
@@ -92,6 +98,9 @@ class HealConfig:
                 raise ValueError(f"HealConfig.{key} must be finite and >= 0, got {value!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"HealConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.block_weights is not None and self.objective in ("kl", "ce"):
+            raise ValueError(f"HealConfig.block_weights needs a block objective (starfish, mse, starfish+kl); "
+                             f"objective {self.objective!r} has no blocks")
         if (self.checkpoint_every > 0 or self.resume) and not self.checkpoint_path:
             raise ValueError("HealConfig.checkpoint_path is needed for checkpoint_every > 0 or resume")
 
@@ -105,14 +114,15 @@ class HealConfig:
 
 
 def _parse_block_weights(value):
-    """None, a sequence of numbers or a comma-separated string of them -> None or a tuple of floats."""
-    if value is None:
+    """None, "adaptive", a sequence of numbers or a comma-separated string of them -> None, "adaptive" or
+    a tuple of floats."""
+    if value is None or value == "adaptive":
         return value
     if isinstance(value, str):
         try:
             value = [float(v) for v in value.split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"HealConfig.block_weights={value!r}; allowed: comma-separated numbers") \
+            raise ValueError(f"HealConfig.block_weights={value!r}; allowed: adaptive or comma-separated numbers") \
                 from None
     weights = tuple(float(v) for v in value)
     if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:

@@ -34,6 +34,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from starfish_fast import distributed
 from starfish_fast.data import TensorLoader
 from starfish_fast.kernels import multi_block_cosine_loss_reference
 from starfish_fast.models import adapter_for
@@ -162,8 +163,11 @@ def representation_diagnostics(dense: nn.Module, model: nn.Module, images, label
     cosine_sums = [0.0] * len(block_names)
     correct_dense = correct_model = labeled = examples = 0
     zeta_max = 0.0
+    group = distributed.current()              # under torchrun: every world-size-th batch here, then summed
     try:
-        for batch_images, batch_labels in _batches(images, labels, batch_size):
+        for index, (batch_images, batch_labels) in enumerate(_batches(images, labels, batch_size)):
+            if group is not None and index % group.world_size != group.rank:
+                continue
             batch_images = batch_images.to(device)
             logits_dense, h_dense, reps_dense = _forward(dense, adapter, batch_images, block_names)
             logits_model, h_model, reps_model = _forward(model, adapter, batch_images, block_names)
@@ -185,6 +189,9 @@ def representation_diagnostics(dense: nn.Module, model: nn.Module, images, label
     finally:
         dense.train(modes[0])
         model.train(modes[1])
+    if group is not None:
+        sums, cosine_sums, (correct_dense, correct_model, labeled, examples), zeta_max = _summed(
+            group, sums, cosine_sums, [correct_dense, correct_model, labeled, examples], zeta_max)
     if examples == 0:
         raise ValueError("no evaluation examples")
     top1_dense = 100.0 * correct_dense / labeled if labeled else math.nan
@@ -200,6 +207,19 @@ def representation_diagnostics(dense: nn.Module, model: nn.Module, images, label
         log.warning("certified bound %.4g below the measured KL %.4g: is the classifier the last op?",
                     result["bound_certified"], result["kl"])
     return result
+
+
+def _summed(group, sums: dict, cosine_sums: list, counts: list, zeta_max: float):
+    """The per-process sums and counts added over the processes (float64), the maximum of ``zeta_max``."""
+    keys = sorted(sums)
+    local = torch.tensor([sums[k] for k in keys] + cosine_sums + counts, dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if group.backend == "nccl" else torch.device("cpu")
+    total = group.sum(local.to(device)).cpu().tolist()
+    highest = torch.tensor([zeta_max], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
+    n_sums, n_cos = len(keys), len(cosine_sums)
+    counts = [int(round(v)) for v in total[n_sums + n_cos:]]
+    return dict(zip(keys, total[:n_sums])), total[n_sums:n_sums + n_cos], counts, float(highest)
 
 
 def format_diagnostics(diagnostics: Mapping, label: str = "model") -> str:

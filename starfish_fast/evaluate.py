@@ -14,18 +14,26 @@ from torch import nn
 
 @torch.no_grad()
 def evaluate_top1(model: nn.Module, loader: Iterable, device: str | torch.device) -> float:
-    """Top-1 in percent over labels >= 0 (reference semantics); NaN if the loader has none."""
+    """Top-1 in percent over labels >= 0 (reference semantics); NaN if the loader has none. Under
+    torchrun each process evaluates every world-size-th batch and the counts are summed."""
+    from starfish_fast import distributed
+
+    group = distributed.current()
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     counted = torch.zeros((), dtype=torch.long, device=device)
-    for images, labels in loader:
+    for index, (images, labels) in enumerate(loader):
+        if group is not None and index % group.world_size != group.rank:
+            continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         predictions = model(images).argmax(dim=-1)   # (B,)
         valid = labels >= 0                           # (B,)
         correct += (predictions.eq(labels) & valid).sum()
         counted += valid.sum()
     model.train(was_training)
+    if group is not None:
+        correct, counted = group.sum(correct), group.sum(counted)
     counted_total = int(counted)
     return math.nan if counted_total == 0 else 100.0 * int(correct) / counted_total
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from starfish_fast.config import OBJECTIVES
-from starfish_fast.kernels import multi_block_cosine_loss, multi_block_cosine_loss_reference
+from starfish_fast.kernels import multi_block_cosine_loss
 from starfish_fast.kernels._dispatch import use_triton
 
 
@@ -31,37 +31,32 @@ def needs_teacher_logits(objective: str) -> bool:
     return objective in ("kl", "starfish+kl")
 
 
-def _weighted_block_mean(per_block: list[torch.Tensor], block_weights: Sequence[float] | None) -> torch.Tensor:
-    stacked = torch.stack(per_block)                                  # (L,)
-    if block_weights is None:
-        return stacked.mean()
-    if len(block_weights) != len(per_block):
-        raise ValueError(f"{len(block_weights)} block weights for {len(per_block)} blocks")
-    weights = torch.as_tensor(block_weights, dtype=stacked.dtype, device=stacked.device)
-    return (stacked * weights).sum() / weights.sum()
-
-
 def block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], per: str = "auto",
-                      block_weights: Sequence[float] | None = None, kernels: str = "torch") -> torch.Tensor:
-    """STARFISH loss; the teacher is cast to the student's dtype first (reference rule).
+                      block_weights: Sequence[float] | torch.Tensor | None = None, kernels: str = "torch",
+                      per_block: bool = False):
+    """STARFISH loss; the teacher is cast to the student's dtype first (reference rule). ``block_weights``
+    weight the mean over blocks; ``per_block`` also returns each block's loss (L,), detached.
 
     ``kernels``: ``torch`` (plain reference), ``triton`` or ``auto`` (the fused Triton loss
-    where the dispatch table says it wins: CUDA)."""
+    where the dispatch table says it wins: CUDA); both take the weights in the same launches."""
     if len(students) != len(teachers) or not students:
         raise ValueError(f"need the same non-zero number of student and teacher blocks, got "
                          f"{len(students)} and {len(teachers)}")
     per = "auto" if per == "shape" else per           # the plan's "by shape" is the kernels' auto
-    if block_weights is None:
-        fused = use_triton("cosine_loss", students[0], kernels)
-        return multi_block_cosine_loss(list(students), list(teachers), per, kernel=fused)
-    per_block = [multi_block_cosine_loss_reference([s], [t], per) for s, t in zip(students, teachers)]
-    return _weighted_block_mean(per_block, block_weights)
+    fused = use_triton("cosine_loss", students[0], kernels)
+    return multi_block_cosine_loss(list(students), list(teachers), per, block_weights=block_weights,
+                                   per_block=per_block, kernel=fused)
 
 
 def block_mse_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor],
-                   block_weights: Sequence[float] | None = None) -> torch.Tensor:
-    per_block = [F.mse_loss(s, t.to(s.dtype)) for s, t in zip(students, teachers)]
-    return _weighted_block_mean(per_block, block_weights)
+                   block_weights: Sequence[float] | torch.Tensor | None = None, per_block: bool = False):
+    stacked = torch.stack([F.mse_loss(s, t.to(s.dtype)) for s, t in zip(students, teachers)])      # (L,)
+    if block_weights is None:
+        loss = stacked.mean()
+    else:
+        weights = torch.as_tensor(block_weights, dtype=stacked.dtype, device=stacked.device)        # (L,)
+        loss = (stacked * weights).sum() / weights.sum()
+    return (loss, stacked.detach().float()) if per_block else loss
 
 
 def kl_dense_to_pruned(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -72,19 +67,32 @@ def kl_dense_to_pruned(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 def objective_loss(objective: str, *, student_reps=None, teacher_reps=None, student_logits=None,
                    teacher_logits=None, labels=None, per: str = "auto",
-                   block_weights: Sequence[float] | None = None, kernels: str = "torch") -> torch.Tensor:
-    """The scalar healing loss of ``objective`` (see the module docstring)."""
-    if objective == "starfish":
-        return block_cosine_loss(student_reps, teacher_reps, per, block_weights, kernels)
-    if objective == "mse":
-        return block_mse_loss(student_reps, teacher_reps, block_weights)
-    if objective == "kl":
-        return kl_dense_to_pruned(student_logits, teacher_logits)
-    if objective == "ce":
+                   block_weights: Sequence[float] | torch.Tensor | None = None, kernels: str = "torch",
+                   per_block: bool = False):
+    """The scalar healing loss of ``objective`` (see the module docstring); with ``per_block`` a pair
+    (loss, each block's unweighted loss (L,) detached, or None for the output-only objectives)."""
+    blocks = None
+    if objective in ("starfish", "starfish+kl"):
+        loss, blocks = block_cosine_loss(student_reps, teacher_reps, per, block_weights, kernels, per_block=True)
+        if objective == "starfish+kl":
+            loss = 0.5 * loss + 0.5 * kl_dense_to_pruned(student_logits, teacher_logits)
+    elif objective == "mse":
+        loss, blocks = block_mse_loss(student_reps, teacher_reps, block_weights, per_block=True)
+    elif objective == "kl":
+        loss = kl_dense_to_pruned(student_logits, teacher_logits)
+    elif objective == "ce":
         if labels is None:
             raise ValueError("objective 'ce' needs labels with the calibration batches")
-        return F.cross_entropy(student_logits.float(), labels)
-    if objective == "starfish+kl":
-        return 0.5 * block_cosine_loss(student_reps, teacher_reps, per, block_weights, kernels) + \
-            0.5 * kl_dense_to_pruned(student_logits, teacher_logits)
-    raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+        loss = F.cross_entropy(student_logits.float(), labels)
+    else:
+        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    return (loss, blocks) if per_block else loss
+
+
+def adaptive_block_weights(distances: torch.Tensor) -> torch.Tensor:
+    """Block weights from each block's distance to the dense model (its mean ``1 - cos``): proportional
+    to the distance, normalised to mean 1 (uniform where every distance is 0). On the device, no sync."""
+    distances = distances.float().clamp_min(0)                                              # (L,)
+    total = distances.sum()
+    uniform = torch.ones_like(distances)
+    return torch.where(total > 0, distances * distances.numel() / total.clamp_min(1e-30), uniform)

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from starfish_fast import distributed
 from starfish_fast.compaction import ATTENTION_LAYERS
 from starfish_fast.config import KERNEL_OPS, HealConfig
 from starfish_fast.kernels._dispatch import AUTO_TRITON_ON_CUDA, triton_available_for
@@ -49,6 +50,9 @@ class Plan:
     attention_fp32_core: bool         # attention modules swapped for ones whose core runs in fp32 (CPU bf16)
     kernels: Mapping[str, str] = field(default_factory=dict)   # op -> triton | torch
     semi_structured: bool = False
+    world_size: int = 1               # torchrun processes (1: none)
+    rank: int = 0
+    sync_bn: bool = False
     reasons: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -69,7 +73,9 @@ class Plan:
         return (f"plan: {self.device} {self.mode} {self.precision}, teacher {self.teacher_store}/{self.teacher_dtype}, "
                 f"compile {'on' if self.compile else 'off'}, compact {compact}, kernels {kernels}, "
                 f"2:4 {'on' if self.semi_structured else 'off'}, scope {self.scope}, {len(self.blocks)} blocks "
-                f"({self.family}, cosine per {self.cosine_per})")
+                f"({self.family}, cosine per {self.cosine_per})" +
+                (f", {self.world_size} processes{' with SyncBatchNorm' if self.sync_bn else ''}"
+                 if self.world_size > 1 else ""))
 
     def as_dict(self) -> dict:
         return {item.name: (list(value) if isinstance(value := getattr(self, item.name), tuple) else
@@ -92,6 +98,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     elif resolved.type != "cpu":
         raise ValueError(f"device {device!r}: unsupported device type; allowed: cpu, cuda, cuda:N")
     return resolved
+
+
+def process_device(config: HealConfig, device: str | torch.device | None = None):
+    """(this process's device, its torchrun group or None): under torchrun the process group is joined
+    (NCCL on CUDA, gloo on the CPU) and a CUDA device is ``cuda:LOCAL_RANK``."""
+    device = resolve_device(config.device if device is None else device)
+    group = distributed.join(config.distributed, device.type)
+    if group is not None and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
+    return device, group
 
 
 def cpu_has_native_bf16() -> bool:
@@ -148,7 +164,8 @@ def _compaction(config: HealConfig, device: torch.device) -> tuple[bool, bool, s
 
 
 def _teacher_store(config: HealConfig, model: nn.Module, adapter, blocks, calib, device, dtype, keep_logits,
-                   keep_blocks) -> tuple[str, str]:
+                   keep_blocks, world_size: int) -> tuple[str, str]:
+    """Each process keeps the targets of its own slices: sized by its share of the calibration images."""
     if not (keep_logits or keep_blocks):
         return "none", f"objective {config.objective!r} needs no teacher outputs"
     if config.teacher_store != "auto":
@@ -156,8 +173,8 @@ def _teacher_store(config: HealConfig, model: nn.Module, adapter, blocks, calib,
     if calib is None:
         return ("gpu" if device.type == "cuda" else "memory"), "auto without calibration data: size unknown"
     sample = calib[0][:1]
-    cache_bytes = estimate_bytes(model, adapter, blocks, sample, sum(b.shape[0] for b in calib), keep_logits,
-                                 keep_blocks, dtype)
+    cache_bytes = estimate_bytes(model, adapter, blocks, sample, sum(b.shape[0] for b in calib) // world_size,
+                                 keep_logits, keep_blocks, dtype)
     return choose_store("auto", cache_bytes, device)
 
 
@@ -167,12 +184,18 @@ def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.devic
     ``calib``: the calibration batches (sizes the teacher store); ``block_names``: default all blocks."""
     from starfish_fast.objectives import needs_blocks, needs_teacher_logits
 
-    device = resolve_device(config.device if device is None else device)
+    device, group = process_device(config, device)
+    world_size = group.world_size if group else 1
+    if config.sync_bn and world_size > 1 and device.type != "cuda":
+        raise ValueError("sync_bn needs CUDA processes (SyncBatchNorm runs on GPUs); on the CPU each process "
+                         "keeps its own BatchNorm statistics")
     adapter = adapter_for(model, block_names)
     scope = adapter.check_scope(config.scope)
     blocks = tuple(block_names) if block_names is not None else tuple(adapter.block_names(model))
     if not blocks and needs_blocks(config.objective):
         raise ValueError("no blocks to align: block_names is empty")
+    if isinstance(config.block_weights, tuple) and len(config.block_weights) != len(blocks):
+        raise ValueError(f"{len(config.block_weights)} block weights for {len(blocks)} blocks")
     precision, teacher_dtype, precision_reason = _precision(config, device, adapter.family)
     fast = config.mode == "fast"
     compile_on = config.compile == "on" or (config.compile == "auto" and fast and device.type == "cuda")
@@ -181,7 +204,8 @@ def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.devic
     compact_mlp, compact_qk, compact_reason = _compaction(config, device)
     kernels = _kernels(config, device)
     store, store_reason = _teacher_store(config, model, adapter, blocks, calib, device, DTYPES[teacher_dtype],
-                                         needs_teacher_logits(config.objective), needs_blocks(config.objective))
+                                         needs_teacher_logits(config.objective), needs_blocks(config.objective),
+                                         world_size)
     reasons = {"precision": precision_reason, "teacher_store": store_reason, "compact": compact_reason,
                # CPU compile measured no faster than eager (1505 vs 1416 img/s best-of-4, within noise;
                # bench/results/heal_fashion_vit_cpu.json holds the eager run): compile is for CUDA
@@ -194,6 +218,7 @@ def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.devic
                 teacher_dtype=teacher_dtype, teacher_store=store, compile=compile_on, compact_mlp=compact_mlp,
                 compact_qk=compact_qk, kernels=kernels,
                 attention_fp32_core=fast and device.type == "cpu" and adapter.family in ATTENTION_LAYERS,
-                semi_structured=fast and config.semi_structured == "on", reasons=reasons)
+                semi_structured=fast and config.semi_structured == "on", world_size=world_size,
+                rank=group.rank if group else 0, sync_bn=config.sync_bn and world_size > 1, reasons=reasons)
     log.debug("plan reasons: %s", reasons)
     return plan

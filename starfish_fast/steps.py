@@ -40,12 +40,15 @@ def student_loss(run, images: torch.Tensor, targets: list[torch.Tensor], index: 
         reps = [r.float() for r in reps]
         logits = logits.float() if logits is not None else None
     blocks = len(plan.blocks)
-    return objectives.objective_loss(
+    loss, per_block = objectives.objective_loss(
         config.objective, student_reps=reps, student_logits=logits,
         teacher_reps=targets[:blocks] if objectives.needs_blocks(config.objective) else None,
         teacher_logits=targets[-1] if objectives.needs_teacher_logits(config.objective) else None,
         labels=run.labels[index].to(run.device) if run.labels is not None else None,
-        per=plan.cosine_per, block_weights=run.block_weights, kernels=plan.kernels["cosine_loss"])
+        per=plan.cosine_per, block_weights=run.block_weights, kernels=plan.kernels["cosine_loss"], per_block=True)
+    if run.block_sums is not None:
+        run.block_sums += per_block                    # adaptive weights: the blocks' losses, on the device
+    return loss
 
 
 class ExactStep:

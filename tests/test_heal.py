@@ -350,3 +350,33 @@ def test_compiled_blocks_of_distinct_shapes_all_compile_and_are_removed_after(mo
     assert compiled.step_losses == pytest.approx(reference.step_losses, rel=1e-5 if precision == "fp32" else 1e-2)
     assert all(block._compiled_call_impl is None for block in student.blocks)
     assert torch._dynamo.config.recompile_limit == 8
+
+
+def test_adaptive_block_weights_are_positive_mean_one_and_follow_the_damage():
+    from starfish_fast.objectives import adaptive_block_weights
+
+    weights = adaptive_block_weights(torch.tensor([0.01, 0.03, 0.06]))
+    assert torch.allclose(weights, torch.tensor([0.3, 0.9, 1.8])) and weights.mean() == pytest.approx(1.0)
+    assert torch.equal(adaptive_block_weights(torch.zeros(4)), torch.ones(4))
+    dense, pruned, masks, calib = _setup()
+    result = heal(pruned, dense, masks, calib, _config(epochs=3, block_weights="adaptive"))
+    initial = torch.tensor(result.ran["block_weights_initial"])
+    assert torch.isfinite(initial).all() and (initial > 0).all() and initial.mean() == pytest.approx(1.0, rel=1e-5)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert all((pruned.state_dict()[k][~m] == 0).all() for k, m in masks.items())
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fixed_block_weights_take_the_same_path_as_uniform(kernels):
+    """Weights given to the fused loss (interpreter here) give the torch path's losses; uniform weights
+    equal no weights."""
+    dense, pruned, masks, calib = _setup()
+    runs = {}
+    for weights in (None, (1.0, 1.0), (0.5, 3.0)):
+        model = copy.deepcopy(pruned)
+        runs[weights] = heal(model, dense, masks, calib[:16], _config(block_weights=weights, kernels=kernels,
+                                                                       epochs=1))
+    assert runs[(1.0, 1.0)].step_losses == pytest.approx(runs[None].step_losses, rel=1e-5)
+    assert runs[(0.5, 3.0)].step_losses != pytest.approx(runs[None].step_losses, rel=1e-3)
+    torch_run = heal(copy.deepcopy(pruned), dense, masks, calib[:16], _config(block_weights=(0.5, 3.0), epochs=1))
+    assert runs[(0.5, 3.0)].step_losses == pytest.approx(torch_run.step_losses, rel=1e-4)

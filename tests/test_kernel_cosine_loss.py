@@ -165,6 +165,32 @@ def test_reference_matches_plain_formula_and_dispatch():
         multi_block_cosine_loss(s, [], per="token")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shapes", [[(2, 5, 40)] * 3, [(2, 3, 1), (1, 9, 300), (2, 4, 3, 3)]])
+def test_block_weights_and_per_block_losses(dtype, shapes):
+    """Weighted mean over blocks in the same launches, and each block's unweighted loss, against the
+    reference in fp64 (loss, per-block losses and gradients)."""
+    torch.manual_seed(0)
+    weights = torch.tensor([0.5, 2.0, 1.25])
+    students = [torch.randn(*sh).to(dtype).requires_grad_() for sh in shapes]
+    teachers = [(s.detach().float() + 0.7 * torch.randn(s.shape)).to(dtype) for s in students]
+    loss, blocks = multi_block_cosine_loss(students, teachers, "auto", block_weights=weights, per_block=True,
+                                           kernel=True)
+    (2.0 * loss).backward()
+    s64 = [s.detach().double().requires_grad_() for s in students]
+    ref, ref_blocks = multi_block_cosine_loss_reference(s64, [t.double() for t in teachers], "auto",
+                                                        block_weights=weights.double(), per_block=True)
+    (2.0 * ref).backward()
+    tol = TOL[dtype]
+    assert abs(loss.item() - ref.item()) <= tol and not blocks.requires_grad
+    torch.testing.assert_close(blocks, ref_blocks.float(), rtol=tol, atol=tol)
+    assert ref.item() == pytest.approx(float((ref_blocks * weights).sum() / weights.sum()), rel=1e-6)
+    for s, r in zip(students, s64):
+        assert grad_err(s.grad, r.grad, r, "auto", len(students)) <= tol
+    with pytest.raises(ValueError, match="2 block weights for 3 blocks"):
+        multi_block_cosine_loss(students, teachers, block_weights=[1.0, 2.0], kernel=True)
+
+
 # ------------------------------------------------------------------------ GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("s_dtype,t_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),

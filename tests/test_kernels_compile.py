@@ -67,7 +67,7 @@ for student, teacher in (("bf16", "bf16"), ("fp32", "bf16"), ("fp16", "fp16")):
         warps = 8 if block_r * block_d >= 4096 else 4
         types = {"tab_ptr": "*i64", "gtab_ptr": "*i64", "s_any": "*" + student, "t_any": "*" + teacher,
                  "part_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32", "gout_ptr": "*fp32",
-                 "inv_l": "fp32", "eps": "fp32", **{n: "i32" for n in scalars_i32}}
+                 "raw_ptr": "*fp32", "w_ptr": "*fp32", "eps": "fp32", **{n: "i32" for n in scalars_i32}}
         for aligned in (False, True):
             common = {"TAB": cos._TAB, "BLOCK_R": block_r, "BLOCK_D": block_d, "ALIGNED": aligned}
             out.append(compile_one(cos._cos_stats_kernel, types, common, warps))
