@@ -198,7 +198,7 @@ def headline(rec, out, rehearse: bool) -> None:
     """DeiT-B, batch 128, 20 steps measured after 5 of warm-up: fast mode against the reference loop,
     gpu and pinned stores, then the Triton kernels; every run recorded as soon as it is measured."""
     import bench_heal
-    from gpu_check import measured
+    from gpu_check_log import measured
 
     args = Namespace(model="fashion_vit" if rehearse else "deit_base_patch16_224",
                      batch_size=2 if rehearse else 128, steps=2 if rehearse else 25, warmup=1 if rehearse else 5,
@@ -232,7 +232,7 @@ def headline(rec, out, rehearse: bool) -> None:
 def part_bandwidth(rec, out, rehearse: bool) -> None:
     if not _gpu_only(rec, rehearse):
         return
-    from gpu_check import measured
+    from gpu_check_log import measured
 
     device = _device()
     on_gpu = device.type == "cuda"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpu_check import SUMMARY_NAME, read_records
+from gpu_check_log import SUMMARY_NAME, read_records
 
 KEYS = ("max_rel_err", "ms", "gbs", "tflops", "fraction_of_measured_bandwidth", "fraction_of_measured_matmul",
         "images_per_s", "speedup_vs_reference", "last_epoch_rel_diff_vs_exact", "speedup", "rc", "seconds")

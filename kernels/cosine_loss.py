@@ -81,7 +81,12 @@ def multi_block_cosine_loss_reference(students: Sequence[torch.Tensor], teachers
         sn = F.normalize(_rows(s, per), dim=1, eps=EPS)                           # (R, D)
         tn = F.normalize(_rows(t.to(s.dtype), per), dim=1, eps=EPS)               # (R, D)
         losses.append((1 - (sn * tn).sum(1)).mean())
-    stacked = torch.stack(losses)                                                 # (L,)
+    return weighted_block_mean(torch.stack(losses), block_weights, per_block)
+
+
+def weighted_block_mean(stacked: torch.Tensor, block_weights=None, per_block: bool = False):
+    """The mean over blocks of per-block losses (L,), weighted (``sum w_l loss_l / sum w_l``) when
+    ``block_weights`` are given; with ``per_block`` also the losses themselves, detached, fp32."""
     if block_weights is None:
         loss = stacked.mean()
     else:
@@ -387,4 +392,5 @@ def multi_block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence
     return multi_block_cosine_loss_reference(students, teachers, per, block_weights, per_block)
 
 
-__all__ = ["multi_block_cosine_loss", "multi_block_cosine_loss_reference", "MultiBlockCosineLoss"]
+__all__ = ["multi_block_cosine_loss", "multi_block_cosine_loss_reference", "MultiBlockCosineLoss",
+           "weighted_block_mean"]

@@ -230,8 +230,6 @@ def export_dense(model: nn.Module, masks: Mapping[str, torch.Tensor], path: str 
     """The state dict with masked weights zeroed, every mask as ``mask.<weight key>`` and JSON metadata
     (the caller's entries plus ``format`` and ``mask_density``) in one safetensors file, atomically.
     Masked positions that are not zero in the model are zeroed, with a warning."""
-    from starfish_fast.masks import mask_density
-
     metadata = dict(metadata or {})
     clash = [key for key in RESERVED_METADATA if key in metadata]
     if clash:
@@ -248,7 +246,8 @@ def export_dense(model: nn.Module, masks: Mapping[str, torch.Tensor], path: str 
         tensors[MASK_PREFIX + key] = mask
     header = {key: json.dumps(value, default=str) for key, value in metadata.items()}
     header["format"] = json.dumps(EXPORT_FORMAT)
-    header["mask_density"] = json.dumps(mask_density(bool_masks))
+    kept, total = sum(int(m.sum()) for m in bool_masks.values()), sum(m.numel() for m in bool_masks.values())
+    header["mask_density"] = json.dumps(kept / total if total else float("nan"))
     save_safetensors_atomic(tensors, path, metadata=header)
 
 

@@ -18,7 +18,7 @@ import logging
 import sys
 
 from starfish_fast import __version__
-from starfish_fast.config import HealConfig, config_fields, flag_name
+from starfish_fast.config import config_fields, flag_name
 
 REFERENCE_FLAGS_NOTE = "the reference starfish.py's flags and defaults, plus local data and the engine's settings"
 MODEL_HELP = ("the reference's (vit_b_16, vit_l_16, deit_{tiny,small,base}_patch16_224, "
@@ -53,12 +53,6 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = No
             if item.metadata["choices"]:
                 options["choices"] = item.metadata["choices"]
         group.add_argument(flag_name(item), **options)
-
-
-def config_from_args(args: argparse.Namespace, **values) -> HealConfig:
-    """The ``HealConfig`` the flags describe (checked now: a bad value fails before any work)."""
-    fields = {item.name: getattr(args, item.name) for item in config_fields() if hasattr(args, item.name)}
-    return HealConfig(**{**fields, **values})
 
 
 def add_model_flags(parser: argparse.ArgumentParser, dense: bool = True) -> None:

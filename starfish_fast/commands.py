@@ -9,6 +9,7 @@ writes its outputs atomically and prints its result on stdout: a JSON object for
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import copy
@@ -22,12 +23,11 @@ from pathlib import Path
 from starfish_fast import data
 from starfish_fast.checkpoint import export_dense, save_json_atomic, save_masks, save_recovered_checkpoint, \
     save_safetensors_atomic
-from starfish_fast.cli import config_from_args
 from starfish_fast.engine import heal
 from starfish_fast.evaluate import evaluate_top1
 from starfish_fast.masks import apply_masks, load_masks, mask_density
 from starfish_fast.models import adapter_for, load_dense, model_spec
-from starfish_fast.config import HealConfig
+from starfish_fast.config import HealConfig, config_fields
 from starfish_fast.plan import process_device
 
 log = logging.getLogger("starfish_fast")
@@ -35,6 +35,12 @@ MASK_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 # ----------------------------------------------------------------------------- shared checks and loading
+def config_from_args(args: argparse.Namespace, **values) -> HealConfig:
+    """The ``HealConfig`` the flags (cli.add_config_flags) describe (checked now: a bad value fails before any work)."""
+    fields = {item.name: getattr(args, item.name) for item in config_fields() if hasattr(args, item.name)}
+    return HealConfig(**{**fields, **values})
+
+
 def model_kwargs(args) -> dict:
     """``--model-kwargs KEY=VALUE ...`` as a dict (values as Python literals, else strings)."""
     values = {}

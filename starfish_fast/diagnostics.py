@@ -155,71 +155,83 @@ def representation_diagnostics(dense: nn.Module, model: nn.Module, images, label
     adapter = adapter_for(model, block_names)
     block_names = list(block_names) if block_names is not None else adapter.block_names(model)
     per = "token" if adapter.rows == "token" else "auto"
-    head, dense_head = classifier_head(model), classifier_head(dense)
+    heads = classifier_head(dense), classifier_head(model)
     modes = dense.training, model.training
     dense.eval()
     model.eval()
-    sums: dict[str, float] = {}
-    cosine_sums = [0.0] * len(block_names)
-    correct_dense = correct_model = labeled = examples = 0
-    zeta_max = 0.0
+    totals = _Totals(len(block_names))
     group = distributed.current()              # under torchrun: every world-size-th batch here, then summed
     try:
         for index, (batch_images, batch_labels) in enumerate(_batches(images, labels, batch_size)):
-            if group is not None and index % group.world_size != group.rank:
-                continue
-            batch_images = batch_images.to(device)
-            logits_dense, h_dense, reps_dense = _forward(dense, adapter, batch_images, block_names)
-            logits_model, h_model, reps_model = _forward(model, adapter, batch_images, block_names)
-            terms = kl_bound_terms(h_dense, h_model, dense_head.weight, head.weight, dense_head.bias, head.bias,
-                                   zeta_points)
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.sum())
-            zeta_max = max(zeta_max, float(terms["zeta"].max()))
-            n = batch_images.shape[0]
-            for i, (s, t) in enumerate(zip(reps_model, reps_dense)):
-                # the STARFISH rows: tokens of (B, T, D) (and of channels-last maps), else images; weighted by n
-                cosine_sums[i] += n * (1 - float(multi_block_cosine_loss_reference([s.float()], [t.float()], per)))
-            batch_labels = batch_labels.to(device)
-            valid = batch_labels >= 0                                               # (B,): -100 = unlabeled
-            correct_dense += int((logits_dense.argmax(-1).eq(batch_labels) & valid).sum())
-            correct_model += int((logits_model.argmax(-1).eq(batch_labels) & valid).sum())
-            labeled += int(valid.sum())
-            examples += n
+            if group is None or index % group.world_size == group.rank:
+                batch_images = batch_images.to(device)
+                totals.add(_forward(dense, adapter, batch_images, block_names),
+                           _forward(model, adapter, batch_images, block_names), heads, batch_labels.to(device),
+                           per, zeta_points)
     finally:
         dense.train(modes[0])
         model.train(modes[1])
     if group is not None:
-        sums, cosine_sums, (correct_dense, correct_model, labeled, examples), zeta_max = _summed(
-            group, sums, cosine_sums, [correct_dense, correct_model, labeled, examples], zeta_max)
-    if examples == 0:
-        raise ValueError("no evaluation examples")
-    top1_dense = 100.0 * correct_dense / labeled if labeled else math.nan
-    top1_model = 100.0 * correct_model / labeled if labeled else math.nan
-    result = {"examples": examples, "zeta_points": zeta_points,
-              "top1_dense": top1_dense, "top1_model": top1_model,
-              "retention": top1_model / top1_dense if labeled and top1_dense > 0 else math.nan,
-              **{key: value / examples for key, value in sums.items()},
-              "zeta_max": zeta_max,
-              "head_norm": float(torch.linalg.matrix_norm(dense_head.weight.double(), ord=2)),
-              "block_cosine": {name: value / examples for name, value in zip(block_names, cosine_sums)}}
+        totals.reduce(group)
+    result = totals.result(block_names, zeta_points, heads[0])
     if result["bound_certified"] < result["kl"]:     # cannot happen in exact arithmetic: flag a broken setup
         log.warning("certified bound %.4g below the measured KL %.4g: is the classifier the last op?",
                     result["bound_certified"], result["kl"])
     return result
 
 
-def _summed(group, sums: dict, cosine_sums: list, counts: list, zeta_max: float):
-    """The per-process sums and counts added over the processes (float64), the maximum of ``zeta_max``."""
-    keys = sorted(sums)
-    local = torch.tensor([sums[k] for k in keys] + cosine_sums + counts, dtype=torch.float64)
-    device = torch.device("cuda", torch.cuda.current_device()) if group.backend == "nccl" else torch.device("cpu")
-    total = group.sum(local.to(device)).cpu().tolist()
-    highest = torch.tensor([zeta_max], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
-    n_sums, n_cos = len(keys), len(cosine_sums)
-    counts = [int(round(v)) for v in total[n_sums + n_cos:]]
-    return dict(zip(keys, total[:n_sums])), total[n_sums:n_sums + n_cos], counts, float(highest)
+class _Totals:
+    """Sums over examples of the bound's terms, the blocks' cosines and the top-1 counts."""
+
+    def __init__(self, blocks: int):
+        self.sums: dict[str, float] = {}
+        self.cosine = [0.0] * blocks
+        self.counts = [0, 0, 0, 0]                 # correct dense, correct model, labeled, examples
+        self.zeta_max = 0.0
+
+    def add(self, dense_out, model_out, heads, labels: torch.Tensor, per: str, zeta_points: int) -> None:
+        (logits_dense, h_dense, reps_dense), (logits_model, h_model, reps_model) = dense_out, model_out
+        dense_head, head = heads
+        terms = kl_bound_terms(h_dense, h_model, dense_head.weight, head.weight, dense_head.bias, head.bias,
+                               zeta_points)
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.sum())
+        self.zeta_max = max(self.zeta_max, float(terms["zeta"].max()))
+        n = labels.shape[0]
+        for i, (s, t) in enumerate(zip(reps_model, reps_dense)):
+            # the STARFISH rows: tokens of (B, T, D) (and of channels-last maps), else images; weighted by n
+            self.cosine[i] += n * (1 - float(multi_block_cosine_loss_reference([s.float()], [t.float()], per)))
+        valid = labels >= 0                                                      # (B,): -100 = unlabeled
+        self.counts[0] += int((logits_dense.argmax(-1).eq(labels) & valid).sum())
+        self.counts[1] += int((logits_model.argmax(-1).eq(labels) & valid).sum())
+        self.counts[2] += int(valid.sum())
+        self.counts[3] += n
+
+    def reduce(self, group) -> None:
+        """Every process's sums and counts added (float64), the largest zeta."""
+        keys = sorted(self.sums)
+        local = torch.tensor([self.sums[k] for k in keys] + self.cosine + self.counts, dtype=torch.float64)
+        device = torch.device("cuda", torch.cuda.current_device()) if group.backend == "nccl" else torch.device("cpu")
+        total = group.sum(local.to(device)).cpu().tolist()
+        highest = torch.tensor([self.zeta_max], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
+        n_sums, n_cos = len(keys), len(self.cosine)
+        self.sums = dict(zip(keys, total[:n_sums]))
+        self.cosine = total[n_sums:n_sums + n_cos]
+        self.counts = [int(round(v)) for v in total[n_sums + n_cos:]]
+        self.zeta_max = float(highest)
+
+    def result(self, block_names, zeta_points: int, dense_head: nn.Linear) -> dict:
+        correct_dense, correct_model, labeled, examples = self.counts
+        if examples == 0:
+            raise ValueError("no evaluation examples")
+        top1_dense = 100.0 * correct_dense / labeled if labeled else math.nan
+        top1_model = 100.0 * correct_model / labeled if labeled else math.nan
+        return {"examples": examples, "zeta_points": zeta_points, "top1_dense": top1_dense, "top1_model": top1_model,
+                "retention": top1_model / top1_dense if labeled and top1_dense > 0 else math.nan,
+                **{key: value / examples for key, value in self.sums.items()}, "zeta_max": self.zeta_max,
+                "head_norm": float(torch.linalg.matrix_norm(dense_head.weight.double(), ord=2)),
+                "block_cosine": {name: value / examples for name, value in zip(block_names, self.cosine)}}
 
 
 def format_diagnostics(diagnostics: Mapping, label: str = "model") -> str:

@@ -35,7 +35,7 @@ from starfish_fast.masks import apply_masks, validate_masks
 from starfish_fast.models import WeightPredicate, adapter_for, freeze_all, prunable_weights
 from starfish_fast.plan import Plan, resolve_plan
 from starfish_fast.progress import RunLog
-from starfish_fast.steps import ExactStep, FastStep
+from starfish_fast.steps import ExactStep, FastStep, student_loss
 from starfish_fast.teacher import make_teacher_store
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class _Run:
 
     def fingerprints(self) -> dict[str, str]:
         settings = ("epochs", "lr", "min_lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size", "mode",
-                    "objective", "precision", "moments_dtype")
+                    "objective", "precision", "moments_dtype", "block_weights")
         return {"masks": tensor_fingerprint(self.masks),
                 "dense_model": tensor_fingerprint(self.dense.state_dict()),
                 "calibration": tensor_fingerprint({str(i): b for i, b in enumerate(self.global_batches)}),
@@ -211,8 +211,6 @@ def _heal_model(student, dense, masks, batches, config: HealConfig, plan: Plan, 
 def _measure_block_damage(run: _Run, store) -> None:
     """Adaptive block weights before the first step: each block's distance to the dense model over the
     calibration set (one forward pass of the pruned student, eval mode: BatchNorm statistics untouched)."""
-    from starfish_fast.steps import student_loss
-
     run.student.eval()
     with torch.autocast(run.device.type, dtype=run.plan.compute_dtype, enabled=run.plan.precision != "fp32"):
         for index, images in enumerate(run.batches):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from starfish_fast.config import OBJECTIVES
-from starfish_fast.kernels import multi_block_cosine_loss
+from starfish_fast.kernels.cosine_loss import multi_block_cosine_loss, weighted_block_mean
 from starfish_fast.kernels._dispatch import use_triton
 
 
@@ -51,12 +51,7 @@ def block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch
 def block_mse_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor],
                    block_weights: Sequence[float] | torch.Tensor | None = None, per_block: bool = False):
     stacked = torch.stack([F.mse_loss(s, t.to(s.dtype)) for s, t in zip(students, teachers)])      # (L,)
-    if block_weights is None:
-        loss = stacked.mean()
-    else:
-        weights = torch.as_tensor(block_weights, dtype=stacked.dtype, device=stacked.device)        # (L,)
-        loss = (stacked * weights).sum() / weights.sum()
-    return (loss, stacked.detach().float()) if per_block else loss
+    return weighted_block_mean(stacked, block_weights, per_block)
 
 
 def kl_dense_to_pruned(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

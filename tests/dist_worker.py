@@ -50,6 +50,19 @@ def run_case(case: dict, checkpoint_path: str | None = None):
     return model, result, masks
 
 
+def diagnostics_case():
+    """Diagnostics of the bundled ViT pruned 50% against the dense one on 64 labeled random images."""
+    from starfish_fast.diagnostics import representation_diagnostics
+    from starfish_fast.masks import apply_masks
+
+    dense, masks, _ = setup("fashion_vit")
+    pruned = copy.deepcopy(dense)
+    apply_masks(pruned, masks)
+    generator = torch.Generator().manual_seed(2)
+    images, labels = torch.randn(64, 1, 28, 28, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+    return representation_diagnostics(dense, pruned, images, labels, batch_size=16)
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     rank, out = int(os.environ["RANK"]), spec["out"]
@@ -63,6 +76,11 @@ def main(spec_path: str) -> None:
             if done == spec["crash_after"] and rank == 1:
                 os._exit(3)
         engine._checkpoint = then_crash
+    if spec.get("diagnostics"):
+        report = diagnostics_case()
+        if rank == 0:
+            with open(f"{out}/diagnostics.json", "w") as f:
+                json.dump(report, f)
     for name, case in spec["cases"].items():
         try:
             model, result, masks = run_case(case, case.get("checkpoint"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_worker import run_case
+from dist_worker import diagnostics_case, run_case
 
 HERE = Path(__file__).resolve().parent
 CASES = {"vit_fast": {"model": "fashion_vit", "mode": "fast"}, "vit_exact": {"model": "fashion_vit", "mode": "exact"},
@@ -34,7 +34,8 @@ def launch(tmp_path, cases: dict, **spec) -> subprocess.CompletedProcess:
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     proc = launch(out, {**CASES, "uneven": {"model": "deit", "mode": "fast", "batch_size": 7},
-                        "resumable": {"model": "deit", "mode": "fast", "checkpoint": str(out / "full.resume")}})
+                        "resumable": {"model": "deit", "mode": "fast", "checkpoint": str(out / "full.resume")}},
+                  diagnostics=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -51,6 +52,17 @@ def test_two_processes_heal_as_one(two_processes, name):
     for rank in (0, 1):
         report = json.loads((two_processes / f"{name}.rank{rank}.json").read_text())
         assert report["masked_zero"] and report["world_size"] == 2 and report["history"] == double["history"]
+
+
+def test_diagnostics_split_across_processes_sum_to_the_single_process_result(two_processes):
+    torch.set_num_threads(1)
+    single = diagnostics_case()
+    split = json.loads((two_processes / "diagnostics.json").read_text())
+    assert split["examples"] == single["examples"] == 64 and split["top1_model"] == single["top1_model"]
+    for key in ("kl", "bound", "bound_certified", "zeta", "zeta_max"):
+        assert split[key] == pytest.approx(single[key], rel=1e-6), key
+    for block, value in single["block_cosine"].items():
+        assert split["block_cosine"][block] == pytest.approx(value, rel=1e-6)
 
 
 def test_an_uneven_batch_is_refused_naming_both_numbers(two_processes):
@@ -93,3 +105,10 @@ def test_the_command_line_under_torchrun_writes_one_set_of_outputs(tmp_path):
     assert sorted(p.name for p in output.parent.iterdir()) == sorted(
         ["recovered.pt", "recovered.pt.json", "recovered.pt.metrics.jsonl", "recovered.pt.loss.png"])
     assert proc.stderr.count("plan: cpu fast") == 1                     # one INFO line for the whole job
+    from starfish_fast.data import fashion_mnist_split
+    from starfish_fast.evaluate import evaluate_top1_tensors
+    from starfish_fast.models import load_dense
+
+    _, images, labels = fashion_mnist_split("/usr/share/datasets/fashion-mnist", "train", 32, 200)
+    healed = load_dense("fashion_vit", output)
+    assert evaluate_top1_tensors(healed, images, labels, batch_size=256) == pytest.approx(summary["top1_after"])

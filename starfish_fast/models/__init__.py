@@ -10,15 +10,14 @@ from starfish_fast.models.adapters import (ADAPTERS, MLP_LAYERS, GenericAdapter,
                                            MobileNetV1Adapter, TimmViTAdapter, TorchvisionViTAdapter, adapter_for,
                                            discover_blocks, enable_grad_checkpointing, forward_with_hooks,
                                            freeze_all, set_submodule)
-from starfish_fast.models.registry import (MOBILENET_MODEL, MOBILENET_MODELS, MOBILENET_STAGE_LAYOUT,
-                                           REFERENCE_MODELS, SUPPORTED_VIT_MODELS, TIMM_VIT_MODELS,
+from starfish_fast.models.registry import (MOBILENET_MODEL, MOBILENET_MODELS, REFERENCE_MODELS, SUPPORTED_VIT_MODELS, TIMM_VIT_MODELS,
                                            TORCHVISION_MODELS, CheckpointMismatchError, ModelSpec, all_block_names,
                                            build_empty_model, default_prune_scope, infer_model_kind,
                                            is_prunable_weight, load_dense, load_model, model_spec,
                                            supported_model_names)
 from starfish_fast.models.scopes import (GENERIC_SCOPES, MOBILENET_SCOPES, VIT_SCOPES, WeightPredicate,
                                          get_weight_key_and_tensor, prunable_weights)
-from starfish_fast.models.str_format import force_mobilenet_str_runtime
+from starfish_fast.models.str_format import MOBILENET_STAGE_LAYOUT, force_mobilenet_str_runtime
 
 __all__ = ["ADAPTERS", "MLP_LAYERS", "GenericAdapter", "ModelAdapter", "MobileNetV1Adapter", "TimmViTAdapter",
            "TorchvisionViTAdapter", "adapter_for", "discover_blocks", "enable_grad_checkpointing",

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from starfish_fast.checkpoint import extract_state_dict, load_tensor_file
+from starfish_fast.models.str_format import force_mobilenet_str_runtime, is_str_checkpoint, str_to_timm_mobilenet
+
 TIMM_VIT_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
                    "deit3_base_patch16_224", "deit3_large_patch16_224", "deit3_huge_patch14_224")
 TORCHVISION_MODELS = ("vit_b_16", "vit_l_16")
@@ -30,7 +33,6 @@ SUPPORTED_VIT_MODELS = TORCHVISION_MODELS + TIMM_VIT_MODELS
 MOBILENET_MODEL = "mobilenetv1_100"
 MOBILENET_MODELS = (MOBILENET_MODEL,)
 REFERENCE_MODELS = SUPPORTED_VIT_MODELS + MOBILENET_MODELS
-MOBILENET_STAGE_LAYOUT = (1, 2, 2, 6, 2)
 
 
 class CheckpointMismatchError(ValueError, RuntimeError):
@@ -165,8 +167,7 @@ def load_model(model_name: str, checkpoint_path: str | os.PathLike, device: str 
                allow_unsafe_pickle: bool = False, **model_kwargs) -> nn.Module:
     """Build ``model_name``, load a plain state dict or ``{"state_dict": ...}`` strictly, move to
     ``device``, eval mode. ``mobilenetv1_100`` also accepts STR-format checkpoints (then ReLU6 -> ReLU)."""
-    from starfish_fast.checkpoint import extract_state_dict, load_tensor_file
-
+    
     model = build_empty_model(model_name, **model_kwargs)
     raw = load_tensor_file(checkpoint_path, allow_unsafe_pickle=allow_unsafe_pickle)
     try:
@@ -175,7 +176,6 @@ def load_model(model_name: str, checkpoint_path: str | os.PathLike, device: str 
         raise ValueError(f"{checkpoint_path}: {error}") from None
     if state is None:
         raise ValueError(f"{checkpoint_path} holds a pickled module, not a state dict")
-    from starfish_fast.models.str_format import is_str_checkpoint, str_to_timm_mobilenet, force_mobilenet_str_runtime
     str_format = model_name == MOBILENET_MODEL and is_str_checkpoint(state)
     if str_format:
         state = str_to_timm_mobilenet(state, model)

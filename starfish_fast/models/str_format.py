@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from starfish_fast.models.registry import MOBILENET_STAGE_LAYOUT
+MOBILENET_STAGE_LAYOUT = (1, 2, 2, 6, 2)     # blocks per stage of mobilenetv1_100, in STR key order
 
 
 def is_str_checkpoint(state: dict) -> bool:
