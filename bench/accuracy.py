@@ -6,6 +6,10 @@ Fashion-MNIST, with the KL-bound diagnostics of Theorem 1.
     python bench/accuracy.py --model-name fashion_cnn --extras structured   # the CNN (bench/train_fashion_cnn.py)
     python bench/accuracy.py --model-name fashion_resnet                    # the residual CNN (train_fashion_resnet.py)
     python bench/accuracy.py --resume --extras 2:4 structured structured_qk   # + QK head dims and MLP neurons
+    python bench/accuracy.py --sparsities 0.8 0.85 0.9 --methods magnitude wanda representation \
+        --objectives starfish starfish_adaptive --extras --prefix bench/results/beyond_fashion_vit
+    python bench/accuracy.py --sparsities --extras structured structured_qk \
+        --objectives starfish compensate compensate+starfish --prefix bench/results/compensation_fashion_vit
     python bench/accuracy.py --model-name deit_base_patch16_224 --dense-path deit_b.pth \
         --imagenet-dir /data/imagenet --calib-samples 5000       # the real thing, on a GPU
 
@@ -18,8 +22,14 @@ for the CNNs); the surviving weights are healed with each objective through the 
 (``starfish_fast.heal``, fast mode; fp32 on CPU) on unlabeled calibration images drawn from
 the train split (1,000 = 1.7% of Fashion-MNIST's 60k; only ``ce`` sees their labels), AdamW
 (weight decay 0.05), lr 6e-4 cosine to 1e-6, batch 32, 10 epochs; each model is evaluated on
-the untouched test split (10k). Seeds change the calibration subset and its batch order; the
-masks do not depend on the seed. ImageNet: ``--imagenet-dir`` holds ImageFolder ``train/``
+the untouched test split (10k). Seeds change the calibration subset and its batch order; magnitude,
+2:4 and structured masks do not depend on the seed, Wanda and representation-aware masks
+(``--methods``) are computed from the seed's calibration images.
+
+Beyond the paper (``--objectives`` also takes these healers): ``starfish_adaptive`` is STARFISH with
+adaptive block weights; ``compensate`` is the closed-form ridge refit of the layers consuming
+structurally pruned units, alone (no training); ``compensate+starfish`` is that refit, then STARFISH
+(``HealConfig(warm_start="compensate")``). ImageNet: ``--imagenet-dir`` holds ImageFolder ``train/``
 (calibration) and ``val/`` (evaluation), resized and cropped as the reference does; class
 folders in the standard synset order, so that ``ce``'s labels are the model's class indices.
 
@@ -34,11 +44,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import logging
-import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -48,21 +55,26 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from accuracy_report import (UNSTRUCTURED, check_targets, read_rows, setting_label,  # bench/ is on sys.path
+                             summarize, write_csv, write_reports)
 from starfish_fast import HealConfig, heal
 from starfish_fast.bundled import BUNDLED_MODEL_NAME
-from starfish_fast.checkpoint import atomic_path, save_json_atomic
+from starfish_fast.compensation import compensate
+from starfish_fast.config import OBJECTIVES
 from starfish_fast.data import (FASHION_MNIST_DIR, TensorLoader, build_transform, load_fashion_mnist,
                                 select_calibration)
-from starfish_fast.diagnostics import (PAPER_ZETA_POINTS, plot_block_cosine, plot_kl_bound,
-                                       representation_diagnostics)
-from starfish_fast.checkpoint import tensor_fingerprint
-from starfish_fast.plan import resolve_device
+from starfish_fast.diagnostics import representation_diagnostics
 from starfish_fast.masks import apply_masks, mask_density
 from starfish_fast.models import adapter_for, load_dense, load_model, model_spec
-from starfish_fast.objectives import OBJECTIVES, kl_dense_to_pruned
-from starfish_fast.prune import magnitude_masks, nm_masks, structured_masks
+from starfish_fast.objectives import kl_dense_to_pruned
+from starfish_fast.plan import resolve_device
+from starfish_fast.prune import magnitude_masks, nm_masks, representation_masks, structured_masks, wanda_masks
 
 log = logging.getLogger("accuracy")
+# healers beyond the paper's objectives: name -> (objective, HealConfig overrides); "compensate" alone trains nothing
+HEALERS = {"starfish_adaptive": ("starfish", {"block_weights": "adaptive"}),
+           "compensate+starfish": ("starfish", {"warm_start": "compensate"})}
+CHOICES = (*OBJECTIVES, *HEALERS, "compensate")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FULL = dict(sparsities=(0.5, 0.6, 0.7, 0.8, 0.9), objectives=OBJECTIVES, seeds=(0, 1, 2), extras=("2:4", "structured"),
@@ -71,15 +83,6 @@ FULL = dict(sparsities=(0.5, 0.6, 0.7, 0.8, 0.9), objectives=OBJECTIVES, seeds=(
 # 3 epochs on 500 images against 2,000 test images: 65 s on the 2-core CPU (the full grid: 29 min).
 QUICK = dict(sparsities=(0.5, 0.8), objectives=OBJECTIVES, seeds=(0,), extras=("2:4", "structured"),
              epochs=3, calib_samples=500, eval_samples=2000)
-CSV_FIELDS = ("model", "setting", "sparsity", "objective", "seed", "dense_top1", "top1", "retention", "kl",
-              "heal_seconds", "images_per_second", "epochs", "calib_samples", "eval_examples")
-TARGETS = {0.5: 0.97, 0.8: 0.90}          # STARFISH retention targets of the issue, by sparsity
-ORDER = ("starfish", "mse", "kl", "ce")   # the paper's ranking at high sparsity (Tables 1 and 3)
-STRUCTURED_WHAT = {"mlp": " (structured: whole MLP neurons, fc1 rows with their fc2 columns)",
-                   "channel": " (structured: whole output filters of the convs)",
-                   "qk_mlp": " (structured_qk: whole QK head dims, q and k rows of qkv, with the MLP neurons)"}
-
-
 @dataclass
 class Task:
     """A dense model and its data: calibration pool (images, labels) and evaluation data."""
@@ -97,7 +100,7 @@ class Task:
 
 @dataclass(frozen=True)
 class Setting:
-    name: str                            # "magnitude" | "2:4" | "structured"
+    name: str                            # "magnitude" | "wanda" | "representation" | "2:4" | "structured[_qk]"
     sparsity: float                      # requested (2:4: 0.5)
 
 
@@ -144,7 +147,13 @@ def _imagenet_task(args, device) -> Task:
     return Task(args.model_name, dense, calib, loader, None, scope, "channel" if kind == "mobilenet" else "mlp", device)
 
 
-def make_masks(task: Task, setting: Setting) -> dict[str, torch.Tensor]:
+def make_masks(task: Task, setting: Setting, seed: int, args) -> dict[str, torch.Tensor]:
+    """The setting's masks; Wanda and representation-aware ones from the seed's calibration images."""
+    if setting.name in ("wanda", "representation"):
+        images, _ = task.calib_images(args.calib_samples, seed)
+        maker = wanda_masks if setting.name == "wanda" else representation_masks
+        return maker(task.dense, setting.sparsity, images, scope=task.scope, batch_size=args.eval_batch_size,
+                     device=task.device)
     if setting.name == "magnitude":
         return magnitude_masks(task.dense, setting.sparsity, scope=task.scope)
     if setting.name == "2:4":
@@ -194,194 +203,32 @@ def diagnose(task: Task, model: torch.nn.Module, batch_size: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- runs
-def heal_one(task: Task, setting: Setting, masks, objective: str, seed: int, args):
-    """Prune a copy of the dense model, heal it with ``objective`` on the seed's calibration set
-    and evaluate it. Returns (CSV row, healed model)."""
+def heal_one(task: Task, setting: Setting, masks, sparsity: float, healer: str, seed: int, args):
+    """Prune a copy of the dense model, heal it with ``healer`` (an objective or one of HEALERS, or
+    compensate alone) on the seed's calibration set and evaluate it. Returns (CSV row, healed model)."""
     torch.manual_seed(seed)                   # dropout / drop-path, for models trained with them
     images, labels = task.calib_images(args.calib_samples, seed)
     model = copy.deepcopy(task.dense)
     apply_masks(model, masks)
-    config = HealConfig(mode="fast", objective=objective, epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
-                        weight_decay=args.weight_decay, batch_size=args.batch_size, scope=setting_scope(task, setting),
-                        device=str(task.device), precision=args.precision, progress=False)
-    result = heal(model, task.dense, masks, images, config, labels=labels if objective == "ce" else None)
+    if healer == "compensate":
+        started = time.perf_counter()
+        compensate(model, task.dense, masks, images, batch_size=args.batch_size, device=task.device)
+        seconds = time.perf_counter() - started
+        speed, epochs = len(images) / seconds, 0
+    else:
+        objective, overrides = HEALERS.get(healer, (healer, {}))
+        config = HealConfig(mode="fast", objective=objective, epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
+                            weight_decay=args.weight_decay, batch_size=args.batch_size,
+                            scope=setting_scope(task, setting), device=str(task.device), precision=args.precision,
+                            progress=False, **overrides)
+        result = heal(model, task.dense, masks, images, config, labels=labels if objective == "ce" else None)
+        seconds, speed, epochs = result.heal_seconds, result.images_per_second, args.epochs
     scores = evaluate(task, model, args.eval_batch_size)
-    row = {"model": task.name, "setting": setting.name, "sparsity": round(1 - mask_density(masks), 4),
-           "objective": objective, "seed": seed, "dense_top1": scores["dense_top1"], "top1": scores["top1"],
-           "retention": scores["retention"], "kl": scores["kl"], "heal_seconds": result.heal_seconds,
-           "images_per_second": result.images_per_second, "epochs": args.epochs,
+    row = {"model": task.name, "setting": setting.name, "sparsity": sparsity, "objective": healer, "seed": seed,
+           "dense_top1": scores["dense_top1"], "top1": scores["top1"], "retention": scores["retention"],
+           "kl": scores["kl"], "heal_seconds": seconds, "images_per_second": speed, "epochs": epochs,
            "calib_samples": args.calib_samples, "eval_examples": scores["examples"]}
     return row, model
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in CSV_FIELDS:
-            if key not in ("model", "setting", "objective"):
-                row[key] = float(row[key])
-        row["seed"] = int(row["seed"])
-    return rows
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-# ----------------------------------------------------------------------------- summaries
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and std (sample std over seeds; 0 for one seed) of top-1, retention and KL per
-    (setting, sparsity, objective), in run order."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["setting"], row["sparsity"], row["objective"]), []).append(row)
-    summary = []
-    for (setting, sparsity, objective), members in groups.items():
-        entry = {"setting": setting, "sparsity": sparsity, "objective": objective, "seeds": len(members),
-                 "dense_top1": members[0]["dense_top1"]}
-        for key in ("top1", "retention", "kl", "heal_seconds"):
-            values = [m[key] for m in members]
-            entry[key] = statistics.fmean(values)
-            entry[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary.append(entry)
-    return summary
-
-
-def _setting_label(setting: str, sparsity: float) -> str:
-    return {"magnitude": f"magnitude {sparsity:.2f}", "2:4": f"2:4 ({sparsity:.2f})",
-            "structured": f"structured {sparsity:.2f}",
-            "structured_qk": f"structured QK+MLP {sparsity:.2f}"}.get(setting, f"{setting} {sparsity:.2f}")
-
-
-def check_targets(summary: list[dict]) -> list[str]:
-    """The issue's targets, each line starting with PASS or FAIL. 'By more than the seeds'
-    spread' is read as: mean(a) - mean(b) > std(a) + std(b)."""
-    cell = {(s["setting"], s["sparsity"], s["objective"]): s for s in summary}
-    lines = []
-    for sparsity, target in TARGETS.items():
-        entry = cell.get(("magnitude", sparsity, "starfish"))
-        if entry:
-            ok = entry["retention"] >= target
-            lines.append(f"{'PASS' if ok else 'FAIL'} STARFISH retention at {sparsity:g}: "
-                         f"{entry['retention']:.1%} (target >= {target:.0%})")
-    for sparsity in sorted({s["sparsity"] for s in summary if s["setting"] == "magnitude" and s["sparsity"] >= 0.7}):
-        chain = [cell.get(("magnitude", sparsity, o)) for o in ORDER]
-        if any(c is None for c in chain):
-            continue
-        pairs = []
-        for a, b in zip(chain, chain[1:]):
-            margin = a["top1"] - b["top1"]
-            spread = a["top1_std"] + b["top1_std"]
-            pairs.append((margin > spread,
-                          f"{a['objective']} - {b['objective']} = {margin:+.2f} (spread {spread:.2f})"))
-        ok = all(p for p, _ in pairs)
-        lines.append(f"{'PASS' if ok else 'FAIL'} order STARFISH > MSE > KL > CE at {sparsity:g}: "
-                     + "; ".join(text for _, text in pairs))
-    return lines
-
-
-def markdown_tables(summary: list[dict], pruned: dict, objectives, dense_top1: float) -> str:
-    """Top-1 mean +- std (retention) per setting and objective; then KL(dense || healed)."""
-    keys = list(dict.fromkeys((s["setting"], s["sparsity"]) for s in summary))
-    cell = {(s["setting"], s["sparsity"], s["objective"]): s for s in summary}
-    names = ["STARFISH" if o == "starfish" else o.upper() for o in objectives]
-    header = "| setting | pruned | " + " | ".join(names) + " |"
-    rule = "|---|---:|" + "---:|" * len(objectives)
-    lines = [f"Top-1 % on the test split, mean ± std over seeds (retention = healed / dense {dense_top1:.2f}%):", "",
-             header, rule]
-    for setting, sparsity in keys:
-        p = pruned[(setting, sparsity)]
-        cells = [f"{p['top1']:.2f} ({p['retention']:.1%})"]
-        for objective in objectives:
-            s = cell.get((setting, sparsity, objective))
-            cells.append("–" if s is None else f"{s['top1']:.2f} ± {s['top1_std']:.2f} ({s['retention']:.1%})")
-        lines.append(f"| {_setting_label(setting, sparsity)} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean KL(dense || model) over the test split (lower is closer to the dense model):", "",
-              header, rule]
-    for setting, sparsity in keys:
-        cells = [f"{pruned[(setting, sparsity)]['kl']:.4f}"]
-        for objective in objectives:
-            s = cell.get((setting, sparsity, objective))
-            cells.append("–" if s is None else f"{s['kl']:.4f} ± {s['kl_std']:.4f}")
-        lines.append(f"| {_setting_label(setting, sparsity)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def diagnostics_table(diagnostics: dict, sparsity: float, seed: int) -> str:
-    """Theorem 1's quantities for the pruned model and each healed one at the diagnosed setting."""
-    lines = [f"Diagnostics at magnitude {sparsity:g}, seed {seed} (test-split means; bound: zeta on "
-             f"{PAPER_ZETA_POINTS} points as the paper; certified: never below KL; global: ‖A‖₂ and 1/2):", "",
-             "| model | top-1 | KL | bound | certified | global | mean zeta | mean M (‖A‖₂) | mean block cosine |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in [n for n in ("pruned", *OBJECTIVES) if n in diagnostics]:
-        d = diagnostics[name]
-        cosine = statistics.fmean(d["block_cosine"].values())
-        lines.append(f"| {name} | {d['top1_model']:.2f} | {d['kl']:.4f} | {d['bound']:.4f} | "
-                     f"{d['bound_certified']:.4f} | {d['bound_global']:.2f} | {d['zeta']:.4f} | "
-                     f"{d['head_gain']:.2f} ({d['head_norm']:.2f}) | {cosine:.4f} |")
-    return "\n".join(lines)
-
-
-def plot_retention(summary: list[dict], pruned: dict, objectives, path: Path, title: str) -> None:
-    """Retention vs sparsity per objective (magnitude pruning, std error bars) with the pruned
-    model; the same zoomed on the healed models (their spread is a few points against the
-    pruned model's tens); the 2:4 and structured settings as grouped bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {o: f"C{i}" for i, o in enumerate(objectives)}
-    extras = list(dict.fromkeys((s["setting"], s["sparsity"]) for s in summary if s["setting"] != "magnitude"))
-    figure, axes = plt.subplots(1, 3 if extras else 2, figsize=(16 if extras else 11, 4.5), squeeze=False,
-                                gridspec_kw={"width_ratios": [3, 3, 2] if extras else [1, 1]})
-    sparsities = sorted({s["sparsity"] for s in summary if s["setting"] == "magnitude"})
-    for zoomed, axis in enumerate(axes[0][:2]):
-        if not zoomed:
-            axis.plot(sparsities, [100 * pruned[("magnitude", x)]["retention"] for x in sparsities], "k--",
-                      label="pruned")
-        for objective in objectives:
-            points = sorted((s["sparsity"], 100 * s["retention"], 100 * s["retention_std"]) for s in summary
-                            if s["setting"] == "magnitude" and s["objective"] == objective)
-            if points:
-                axis.errorbar(*zip(*points), marker="o", capsize=3, label=objective, color=colors[objective])
-        axis.set_xlabel("sparsity of the prune scope (magnitude, per layer)")
-        axis.set_ylabel("retention: healed / dense top-1 (%)")
-        axis.set_title(f"{title}, healed only" if zoomed else title)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    if extras:
-        bars = axes[0][2]
-        width = 0.8 / len(objectives)
-        lowest = 100.0
-        for j, objective in enumerate(objectives):
-            cells = [next((x for x in summary if (x["setting"], x["sparsity"], x["objective"]) == (*key, objective)),
-                          None) for key in extras]
-            values = [100 * c["retention"] if c else float("nan") for c in cells]
-            lowest = min([lowest] + [v for v in values if v == v])
-            bars.bar([i + (j - (len(objectives) - 1) / 2) * width for i in range(len(extras))], values, width,
-                     yerr=[100 * c["retention_std"] if c else 0 for c in cells], capsize=2, label=objective,
-                     color=colors[objective])
-        for i, key in enumerate(extras):
-            bars.hlines(100 * pruned[key]["retention"], i - 0.45, i + 0.45, colors="k", linestyles="--",
-                        label="pruned" if i == 0 else None)
-            lowest = min(lowest, 100 * pruned[key]["retention"])
-        bars.set_ylim(lowest - 2, 101.5)
-        bars.set_xticks(range(len(extras)), [_setting_label(*key) for key in extras], fontsize=8)
-        bars.set_ylabel("retention (%)")
-        bars.set_title("50% settings")
-        bars.grid(alpha=0.3, axis="y")
-        bars.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -394,8 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imagenet-dir", default=None, help="ImageFolder root with train/ and val/")
     parser.add_argument("--data-dir", default=FASHION_MNIST_DIR, help="Fashion-MNIST IDX directory")
     parser.add_argument("--quick", action="store_true", help="the reduced grid (defaults below change to QUICK)")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=None)
-    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=None)
+    parser.add_argument("--sparsities", type=float, nargs="*", default=None)
+    parser.add_argument("--objectives", nargs="+", choices=CHOICES, default=None,
+                        help="objectives and healers: starfish_adaptive (adaptive block weights), compensate (the "
+                             "closed-form refit alone), compensate+starfish (the refit, then STARFISH)")
+    parser.add_argument("--methods", nargs="+", choices=UNSTRUCTURED, default=["magnitude"],
+                        help="unstructured mask makers run at every --sparsities (wanda, representation: from "
+                             "the seed's calibration images)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--extras", nargs="*", choices=("2:4", "structured", "structured_qk"), default=None,
                         help="extra settings at 50%% (default 2:4 and structured; structured_qk: ViTs, whole QK "
@@ -433,6 +285,38 @@ def resolve_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class Masks:
+    """Masks per (setting, seed), made once: seed-independent settings share one set."""
+
+    SEEDED = ("wanda", "representation")
+
+    def __init__(self, task: Task, args):
+        self.task, self.args, self.made = task, args, {}
+
+    def __call__(self, setting: Setting, seed: int) -> dict[str, torch.Tensor]:
+        key = (setting, seed if setting.name in self.SEEDED else None)
+        if key not in self.made:
+            self.made[key] = make_masks(self.task, setting, seed, self.args)
+        return self.made[key]
+
+
+def evaluate_pruned(task: Task, settings, masks: Masks, args, diagnostics: dict) -> tuple[dict, dict]:
+    """Top-1 and KL of each setting's pruned model (the first seed's masks) -> ({(name, sparsity): scores},
+    {setting: sparsity}); the diagnosed setting's diagnostics go into ``diagnostics["pruned"]``."""
+    pruned, sparsity_of = {}, {}
+    for setting in settings:
+        model = copy.deepcopy(task.dense)
+        apply_masks(model, masks(setting, args.seeds[0]))
+        sparsity_of[setting] = round(1 - mask_density(masks(setting, args.seeds[0])), 4)
+        key = (setting.name, sparsity_of[setting])
+        pruned[key] = evaluate(task, model, args.eval_batch_size)
+        if setting == Setting("magnitude", args.diagnostics_sparsity):
+            diagnostics["pruned"] = diagnose(task, model, args.eval_batch_size)
+        log.info("%s: pruned top-1 %.2f%% (dense %.2f%%), KL %.3f", setting_label(*key), pruned[key]["top1"],
+                 pruned[key]["dense_top1"], pruned[key]["kl"])
+    return pruned, sparsity_of
+
+
 def run(args: argparse.Namespace) -> dict:
     """The grid; returns {"rows", "summary", "pruned", "targets", "diagnostics"} and writes the files."""
     if args.threads:
@@ -444,40 +328,31 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--extras structured_qk needs a ViT (QK head dims); this model is a CNN")
     prefix = Path(args.prefix)
     csv_path = prefix.with_suffix(".csv")
-    rows = _read_rows(csv_path) if args.resume else []
-    settings = [Setting("magnitude", s) for s in args.sparsities] + [Setting(e, 0.5) for e in args.extras]
+    rows = read_rows(csv_path) if args.resume else []
+    settings = [Setting(method, s) for method in args.methods for s in args.sparsities] + \
+        [Setting(e, 0.5) for e in args.extras]
     started = time.perf_counter()
-    diagnosed = Setting("magnitude", args.diagnostics_sparsity)
-    pruned, diagnostics, masks_of = {}, {}, {}
-    earlier_seconds = 0.0
+    diagnostics, earlier_seconds = {}, 0.0
     if args.resume and prefix.with_suffix(".json").exists():      # diagnostics and time of the skipped runs
         earlier = json.loads(prefix.with_suffix(".json").read_text())
         diagnostics, earlier_seconds = earlier.get("diagnostics", {}), earlier.get("wall_seconds", 0.0)
-    for setting in settings:
-        masks_of[setting] = masks = make_masks(task, setting)
-        model = copy.deepcopy(task.dense)
-        apply_masks(model, masks)
-        key = (setting.name, round(1 - mask_density(masks), 4))
-        pruned[key] = evaluate(task, model, args.eval_batch_size)
-        if setting == diagnosed:
-            diagnostics["pruned"] = diagnose(task, model, args.eval_batch_size)
-        log.info("%s: pruned top-1 %.2f%% (dense %.2f%%), KL %.3f", _setting_label(*key), pruned[key]["top1"],
-                 pruned[key]["dense_top1"], pruned[key]["kl"])
+    masks = Masks(task, args)
+    pruned, sparsity_of = evaluate_pruned(task, settings, masks, args, diagnostics)
     runs = [(setting, objective, seed) for setting in settings for objective in args.objectives for seed in args.seeds]
     done = {(r["setting"], r["sparsity"], r["objective"], r["seed"]) for r in rows}
     executed = 0
     bar = tqdm(runs, desc="heal+eval", unit="run", dynamic_ncols=True)
     for setting, objective, seed in bar:
-        sparsity = round(1 - mask_density(masks_of[setting]), 4)
+        sparsity = sparsity_of[setting]
         if (setting.name, sparsity, objective, seed) in done:
             continue
-        label = _setting_label(setting.name, sparsity)
+        label = setting_label(setting.name, sparsity)
         bar.set_postfix_str(f"{label} {objective} seed {seed}")
-        row, model = heal_one(task, setting, masks_of[setting], objective, seed, args)
+        row, model = heal_one(task, setting, masks(setting, seed), sparsity, objective, seed, args)
         executed += 1
         rows.append(row)
-        _write_csv(rows, csv_path)
-        if setting == diagnosed and seed == args.seeds[0]:
+        write_csv(rows, csv_path)
+        if setting == Setting("magnitude", args.diagnostics_sparsity) and seed == args.seeds[0]:
             diagnostics[objective] = diagnose(task, model, args.eval_batch_size)
         log.info("%s %s seed %d: top-1 %.2f%% (retention %.1f%%), KL %.4f, heal %.1fs", label, objective,
                  seed, row["top1"], 100 * row["retention"], row["kl"], row["heal_seconds"])
@@ -486,44 +361,8 @@ def run(args: argparse.Namespace) -> dict:
     targets = check_targets(summary)
     dense_top1 = next(iter(pruned.values()))["dense_top1"]
     seconds = time.perf_counter() - started if executed or not earlier_seconds else 0.0   # a rewrite adds none
-    _write_reports(args, task, prefix, summary, pruned, targets, diagnostics, dense_top1, earlier_seconds + seconds)
+    write_reports(args, task, prefix, summary, pruned, targets, diagnostics, dense_top1, earlier_seconds + seconds)
     return {"rows": rows, "summary": summary, "pruned": pruned, "targets": targets, "diagnostics": diagnostics}
-
-
-def _write_reports(args, task, prefix, summary, pruned, targets, diagnostics, dense_top1, wall_seconds) -> None:
-    title = f"{task.name}: healing by objective"
-    plot_retention(summary, pruned, args.objectives, prefix.with_suffix(".png"), title)
-    if "pruned" in diagnostics and "starfish" in diagnostics:     # missing when --resume skipped those runs
-        label = f"{task.name}, magnitude {args.diagnostics_sparsity:g}, STARFISH"
-        plot_block_cosine(diagnostics["pruned"]["block_cosine"], diagnostics["starfish"]["block_cosine"],
-                          f"{prefix}_block_cosine.png", title=f"{label}: cosine to dense per block")
-        plot_kl_bound(diagnostics["pruned"], diagnostics["starfish"], f"{prefix}_kl_bound.png",
-                      title=f"{label}: KL(dense || model) and its bounds")
-    config = {key: value for key, value in vars(args).items() if key not in ("verbose",)}
-    environment = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                   "device": str(task.device), "threads": torch.get_num_threads(),
-                   "cuda": torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else None}
-    environment["dense_weights_sha256"] = tensor_fingerprint(task.dense.state_dict())   # which weights were healed
-    save_json_atomic({"config": config, "environment": environment, "wall_seconds": wall_seconds,
-                      "summary": summary, "pruned": {f"{k[0]} {k[1]}": v for k, v in pruned.items()},
-                      "targets": targets, "diagnostics": diagnostics}, prefix.with_suffix(".json"))
-    text = "\n".join([
-        f"# Healing quality: {task.name}", "",
-        f"Grid: sparsities {', '.join(f'{s:g}' for s in args.sparsities)} (magnitude, per layer, scope "
-        f"{task.scope}){' + ' + ', '.join(args.extras) if args.extras else ''}"
-        f"{STRUCTURED_WHAT[task.structured_kind] if 'structured' in args.extras else ''}"
-        f"{STRUCTURED_WHAT['qk_mlp'] if 'structured_qk' in args.extras else ''}; objectives "
-        f"{', '.join(args.objectives)}; seeds {', '.join(map(str, args.seeds))}; {args.epochs} epochs, "
-        f"{args.calib_samples} calibration images, batch {args.batch_size}, AdamW lr {args.lr:g} -> {args.min_lr:g} "
-        f"cosine, weight decay {args.weight_decay:g}; device {task.device}, torch {torch.__version__}; "
-        f"wall time {wall_seconds / 60:.1f} min (summed over --resume sessions); dense weights sha256 "
-        f"{environment['dense_weights_sha256'][:16]}.", "",
-        markdown_tables(summary, pruned, args.objectives, dense_top1), "",
-        "Targets:", "", *[f"- {line}" for line in targets], "",
-        diagnostics_table(diagnostics, args.diagnostics_sparsity, args.seeds[0]) if diagnostics else "", ""])
-    with atomic_path(prefix.with_suffix(".md")) as tmp:
-        Path(tmp).write_text(text)
-    print(text)
 
 
 def main(argv=None) -> int:

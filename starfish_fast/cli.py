@@ -22,8 +22,9 @@ from starfish_fast.config import config_fields, flag_name
 
 REFERENCE_FLAGS_NOTE = "the reference starfish.py's flags and defaults, plus local data and the engine's settings"
 MODEL_HELP = ("the reference's (vit_b_16, vit_l_16, deit_{tiny,small,base}_patch16_224, "
-              "deit3_{base,large}_patch16_224, deit3_huge_patch14_224, mobilenetv1_100), the bundled fashion_vit "
-              "and fashion_cnn, or any timm or torchvision classifier (timm/NAME or torchvision/NAME to choose)")
+              "deit3_{base,large}_patch16_224, deit3_huge_patch14_224, mobilenetv1_100), the bundled "
+              "fashion_vit, fashion_cnn and fashion_resnet, or any timm or torchvision classifier "
+              "(timm/NAME or torchvision/NAME to choose)")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
@@ -32,7 +33,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.required or action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+        if action.required or action.default is None or action.default is False or action.default == [] \
+                or action.default == argparse.SUPPRESS or "default" in text:
             return text
         return text + " (default: %(default)s)"
 
@@ -75,7 +77,7 @@ def add_model_flags(parser: argparse.ArgumentParser, dense: bool = True) -> None
                        help="load pickled files with weights_only=False (only files you trust: it can run code)")
 
 
-def add_data_flags(parser: argparse.ArgumentParser, calibration: bool = True) -> None:
+def add_data_flags(parser: argparse.ArgumentParser, calibration: bool = True, evaluation: bool = True) -> None:
     from_disk = "/usr/share/datasets/fashion-mnist"
     group = parser.add_argument_group("local data (instead of Hugging Face streaming)")
     group.add_argument("--fashion-mnist", metavar="DIR", nargs="?", const=from_disk, default=None,
@@ -83,8 +85,18 @@ def add_data_flags(parser: argparse.ArgumentParser, calibration: bool = True) ->
     if calibration:
         group.add_argument("--calib-dir", metavar="DIR", default=None,
                            help="calibration images: a folder of image files at any depth, unlabeled")
-    group.add_argument("--eval-dir", metavar="DIR", default=None,
-                       help="labeled evaluation images: an ImageFolder tree (one folder per class)")
+    if evaluation:
+        group.add_argument("--eval-dir", metavar="DIR", default=None,
+                           help="labeled evaluation images: an ImageFolder tree (one folder per class)")
+
+
+def add_calibration_flags(parser: argparse.ArgumentParser, samples: int, source: str) -> None:
+    parser.add_argument("--calib-samples", type=int, default=samples, help="unlabeled calibration images")
+    parser.add_argument("--calib-source", choices=("test", "train", "val"), default=source,
+                        help="split the calibration images come from; evaluation never sees them")
+    parser.add_argument("--hf-dataset", default="ILSVRC/imagenet-1k", help="Hugging Face dataset (streamed)")
+    parser.add_argument("--shuffle-buffer", type=int, default=5000, help="Hugging Face streaming shuffle buffer")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -104,15 +116,10 @@ def build_recover_parser(subparsers) -> None:
                         help="the healed checkpoint; also writes <output>.json, .metrics.jsonl and .loss.png")
     parser.add_argument("--export", default=None, metavar="PATH.safetensors",
                         help="also write the healed weights (masked zeros), the masks and metadata as safetensors")
-    parser.add_argument("--calib-samples", type=int, default=5000, help="unlabeled calibration images")
-    parser.add_argument("--calib-source", choices=("test", "train", "val"), default="test",
-                        help="split the calibration images come from; evaluation never sees them")
+    add_calibration_flags(parser, samples=5000, source="test")
     parser.add_argument("--eval-samples", type=int, default=0, help="images for top-1 before and after (0: none)")
-    parser.add_argument("--hf-dataset", default="ILSVRC/imagenet-1k", help="Hugging Face dataset (streamed)")
-    parser.add_argument("--shuffle-buffer", type=int, default=5000, help="Hugging Face streaming shuffle buffer")
     parser.add_argument("--store-dense-float32", action="store_true", help="the reference's flag: --teacher-dtype fp32")
     parser.add_argument("--no-dense-cache", action="store_true", help="the reference's flag: --teacher-store recompute")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_data_flags(parser)
     add_config_flags(parser, defaults={"mode": "exact"})
@@ -158,13 +165,18 @@ def build_demo_parser(subparsers) -> None:
 
 
 def build_prune_parser(subparsers) -> None:
-    parser = subparsers.add_parser("prune", help="make a mask file (magnitude, N:M, structured)",
+    parser = subparsers.add_parser("prune", help="make a mask file (magnitude, N:M, structured, Wanda, "
+                                                 "representation)",
                                    description="Make a pruning mask file in the reference format (.pt) or as "
-                                               "safetensors.", formatter_class=_Formatter)
+                                               "safetensors. wanda and representation read calibration images "
+                                               "(the data flags, as recover's).", formatter_class=_Formatter)
     add_model_flags(parser)
-    parser.add_argument("--method", choices=("magnitude", "nm", "structured"), default="magnitude")
+    parser.add_argument("--method", choices=("magnitude", "nm", "structured", "wanda", "representation"),
+                        default="magnitude", help="wanda: |W| times the input feature's norm, per output row (with "
+                                                  "--n/--m: N:M); representation: block sparsities from the "
+                                                  "measured damage to each block's output")
     parser.add_argument("--sparsity", type=float, default=None,
-                        help="fraction of weights removed, in [0, 1) (magnitude, structured; N:M fixes it)")
+                        help="fraction of weights removed, in [0, 1) (N:M fixes it: 1 - n/m)")
     parser.add_argument("--per", choices=("layer", "global"), default="layer", help="magnitude: threshold scope")
     parser.add_argument("--n", type=int, default=2, help="N:M: weights kept per group")
     parser.add_argument("--m", type=int, default=4, help="N:M: group size along the reduction dimension")
@@ -172,6 +184,18 @@ def build_prune_parser(subparsers) -> None:
                         help="structured: what to remove (default: from the model and scope)")
     parser.add_argument("--prune-scope", default="auto", help="which weights (auto: the model's default)")
     parser.add_argument("--output", required=True, help="mask file: .pt/.pth (the reference's format) or .safetensors")
+    group = parser.add_argument_group("calibration (wanda, representation)")
+    group.add_argument("--score", choices=("wanda", "magnitude"), default="wanda",
+                       help="representation: the scores within each layer")
+    group.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9],
+                       help="representation: the sparsities at which each block's damage is measured")
+    group.add_argument("--gradual-steps", type=int, default=0,
+                       help="representation: reach the sparsity in this many prune-then-heal steps (0: one shot)")
+    group.add_argument("--batch-size", type=int, default=32, help="calibration images per forward pass")
+    group.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_calibration_flags(group, samples=1000, source="train")
+    add_data_flags(parser, evaluation=False)
+    parser.set_defaults(eval_samples=0, eval_dir=None)
     _common(parser)
 
 

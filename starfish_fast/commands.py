@@ -28,7 +28,7 @@ from starfish_fast.evaluate import evaluate_top1
 from starfish_fast.masks import apply_masks, load_masks, mask_density
 from starfish_fast.models import adapter_for, load_dense, model_spec
 from starfish_fast.config import HealConfig, config_fields
-from starfish_fast.plan import process_device
+from starfish_fast.plan import process_device, resolve_device
 
 log = logging.getLogger("starfish_fast")
 MASK_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -306,27 +306,22 @@ def run_demo(args) -> int:
 
 # ----------------------------------------------------------------------------- prune
 def run_prune(args) -> int:
-    from starfish_fast.prune import check_sparsity, format_summary, magnitude_masks, nm_masks, sparsity_summary, \
-        structured_masks
+    from starfish_fast.prune import check_sparsity, format_summary, sparsity_summary
 
     if not str(args.output).endswith(MASK_SUFFIXES):
         raise ValueError(f"--output must end with one of {', '.join(MASK_SUFFIXES)}, got {args.output!r}")
     if args.method == "nm" and args.sparsity is not None:
         raise ValueError("--sparsity does not apply to --method nm: N:M fixes it at 1 - n/m")
-    if args.method != "nm":
+    if args.method not in ("nm", "wanda") or args.sparsity is not None:
         if args.sparsity is None:
             raise ValueError(f"--method {args.method} needs --sparsity")
         check_sparsity(args.sparsity)
-    check_files(args, "dense_path", "pretrained_file")
-    _, model = load_dense_model(args, "cpu")
+    check_files(args, "dense_path", "pretrained_file", "fashion_mnist", "calib_dir")
+    device = resolve_device(args.device) if args.method in ("wanda", "representation") else "cpu"
+    spec, model = load_dense_model(args, device)
     adapter = adapter_for(model, block_names(args, model) if args.blocks else None)
     scope = adapter.check_scope(args.prune_scope)
-    if args.method == "magnitude":
-        masks = magnitude_masks(model, args.sparsity, scope, per=args.per)
-    elif args.method == "nm":
-        masks = nm_masks(model, n=args.n, m=args.m, scope=scope)
-    else:
-        masks = structured_masks(model, args.sparsity, scope, kind=args.kind)
+    masks = _make_masks(args, spec, model, scope, device)
     summary = sparsity_summary(masks)
     save_masks(masks, args.output, {"model_name": args.model_name, "method": args.method, "prune_scope": scope,
                                     "sparsity": f"{summary['sparsity']:.6f}"})
@@ -334,6 +329,25 @@ def run_prune(args) -> int:
     print_json({"output": args.output, "method": args.method, "prune_scope": scope, "masks": len(masks),
                 "weights": summary["total"], "pruned": summary["pruned"], "sparsity": summary["sparsity"]})
     return 0
+
+
+def _make_masks(args, spec, model, scope: str, device):
+    from starfish_fast import prune
+
+    if args.method == "magnitude":
+        return prune.magnitude_masks(model, args.sparsity, scope, per=args.per)
+    if args.method == "nm":
+        return prune.nm_masks(model, n=args.n, m=args.m, scope=scope)
+    if args.method == "structured":
+        return prune.structured_masks(model, args.sparsity, scope, kind=args.kind)
+    calib, _ = recover_data(args, spec, model)              # unlabeled images, as recover reads them
+    if args.method == "wanda":
+        nm = dict(n=args.n, m=args.m) if args.sparsity is None else {}
+        return prune.wanda_masks(model, args.sparsity, calib, scope, **nm, batch_size=args.batch_size, device=device)
+    dense = copy.deepcopy(model) if args.gradual_steps else None
+    return prune.representation_masks(model, args.sparsity, calib, scope, levels=tuple(args.levels), score=args.score,
+                                      batch_size=args.batch_size, device=device, gradual_steps=args.gradual_steps,
+                                      dense=dense)
 
 
 # ----------------------------------------------------------------------------- blocks

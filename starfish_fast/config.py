@@ -66,6 +66,9 @@ class HealConfig:
                                   "(auto: MLP in fast mode, QK on CPU)", AUTO_ON_OFF)
     semi_structured: str = option("auto", "2:4-masked linears through sparse tensor cores (auto: off until "
                                           "measured faster)", AUTO_ON_OFF)
+    warm_start: str = option("none", "before healing: compensate = refit, in closed form (ridge regression on the "
+                                     "calibration set), the layers consuming structurally pruned units",
+                             ("none", "compensate"))
     distributed: str = option("auto", "under torchrun: one process per GPU, the global batch split across them, "
                                       "gradients averaged by DDP (auto: when WORLD_SIZE > 1)", ("auto", "off"))
     sync_bn: bool = option(False, "under torchrun on CUDA: SyncBatchNorm (statistics over the global batch) "

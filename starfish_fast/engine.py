@@ -29,6 +29,7 @@ from torch import nn
 from starfish_fast import distributed, objectives
 from starfish_fast.checkpoint import load_resume, save_resume, tensor_fingerprint
 from starfish_fast.compaction import compact_model, compaction_plan, expand_into
+from starfish_fast.compensation import compensate
 from starfish_fast.config import HealConfig
 from starfish_fast.data import as_batches, split_batches
 from starfish_fast.masks import apply_masks, validate_masks
@@ -95,13 +96,17 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
         log.info("%s", plan.summary())
     predicate = predicate or adapter_for(pruned_model, plan.blocks).scope_predicate(plan.scope)
     masks = validate_masks(masks, pruned_model, predicate)
+    warm_start = compensate(pruned_model, dense_model, masks, batches, batch_size=config.batch_size,
+                            device=plan.torch_device) if config.warm_start == "compensate" else None
     narrowing = compaction_plan(pruned_model, masks, mlp=plan.compact_mlp, qk=plan.compact_qk,
                                 every_attention=plan.attention_fp32_core)
     if not narrowing:
-        return _heal_model(pruned_model, dense_model, masks, batches, config, plan, labels, predicate)
+        result = _heal_model(pruned_model, dense_model, masks, batches, config, plan, labels, predicate)
+        result.ran["warm_start"] = warm_start
+        return result
     student, student_masks = compact_model(pruned_model, masks, narrowing)
     result = _heal_model(student, dense_model, student_masks, batches, config, plan, labels, predicate)
-    result.ran["compacted"] = [item.summary() for item in narrowing if item.summary()[1]]
+    result.ran.update(compacted=[item.summary() for item in narrowing if item.summary()[1]], warm_start=warm_start)
     pruned_model.to(plan.torch_device)
     expand_into(pruned_model, student, narrowing)
     apply_masks(pruned_model, masks)
@@ -156,7 +161,7 @@ class _Run:
 
     def fingerprints(self) -> dict[str, str]:
         settings = ("epochs", "lr", "min_lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size", "mode",
-                    "objective", "precision", "moments_dtype", "block_weights")
+                    "objective", "precision", "moments_dtype", "block_weights", "warm_start")
         return {"masks": tensor_fingerprint(self.masks),
                 "dense_model": tensor_fingerprint(self.dense.state_dict()),
                 "calibration": tensor_fingerprint({str(i): b for i, b in enumerate(self.global_batches)}),

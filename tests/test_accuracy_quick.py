@@ -42,3 +42,26 @@ def test_starfish_improves_over_pruned(accuracy, tmp_path):
     assert diagnostics["starfish"]["kl"] <= diagnostics["starfish"]["bound_certified"]
     for suffix in (".csv", ".md", ".json", ".png", "_block_cosine.png", "_kl_bound.png"):
         assert Path(f"{prefix}{suffix}").stat().st_size > 0, suffix
+
+
+def test_beyond_the_paper_reduced(accuracy, tmp_path):
+    """bench/accuracy.py's issue-14 grid, reduced: Wanda and representation-aware masks healed with
+    adaptive block weights; structured MLP masks compensated in closed form, alone and before STARFISH."""
+    prefix = tmp_path / "beyond"
+    common = ["--seeds", "0", "--epochs", "1", "--calib-samples", "256", "--eval-samples", "1000", "--threads", "2"]
+    args = accuracy.resolve_args(["--sparsities", "0.8", "--methods", "wanda", "representation", "--extras",
+                                  "structured", "--objectives", "starfish", "starfish_adaptive", "compensate",
+                                  "compensate+starfish", *common, "--prefix", str(prefix)])
+    out = accuracy.run(args)
+    cells = {(r["setting"], r["objective"]): r for r in out["rows"]}
+    assert len(cells) == 12
+    for method in ("wanda", "representation"):
+        healed = cells[(method, "starfish_adaptive")]
+        assert healed["sparsity"] == pytest.approx(0.8, abs=0.01)
+        assert healed["top1"] > out["pruned"][(method, healed["sparsity"])]["top1"] + 1.0
+    structured = out["pruned"][("structured", 0.5)]
+    assert cells[("structured", "compensate")]["kl"] < structured["kl"]          # the refit alone helps
+    assert cells[("structured", "compensate")]["epochs"] == 0
+    # the same epoch of STARFISH ends closer to the dense model from the refit than from the pruned weights
+    assert cells[("structured", "compensate+starfish")]["kl"] < cells[("structured", "starfish")]["kl"]
+    assert "STARFISH adaptive" in Path(f"{prefix}.md").read_text()

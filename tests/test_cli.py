@@ -324,3 +324,25 @@ def test_prune_recover_eval_on_a_timm_model_with_a_local_checkpoint_and_image_fo
     assert summary["top1_before"] is not None and "generic" in summary["plan"] and "scope conv" in summary["plan"]
     assert cli.main(["eval", *common[:4], "--checkpoint", str(output), "--eval-dir", str(tmp_path / "eval")]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["top1_after"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--method", "wanda", "--sparsity", "0.7"],
+    ["--method", "wanda", "--n", "2", "--m", "4"],
+    ["--method", "representation", "--sparsity", "0.7", "--levels", "0.5", "0.9"],
+])
+def test_prune_with_calibration_images(tmp_path, capsys, argv):
+    """wanda and representation read Fashion-MNIST calibration images and reach the requested sparsity
+    over the scope (representation spreads it unevenly across the blocks)."""
+    out = tmp_path / "masks.safetensors"
+    assert cli.main(["prune", "--model-name", "fashion_vit", *argv, "--calib-samples", "64", "--batch-size", "32",
+                     "--output", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    from safetensors.torch import load_file
+    masks = load_file(str(out))
+    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert report["sparsity"] == pytest.approx(1 - kept, abs=1e-6)
+    assert report["sparsity"] == pytest.approx(0.5 if "--n" in argv else 0.7, abs=0.01)
+    if "representation" in argv:
+        per_block = {k.split(".")[1]: 1 - float(m.float().mean()) for k, m in masks.items() if "mlp.fc1" in k}
+        assert max(per_block.values()) - min(per_block.values()) > 0.01

@@ -62,6 +62,22 @@ def check_sparsity(sparsity) -> float:
     return float(sparsity)
 
 
+def check_nm(n, m) -> None:
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int) \
+            or not 1 <= n < m:
+        raise ValueError(f"N:M needs integers 1 <= n < m, got n={n!r}, m={m!r}")
+
+
+def _check_nm_shapes(weights: Mapping[str, torch.Tensor], n: int, m: int, scope: str) -> None:
+    """Refuse weights whose reduction size is not a multiple of ``m`` (groups would straddle filters)."""
+    misfits = [f"{key} {tuple(weight.shape)} (reduction size {weight[0].numel()})"
+               for key, weight in weights.items() if weight[0].numel() % m]
+    if misfits:
+        raise ValueError(f"{n}:{m} sparsity needs the reduction size of every weight (in_features, or "
+                         f"in_channels/groups*kh*kw for a conv) to be a multiple of m={m}; scope {scope!r} "
+                         f"has {len(misfits)} that are not: {'; '.join(misfits[:5])}")
+
+
 def _scope_weights(model: nn.Module, scope: str):
     """The adapter, the resolved scope name and ``{key: weight}`` of the scope (``ValueError`` if empty)."""
     adapter = adapter_for(model)
@@ -148,16 +164,9 @@ def nm_masks(model: nn.Module, n: int = 2, m: int = 4, scope: str = "auto",
              score: ScoreFn = magnitude_score) -> dict[str, torch.Tensor]:
     """N:M masks: in every group of ``m`` consecutive entries along each weight's reduction
     dimension, exactly ``n`` (the highest-scoring) are kept."""
-    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int) \
-            or not 1 <= n < m:
-        raise ValueError(f"N:M needs integers 1 <= n < m, got n={n!r}, m={m!r}")
+    check_nm(n, m)
     _, resolved, weights = _scope_weights(model, scope)
-    misfits = [f"{key} {tuple(weight.shape)} (reduction size {weight[0].numel()})"
-               for key, weight in weights.items() if weight[0].numel() % m]
-    if misfits:
-        raise ValueError(f"{n}:{m} sparsity needs the reduction size of every weight (in_features, or "
-                         f"in_channels/groups*kh*kw for a conv) to be a multiple of m={m}; scope {resolved!r} "
-                         f"has {len(misfits)} that are not: {'; '.join(misfits[:5])}")
+    _check_nm_shapes(weights, n, m, resolved)
     masks = {}
     for key, value in _scores(weights, score).items():
         groups = value.reshape(value.shape[0], -1, m)          # (out, reduction/m, m)
