@@ -18,8 +18,8 @@ per layer on qkv+proj+MLP (ViT; for the MobileNet-style CNN scope conv_fc: every
 conv, the stem included, and the classifier; for the ResNet scope conv: its convs but the stem)
 at each sparsity, plus a 2:4 setting on the same scope (not for the MobileNet: its stem has a
 reduction of 9, not a multiple of 4) and a structured 50% MLP-neuron setting (whole conv filters
-for the CNNs); the surviving weights are healed with each objective through the engine
-(``starfish_fast.heal``, fast mode; fp32 on CPU) on unlabeled calibration images drawn from
+for the CNNs; ``--structured-sparsities`` sets others); the surviving weights are healed with each
+objective through the engine (``starfish_fast.heal``, fast mode; fp32 on CPU) on unlabeled calibration images drawn from
 the train split (1,000 = 1.7% of Fashion-MNIST's 60k; only ``ce`` sees their labels), AdamW
 (weight decay 0.05), lr 6e-4 cosine to 1e-6, batch 32, 10 epochs; each model is evaluated on
 the untouched test split (10k). Seeds change the calibration subset and its batch order; magnitude,
@@ -149,11 +149,13 @@ def _imagenet_task(args, device) -> Task:
 
 def make_masks(task: Task, setting: Setting, seed: int, args) -> dict[str, torch.Tensor]:
     """The setting's masks; Wanda and representation-aware ones from the seed's calibration images."""
-    if setting.name in ("wanda", "representation"):
+    if setting.name in Masks.SEEDED:
         images, _ = task.calib_images(args.calib_samples, seed)
-        maker = wanda_masks if setting.name == "wanda" else representation_masks
-        return maker(task.dense, setting.sparsity, images, scope=task.scope, batch_size=args.eval_batch_size,
-                     device=task.device)
+        common = dict(scope=task.scope, batch_size=args.eval_batch_size, device=task.device)
+        if setting.name == "wanda":
+            return wanda_masks(task.dense, setting.sparsity, images, **common)
+        score = "magnitude" if setting.name == "representation_magnitude" else "wanda"
+        return representation_masks(task.dense, setting.sparsity, images, score=score, **common)
     if setting.name == "magnitude":
         return magnitude_masks(task.dense, setting.sparsity, scope=task.scope)
     if setting.name == "2:4":
@@ -247,11 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "closed-form refit alone), compensate+starfish (the refit, then STARFISH)")
     parser.add_argument("--methods", nargs="+", choices=UNSTRUCTURED, default=["magnitude"],
                         help="unstructured mask makers run at every --sparsities (wanda, representation: from "
-                             "the seed's calibration images)")
+                             "the seed's calibration images; representation ranks within layers by Wanda's scores, "
+                             "representation_magnitude by magnitude)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--extras", nargs="*", choices=("2:4", "structured", "structured_qk"), default=None,
-                        help="extra settings at 50%% (default 2:4 and structured; structured_qk: ViTs, whole QK "
-                             "head dims and MLP neurons)")
+                        help="extra settings: 2:4, and structured at --structured-sparsities (default: 2:4 and "
+                             "structured; structured_qk: ViTs, whole QK head dims and MLP neurons)")
+    parser.add_argument("--structured-sparsities", type=float, nargs="+", default=[0.5],
+                        help="sparsities of the structured settings (fractions of their units: MLP neurons, QK "
+                             "dims, filters)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--eval-samples", type=int, default=None, help="0 = the whole test split")
@@ -288,7 +294,7 @@ def resolve_args(argv=None) -> argparse.Namespace:
 class Masks:
     """Masks per (setting, seed), made once: seed-independent settings share one set."""
 
-    SEEDED = ("wanda", "representation")
+    SEEDED = ("wanda", "representation", "representation_magnitude")
 
     def __init__(self, task: Task, args):
         self.task, self.args, self.made = task, args, {}
@@ -330,7 +336,7 @@ def run(args: argparse.Namespace) -> dict:
     csv_path = prefix.with_suffix(".csv")
     rows = read_rows(csv_path) if args.resume else []
     settings = [Setting(method, s) for method in args.methods for s in args.sparsities] + \
-        [Setting(e, 0.5) for e in args.extras]
+        [Setting(e, s) for e in args.extras for s in ((0.5,) if e == "2:4" else args.structured_sparsities)]
     started = time.perf_counter()
     diagnostics, earlier_seconds = {}, 0.0
     if args.resume and prefix.with_suffix(".json").exists():      # diagnostics and time of the skipped runs

@@ -20,7 +20,8 @@ CSV_FIELDS = ("model", "setting", "sparsity", "objective", "seed", "dense_top1",
               "heal_seconds", "images_per_second", "epochs", "calib_samples", "eval_examples")
 TARGETS = {0.5: 0.97, 0.8: 0.90}          # STARFISH retention targets, by sparsity
 ORDER = ("starfish", "mse", "kl", "ce")   # the paper's ranking at high sparsity (Tables 1 and 3)
-UNSTRUCTURED = ("magnitude", "wanda", "representation")     # mask makers run at every --sparsities
+# mask makers run at every --sparsities
+UNSTRUCTURED = ("magnitude", "wanda", "representation", "representation_magnitude")
 STRUCTURED_WHAT = {"mlp": " (structured: whole MLP neurons, fc1 rows with their fc2 columns)",
                    "channel": " (structured: whole output filters of the convs)",
                    "qk_mlp": " (structured_qk: whole QK head dims, q and k rows of qkv, with the MLP neurons)"}
@@ -148,7 +149,8 @@ def diagnostics_table(diagnostics: dict, sparsity: float, seed: int) -> str:
 def plot_retention(summary: list[dict], pruned: dict, objectives, path: Path, title: str) -> None:
     """Retention vs sparsity per objective (unstructured masks: magnitude, and Wanda or representation
     with their own line styles; std error bars) with the pruned models; the same zoomed on the healed
-    models (their spread is a few points against the pruned models' tens); the 50% settings as bars."""
+    models (their spread is a few points against the pruned models' tens); the fixed-sparsity settings
+    (2:4, structured) as bars. Panels without data are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,57 +158,71 @@ def plot_retention(summary: list[dict], pruned: dict, objectives, path: Path, ti
 
     colors = {o: f"C{i}" for i, o in enumerate(objectives)}
     methods = [m for m in UNSTRUCTURED if any(s["setting"] == m for s in summary)]
-    styles = dict(zip(UNSTRUCTURED, ("-", "--", ":")))
     extras = list(dict.fromkeys((s["setting"], s["sparsity"]) for s in summary if s["setting"] not in UNSTRUCTURED))
-    figure, axes = plt.subplots(1, 3 if extras else 2, figsize=(16 if extras else 11, 4.5), squeeze=False,
-                                gridspec_kw={"width_ratios": [3, 3, 2] if extras else [1, 1]})
-    for zoomed, axis in enumerate(axes[0][:2]):
-        for method in methods:
-            sparsities = sorted({s["sparsity"] for s in summary if s["setting"] == method})
-            if not zoomed:
-                axis.plot(sparsities, [100 * pruned[(method, x)]["retention"] for x in sparsities], "k",
-                          linestyle=styles[method], label=f"pruned ({method})" if len(methods) > 1 else "pruned")
-            for objective in objectives:
-                points = sorted((s["sparsity"], 100 * s["retention"], 100 * s["retention_std"]) for s in summary
-                                if s["setting"] == method and s["objective"] == objective)
-                if points:
-                    axis.errorbar(*zip(*points), marker="o", capsize=3, color=colors[objective],
-                                  linestyle=styles[method],
-                                  label=f"{objective_label(objective)} ({method})" if len(methods) > 1
-                                  else objective_label(objective))
-        axis.set_xlabel(f"sparsity of the prune scope ({', '.join(methods)}, per layer)")
-        axis.set_ylabel("retention: healed / dense top-1 (%)")
-        axis.set_title(f"{title}, healed only" if zoomed else title)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+    ratios = [3, 3] * bool(methods) + [2] * bool(extras)
+    figure, axes = plt.subplots(1, len(ratios), figsize=(2.7 * sum(ratios), 4.5), squeeze=False,
+                                gridspec_kw={"width_ratios": ratios})
+    if methods:
+        for zoomed, axis in enumerate(axes[0][:2]):
+            _plot_lines(axis, summary, pruned, objectives, methods, colors, zoomed)
+            axis.set_title(f"{title}, healed only" if zoomed else title)
     if extras:
-        bars = axes[0][2]
-        width = 0.8 / len(objectives)
-        lowest = 100.0
-        for j, objective in enumerate(objectives):
-            cells = [next((x for x in summary if (x["setting"], x["sparsity"], x["objective"]) == (*key, objective)),
-                          None) for key in extras]
-            values = [100 * c["retention"] if c else float("nan") for c in cells]
-            lowest = min([lowest] + [v for v in values if v == v])
-            bars.bar([i + (j - (len(objectives) - 1) / 2) * width for i in range(len(extras))], values, width,
-                     yerr=[100 * c["retention_std"] if c else 0 for c in cells], capsize=2,
-                     label=objective_label(objective),
-                     color=colors[objective])
-        for i, key in enumerate(extras):
-            bars.hlines(100 * pruned[key]["retention"], i - 0.45, i + 0.45, colors="k", linestyles="--",
-                        label="pruned" if i == 0 else None)
-            lowest = min(lowest, 100 * pruned[key]["retention"])
-        bars.set_ylim(lowest - 2, 101.5)
-        bars.set_xticks(range(len(extras)), [setting_label(*key) for key in extras], fontsize=8)
-        bars.set_ylabel("retention (%)")
-        bars.set_title("50% settings")
-        bars.grid(alpha=0.3, axis="y")
-        bars.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+        _plot_bars(axes[0][-1], summary, pruned, objectives, extras, colors)
+        if not methods:
+            axes[0][-1].set_title(title)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
 
+
+def _plot_lines(axis, summary, pruned, objectives, methods, colors, zoomed: bool) -> None:
+    """One line per (method, objective): with several methods, the color is the method and the line style
+    the objective (the methods are what is compared); with one, the color is the objective."""
+    several = len(methods) > 1
+    styles = ("-", "--", "-.", ":")
+    for method in methods:
+        method_color = f"C{UNSTRUCTURED.index(method)}" if several else "k"
+        sparsities = sorted({s["sparsity"] for s in summary if s["setting"] == method})
+        if not zoomed:
+            axis.plot(sparsities, [100 * pruned[(method, x)]["retention"] for x in sparsities], color=method_color,
+                      linestyle=":", marker="x", alpha=0.6, label=f"pruned ({method})" if several else "pruned")
+        for j, objective in enumerate(objectives):
+            points = sorted((s["sparsity"], 100 * s["retention"], 100 * s["retention_std"]) for s in summary
+                            if s["setting"] == method and s["objective"] == objective)
+            if points:
+                color = method_color if several else colors[objective]
+                axis.errorbar(*zip(*points), marker="o", capsize=3, color=color,
+                              linestyle=styles[j % len(styles)] if several else "-",
+                              label=f"{objective_label(objective)} ({method})" if several
+                              else objective_label(objective))
+    axis.set_xlabel(f"sparsity of the prune scope ({', '.join(methods)})")
+    axis.set_ylabel("retention: healed / dense top-1 (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7 if several else 8)
+
+
+def _plot_bars(axis, summary, pruned, objectives, extras, colors) -> None:
+    width = 0.8 / len(objectives)
+    lowest = 100.0
+    for j, objective in enumerate(objectives):
+        cells = [next((x for x in summary if (x["setting"], x["sparsity"], x["objective"]) == (*key, objective)),
+                      None) for key in extras]
+        values = [100 * c["retention"] if c else float("nan") for c in cells]
+        lowest = min([lowest] + [v for v in values if v == v])
+        axis.bar([i + (j - (len(objectives) - 1) / 2) * width for i in range(len(extras))], values, width,
+                 yerr=[100 * c["retention_std"] if c else 0 for c in cells], capsize=2,
+                 label=objective_label(objective), color=colors[objective])
+    for i, key in enumerate(extras):
+        axis.hlines(100 * pruned[key]["retention"], i - 0.45, i + 0.45, colors="k", linestyles="--",
+                    label="pruned" if i == 0 else None)
+        lowest = min(lowest, 100 * pruned[key]["retention"])
+    axis.set_ylim(lowest - 2, 101.5)
+    axis.set_xticks(range(len(extras)), ["\n".join(setting_label(*key).rsplit(" ", 1)) for key in extras], fontsize=8)
+    axis.set_ylabel("retention (%)")
+    axis.set_title("fixed-sparsity settings")
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.17))
 
 
 def write_reports(args, task, prefix, summary, pruned, targets, diagnostics, dense_top1, wall_seconds) -> None:
@@ -227,11 +243,12 @@ def write_reports(args, task, prefix, summary, pruned, targets, diagnostics, den
                       "summary": summary, "pruned": {f"{k[0]} {k[1]}": v for k, v in pruned.items()},
                       "targets": targets, "diagnostics": diagnostics}, prefix.with_suffix(".json"))
     seeded = ("Wanda and representation-aware masks from each seed's calibration images (the pruned column: the "
-              "first seed's); " if set(args.methods) & {"wanda", "representation"} else "")
+              "first seed's); " if len(set(args.methods) - {"magnitude"}) else "")
+    unstructured = (f"sparsities {', '.join(f'{s:g}' for s in args.sparsities)} ({', '.join(args.methods)}, per "
+                    f"layer, scope {task.scope})" if args.sparsities else "")
     text = "\n".join([
         f"# Healing quality: {task.name}", "",
-        f"Grid: sparsities {', '.join(f'{s:g}' for s in args.sparsities) or 'none'} ({', '.join(args.methods)}, per "
-        f"layer, scope {task.scope}){' + ' + ', '.join(args.extras) if args.extras else ''}"
+        f"Grid: {unstructured}{' + ' if unstructured and args.extras else ''}{', '.join(args.extras)}"
         f"{STRUCTURED_WHAT[task.structured_kind] if 'structured' in args.extras else ''}"
         f"{STRUCTURED_WHAT['qk_mlp'] if 'structured_qk' in args.extras else ''}; objectives "
         f"{', '.join(args.objectives)}; seeds {', '.join(map(str, args.seeds))}; {args.epochs} epochs, "

@@ -2,14 +2,16 @@
 
     python bench/bench_heal.py --model fashion_vit --batch-size 64 --steps 30          # CPU
     python bench/bench_heal.py --model fashion_cnn --batch-size 64 --steps 60          # CPU, MobileNetV1-style
-    python bench/bench_heal.py --model fashion_vit --precisions fp32 bf16 --output bench/results/precision_cpu.json
+    python bench/bench_heal.py --model fashion_vit --precisions fp32 bf16 --skip-reference \
+        --output bench/results/precision_fashion_vit_cpu.json                          # what precision="auto" picks
     python bench/bench_heal.py --model deit_base_patch16_224 --batch-size 128 --steps 40 --stores gpu pinned \
         --kernels torch triton
     python bench/bench_heal.py --model deit3_huge_patch14_224 --batch-size 32 --steps 20
 
 Both runs use the same model (random weights unless it is a bundled Fashion-MNIST model,
-``fashion_vit`` or ``fashion_cnn``), the same 50% magnitude masks over the model's default prune scope, the
-same calibration batches and batch size. The reference-equivalent loop is ``starfish_fast.baseline.reference_recovery`` (fp32,
+``fashion_vit``, ``fashion_cnn`` or ``fashion_resnet``), the same 50% magnitude masks over the model's
+default prune scope, the same calibration batches and batch size. The reference-equivalent loop is
+``starfish_fast.baseline.reference_recovery`` (fp32,
 hooks, non-pinned fp16 CPU teacher cache copied every step, a host sync every step,
 non-foreach Adam). Reported: images/s of each and their ratio, median step time,
 achieved TFLOP/s and fraction of the device's bf16 peak and of a measured matmul rate (FLOPs counted

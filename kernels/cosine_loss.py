@@ -12,7 +12,7 @@ dtype first, as the reference does), with ``n(v) = max(||v||, 1e-12)`` as in
 ``F.normalize``:  ``loss = mean_l mean_r (1 - <s/n(s), t/n(t)>)``.
 Rows: ``per="token"`` flattens to ``(-1, D_last)`` (a (B, T, D) output gives B*T
 rows), ``per="sample"`` to ``(B, -1)``, ``per="auto"`` picks token for 3-D and
-sample otherwise (``starfish_fast.objectives.rows_for_cosine``).
+sample otherwise (``_rows`` below).
 
 How (per (student dtype, teacher dtype) group, normally one: forward = 2 kernels + one
 tiny sum, backward = 1 kernel, whatever the number of blocks):

@@ -506,9 +506,6 @@ class MaskedLinear(nn.Linear):
         layer._plan = None
         return layer
 
-    def set_mask(self, mask: torch.Tensor) -> None:
-        self.mask = self._checked_mask(mask)
-
     def plan(self, dtype: torch.dtype) -> MaskPlan:
         """The mask's tile lists, cached until the mask tensor changes (in place or replaced)."""
         key = (self.mask.data_ptr(), self.mask._version, self.mask.device, dtype)

@@ -1,4 +1,4 @@
-"""The reference library's recovery loop, written plainly from REFERENCE_API.md: the
+"""The reference library's recovery loop, written plainly from its documented semantics: the
 independent check for ``compat.starfish_recovery`` and the baseline of ``bench/bench_heal.py``.
 
     from starfish_fast.baseline import reference_recovery

@@ -47,7 +47,7 @@ from starfish_fast.compaction import ATTENTION_LAYERS, _unsupported_attention
 from starfish_fast.data import as_batches
 from starfish_fast.masks import apply_masks
 from starfish_fast.models import adapter_for
-from starfish_fast.prune.calibration import evaluating, out_proj_as_module
+from starfish_fast.calibration import evaluating, out_proj_as_module
 
 log = logging.getLogger(__name__)
 

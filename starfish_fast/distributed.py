@@ -13,6 +13,7 @@ changes. Rank 0 alone logs at INFO, shows progress and writes files.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -76,9 +77,19 @@ def join(setting: str, device_type: str) -> Group | None:
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend)
+        # the group this module started is destroyed before the interpreter exits: left to the
+        # backend's destructors at exit, a gloo worker sometimes aborted there ("terminate called
+        # without an active exception") after every result had been written
+        atexit.register(leave)
         if dist.get_rank() != 0:          # one voice for the whole job
             logging.getLogger("starfish_fast").setLevel(logging.WARNING)
     return current()
+
+
+def leave() -> None:
+    """Destroy the process group, if one is up (what ``join`` registers to run at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_batches(batches: Sequence[torch.Tensor], group: Group | None) -> list[torch.Tensor]:

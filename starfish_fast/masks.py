@@ -60,7 +60,7 @@ def validate_masks(raw, model: nn.Module, is_trainable_weight: WeightPredicate,
 
 
 def load_masks(path: str | os.PathLike, model: nn.Module, is_trainable_weight: WeightPredicate,
-               allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+               *, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load and validate a mask file; masks come back float32 0/1 on the CPU (``ValueError`` on a bad file)."""
     raw = load_tensor_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
     return validate_masks(raw, model, is_trainable_weight, source=str(path))

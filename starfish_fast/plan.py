@@ -120,9 +120,10 @@ def cpu_has_native_bf16() -> bool:
 def _precision(config: HealConfig, device: torch.device, family: str) -> tuple[str, str, str]:
     """(compute precision, teacher dtype, reason).
 
-    CPU ``auto``: bf16 autocast healed ViTs about 1.8x faster than fp32 once the attention core runs
+    CPU ``auto``: bf16 autocast healed ViTs 1.4x faster than fp32 once the attention core runs
     in fp32 (the ViT families' attention is swapped for compaction.py's module), and the MobileNet-style
-    CNN 0.6x as fast (bench/results/precision_cpu.json): bf16 for those ViTs on bf16-native CPUs only."""
+    CNN 0.9x as fast (bench/results/precision_fashion_{vit,cnn}_cpu.json): bf16 for those ViTs on
+    bf16-native CPUs only."""
     if config.mode == "exact":
         return "fp32", "fp16" if config.teacher_dtype == "auto" else config.teacher_dtype, "exact mode: fp32"
     if config.precision != "auto":
@@ -130,9 +131,9 @@ def _precision(config: HealConfig, device: torch.device, family: str) -> tuple[s
     elif device.type == "cuda":
         precision, reason = "bf16", "auto: bf16 tensor cores on CUDA"
     elif family in ATTENTION_LAYERS and cpu_has_native_bf16():
-        precision, reason = "bf16", "auto: ViT on a bf16-native CPU (bench/results/precision_cpu.json)"
+        precision, reason = "bf16", "auto: ViT on a bf16-native CPU (bench/results/precision_fashion_vit_cpu.json)"
     else:
-        precision, reason = "fp32", "auto: fp32 on this CPU for this model (bench/results/precision_cpu.json)"
+        precision, reason = "fp32", "auto: fp32 on this CPU for this model (bench/results/precision_fashion_*_cpu.json)"
     teacher = config.teacher_dtype if config.teacher_dtype != "auto" else ("bf16" if precision == "bf16" else "fp16")
     return precision, teacher, reason
 

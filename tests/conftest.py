@@ -42,3 +42,19 @@ def pytest_collection_modifyitems(config, items):
 def _cpu_tests_see_no_gpu(request, monkeypatch):
     if HAS_CUDA and "cuda" not in request.keywords:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch) -> list:
+    """The graphs ``nn.Module.compile`` produces from now on, counted by a backend standing in for
+    inductor (fast on CPU, runs the graph as traced); dynamo's caches start empty."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: original(self, backend=counting_backend, **kw))
+    torch._dynamo.reset()
+    return graphs

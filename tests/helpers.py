@@ -51,3 +51,4 @@ def poison(monkeypatch):
     import starfish_fast.kernels._dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "POISON", True)
+

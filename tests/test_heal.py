@@ -323,19 +323,9 @@ def test_prunable_weights_are_the_only_trainable():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compiled_blocks_of_distinct_shapes_all_compile_and_are_removed_after(monkeypatch, precision):
+def test_compiled_blocks_of_distinct_shapes_all_compile_and_are_removed_after(compiled_graphs, precision):
     # Compacted MLPs of 10 different widths: 10 cache entries of the one shared code object, past
     # dynamo's default limit of 8. A counting backend stands in for inductor (fast on CPU).
-    compiled_graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        compiled_graphs.append(graph_module)
-        return graph_module.forward
-
-    original_compile = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, **kwargs: original_compile(self, backend=counting_backend, **kwargs))
-    torch._dynamo.reset()
     dense = tiny_vit(depth=10)
     masks = random_masks(dense, "mlp", density=1.0)
     for i in range(10):                                    # block i loses its first 4 * (i + 1) hidden neurons

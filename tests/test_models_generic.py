@@ -59,16 +59,8 @@ def test_heals_in_exact_and_fast_mode(name):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "swin_tiny_patch4_window7_224", "torchvision/resnet18"])
-def test_one_compiled_graph_per_distinct_block(name, monkeypatch):
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    original = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: original(self, backend=counting_backend, **kw))
-    torch._dynamo.reset()
+def test_one_compiled_graph_per_distinct_block(name, compiled_graphs):
+    graphs = compiled_graphs
     dense, images = build(name)
     if name == "convnext_atto":      # 64 px: at 32 its last stage is 1x1, whose two input layouts compile twice
         images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))

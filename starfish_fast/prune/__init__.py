@@ -15,7 +15,6 @@ each block does to its output).
     masks = representation_masks(model, 0.5, calib)           # block sparsities from the measured damage
     print(format_summary(sparsity_summary(masks)))            # per-layer and total sparsity
 """
-from starfish_fast.prune.calibration import evaluating, out_proj_as_module
 from starfish_fast.prune.makers import (QKV_SUFFIXES, STRUCTURED_KINDS, VIT_FAMILIES, ScoreFn, check_nm,
                                         check_sparsity, format_summary, magnitude_masks, magnitude_score, nm_masks,
                                         sparsity_summary, structured_masks)
@@ -24,5 +23,5 @@ from starfish_fast.prune.wanda import layer_keep, wanda_input_norms, wanda_masks
 
 __all__ = ["QKV_SUFFIXES", "STRUCTURED_KINDS", "VIT_FAMILIES", "ScoreFn", "check_nm", "check_sparsity",
            "format_summary", "magnitude_masks", "magnitude_score", "nm_masks", "sparsity_summary", "structured_masks",
-           "SCORES", "allocate_sparsities", "representation_masks", "evaluating", "out_proj_as_module", "layer_keep",
+           "SCORES", "allocate_sparsities", "representation_masks", "layer_keep",
            "wanda_input_norms", "wanda_masks", "wanda_score"]

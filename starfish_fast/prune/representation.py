@@ -37,7 +37,7 @@ from starfish_fast.data import as_batches
 from starfish_fast.masks import apply_masks
 from starfish_fast.models.adapters import _block_output
 from starfish_fast.objectives import block_cosine_loss
-from starfish_fast.prune.calibration import evaluating
+from starfish_fast.calibration import evaluating
 from starfish_fast.prune.makers import _finish, _scope_weights, _scores, check_sparsity, magnitude_score
 from starfish_fast.prune.wanda import input_norms, layer_keep, wanda_score
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from starfish_fast.data import as_batches
-from starfish_fast.prune.calibration import evaluating, out_proj_as_module
+from starfish_fast.calibration import evaluating, out_proj_as_module
 from starfish_fast.prune.makers import (ScoreFn, _check_nm_shapes, _finish, _keep_largest, _scope_weights, _scores,
                                         check_nm, check_sparsity, nm_masks)
 

@@ -1,7 +1,7 @@
 """What a calibration pass needs around a model: eval mode on a device, and torchvision attention whose
 out_proj runs as a module (so that hooks on it fire).
 
-    from starfish_fast.prune.calibration import evaluating, out_proj_as_module
+    from starfish_fast.calibration import evaluating, out_proj_as_module
     with evaluating(model, "cuda") as device, out_proj_as_module(model):
         model(images.to(device))              # hooks on every out_proj see its input
 """
