@@ -142,7 +142,7 @@ def _imagenet_task(args, device) -> Task:
         images = torch.stack([train[i][0] for i in index])                    # (n, 3, 224, 224)
         return images, torch.tensor([train.targets[i] for i in index])
 
-    kind = "mobilenet" if adapter_for(dense).kind == "mobilenet" else "vit"
+    kind = "mobilenet" if adapter_for(dense).cosine_per == "sample" else "vit"      # the reference's word
     scope = "conv_fc" if kind == "mobilenet" else "qkv_out_mlp"
     return Task(args.model_name, dense, calib, loader, None, scope, "channel" if kind == "mobilenet" else "mlp", device)
 

@@ -71,7 +71,7 @@ def step_flops_per_image(model: torch.nn.Module, image_size: int, in_chans: int)
     finally:
         for handle in handles:
             handle.remove()
-    if adapter.kind == "vit":
+    if adapter.family.endswith("_vit"):
         tokens, width = reps[0].shape[1], reps[0].shape[2]                     # T, D
         forward[0] += len(reps) * 2.0 * 2.0 * tokens * tokens * width          # QK^T and AV per block
     return 3.0 * forward[0]
@@ -116,7 +116,7 @@ def fp32_teacher_loss(model: torch.nn.Module, dense: torch.nn.Module, batches, d
     for images in batches:
         _, student = adapter.forward_blocks(model, images.to(device), blocks, need_logits=False)
         _, teacher = adapter.forward_blocks(dense, images.to(device), blocks, need_logits=False)
-        losses.append(float(block_cosine_loss(student, teacher, per=adapter.rows)))
+        losses.append(float(block_cosine_loss(student, teacher, per=adapter.cosine_per)))
     return sum(losses) / len(losses)
 
 
@@ -171,7 +171,8 @@ def run(args, save=lambda report: None) -> dict:
                                 grad_clip=0.0, store_dense_float16=True)
         predicate = adapter.scope_predicate(adapter.default_scope)
         model = copy.deepcopy(dense)
-        history, seconds = reference_recovery(model, dense, adapter.kind, blocks, masks, batches, predicate, config,
+        kind = "vit" if adapter.cosine_per == "token" else "mobilenet"        # the reference's word for the rows
+        history, seconds = reference_recovery(model, dense, kind, blocks, masks, batches, predicate, config,
                                               device=device)
         summarize("reference", seconds[args.warmup:], model, {"teacher_store": "cpu-fp16-unpinned",
                                                                "epoch_loss": history[0]["loss"]})

@@ -37,11 +37,11 @@ import pytest
 import torch
 
 from kernel_cases import MODELS, adam_case, cosine_case, linear_case  # bench/ is on sys.path
-from starfish_fast.kernels import triton_available_for
+from starfish_fast.kernels import runnable
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-TRITON_OK = triton_available_for(torch.empty(0, device=DEVICE)) and ON_GPU   # the interpreter is not benchmarked
+TRITON_OK = runnable(DEVICE) and ON_GPU   # the interpreter is not benchmarked
 COMPILE_OK = os.environ.get("STARFISH_BENCH_COMPILE", "1") == "1"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 ROUNDS, WARMUP = (20, 3) if ON_GPU else (7, 2)   # CPU: shared, noisy cores; more rounds for the median

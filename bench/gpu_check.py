@@ -2,9 +2,12 @@
 ``$OUT/gpu_check.jsonl`` the moment it exists (one JSON object a line: part, name, ok, numbers, error).
 
     python bench/gpu_check.py env --out OUT [--rehearse]        # A: environment, ceilings, kernel correctness
-    python bench/gpu_check.py engine --out OUT [--rehearse]     # B: healing runs and the DeiT-B headline
-    python bench/gpu_check.py bandwidth --out OUT [--rehearse]  # C: kernel bandwidth, masked linear, 2:4
-    python bench/gpu_check.py note --out OUT --part B --rc 124  # the shell records how a part ended
+    python bench/gpu_check.py e2e --out OUT [--rehearse]        # B: healing correctness, whole calls, steady state
+    python bench/gpu_check.py compile --out OUT [--rehearse]    # C: compile cold, then warm from the saved cache
+    python bench/gpu_check.py profile --out OUT [--rehearse]    # D: where a fast step's GPU time goes
+    python bench/gpu_check.py kernels --out OUT [--rehearse]    # E: each kernel against the torch path it replaces
+    python bench/gpu_check.py sparse24 --out OUT [--rehearse]   # F: 2:4 backends (gpu_check_sparse24.py)
+    python bench/gpu_check.py note --out OUT --part e2e --rc 124   # the shell records how a part ended
     python bench/gpu_check.py summary --out OUT                 # summary.md: every check, the targets
 
 ``ok`` is true, false, or null for a check skipped (with ``skipped``: why). ``--rehearse`` runs the
@@ -22,6 +25,8 @@ import time
 from pathlib import Path
 
 from gpu_check_log import STACKS_NAME, Recorder
+
+PARTS = ("env", "e2e", "compile", "profile", "kernels", "sparse24")
 
 def watchdog(out: Path) -> None:
     """Stacks of every thread to stacks.txt when the shell's ``timeout`` sends SIGTERM at the part's cap
@@ -49,7 +54,7 @@ def note(out: Path, part: str, rc: int | None, cap: int | None, error: str | Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=("env", "engine", "bandwidth", "note", "summary"))
+    parser.add_argument("part", choices=(*PARTS, "note", "summary"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--rehearse", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--cap", type=float, default=0, help="note: the part's time cap in seconds")
@@ -71,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "env":
         os.environ["STARFISH_TRITON_ONE_CONFIG"] = "1"     # correctness: no autotuning, one config per kernel
     watchdog(out)
+    if args.part == "sparse24":
+        from gpu_check_sparse24 import part_sparse24
+        part_sparse24(Recorder(out, args.part), out, args.rehearse, seconds=args.cap - 5 if args.cap else 60)
+        return 0
     import gpu_check_parts
     getattr(gpu_check_parts, f"part_{args.part}")(Recorder(out, args.part), out, args.rehearse)
     return 0

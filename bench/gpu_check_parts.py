@@ -1,12 +1,17 @@
-"""Parts A, B and C of ``bench/gpu_check.sh`` (see ``gpu_check.py``): each check records itself.
+"""The parts of ``bench/gpu_check.sh`` (see ``gpu_check.py``): each check records itself.
 
 A ``env``: versions, device, the copy bandwidth and bf16 matmul rate measured on the spot (the
-ceilings of every "fraction of peak"), each Triton kernel against its reference on poisoned outputs.
-B ``engine``: a tiny ViT healed by exact fp32 and by fast mode with either kernels and teacher store
-and fp16 with the grad scaler; the pinned store's targets against the GPU store's; then the headline,
-DeiT-B (random weights) fast mode against the reference-equivalent loop (``bench_heal.run``).
-C ``bandwidth``: the fused loss and masked Adam as fractions of the measured bandwidth, the masked
-linear against cuBLAS, 2:4 linears and a 2:4 DeiT-B against dense (with the SDPA kernels that ran).
+ceilings of every "fraction of peak"), each Triton kernel against its reference on poisoned outputs
+(fp16 with a scaled loss, as fp16 training runs).
+B ``e2e``: a tiny ViT healed exact and fast (torch and Triton kernels, GPU and pinned stores, fp16 with
+the grad scaler); then the whole call of the paper's jobs scaled to the part's time (bench_e2e.py:
+fast mode against the reference-equivalent loop, fast auto / eager / compiled) and the DeiT-B batch-128
+steady state (bench_heal.py) with torch and with Triton kernels (dynamo's graphs and breaks).
+C ``compile``: two processes with empty inductor caches sharing one starfish_fast compile cache: cold, then warm.
+D ``profile``: a torch.profiler breakdown of fast DeiT-B steps at batch 128: the top kernels and their share.
+E ``kernels``: the fused loss and masked Adam as fractions of the measured bandwidth against the torch
+paths they replace, the masked linear against cuBLAS.
+F ``sparse24`` lives in ``gpu_check_sparse24.py``.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ def _device() -> torch.device:
 def time_ms(step, device: torch.device, iters: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of ``step()`` (CUDA events on a GPU, the wall clock on a CPU)."""
     if device.type == "cuda":
-        from starfish_fast.sparse24 import cuda_median_ms
+        from starfish_fast.timing import cuda_median_ms
         return cuda_median_ms(step, iters=iters, warmup=warmup)
     for _ in range(warmup):
         step()
@@ -106,8 +111,10 @@ def kernel_checks(device, rehearse: bool):
     for dtype in dtypes:
         tag = str(dtype).replace("torch.", "")
         for shape_name, shapes in cos_shapes.items():
+            # fp16 as it trains: a scaled loss (GradScaler's 2**16), else DeiT-B's gradients are fp16 subnormals
+            scale = 2.0 ** 16 if dtype == F16 else 1.0
             yield (f"kernel:cosine_loss:{shape_name}:{tag}",
-                   lambda s=shapes, d=dtype: kernel_cases.check_cosine_loss(s, d, device))
+                   lambda s=shapes, d=dtype, g=scale: kernel_cases.check_cosine_loss(s, d, device, grad_scale=g))
         yield (f"kernel:cosine_loss:per_sample:{tag}",
                lambda d=dtype: kernel_cases.check_cosine_loss([(2, 4, 5, 5)] * 3, d, device, per="sample"))
         yield (f"kernel:cosine_loss:teacher_fp32:{tag}",
@@ -125,7 +132,7 @@ def kernel_checks(device, rehearse: bool):
             yield f"kernel:{name}:bfloat16", "bf16 is wrong in Triton's CPU interpreter"
 
 
-# ----------------------------------------------------------------------------- B: engine
+# ----------------------------------------------------------------------------- B: end to end
 def tiny_vit(rehearse: bool):
     from timm.models.vision_transformer import VisionTransformer
 
@@ -135,9 +142,17 @@ def tiny_vit(rehearse: bool):
                              num_classes=10).eval()
 
 
-def part_engine(rec, out, rehearse: bool) -> None:
+def part_e2e(rec, out, rehearse: bool) -> None:
     if not _gpu_only(rec, rehearse):
         return
+    tiny_heals(rec, rehearse)
+    whole_calls(rec, out, rehearse)
+    headline(rec, out, rehearse)
+
+
+def tiny_heals(rec, rehearse: bool) -> None:
+    """Correctness on this GPU: exact fp32, fast with either kernels and teacher store, fp16 with the
+    grad scaler; losses agree, masked weights stay exactly zero; pinned targets equal device targets."""
     from starfish_fast import HealConfig, heal
     from starfish_fast.prune import magnitude_masks
 
@@ -146,19 +161,19 @@ def part_engine(rec, out, rehearse: bool) -> None:
     masks = magnitude_masks(dense, 0.5, scope="qkv_out_mlp")
     size = dense.patch_embed.img_size[0]
     calib = torch.randn(16 if rehearse else 64, 3, size, size, generator=torch.Generator().manual_seed(1))
-    base = dict(epochs=3, batch_size=8 if rehearse else 16, lr=2e-3, min_lr=1e-5, progress=False, log_every=2)
-    # the interpreter is wrong in bf16, and slow under dynamo: the rehearsal runs the kernels in fp32, eager
-    triton = dict(precision="fp32", compile="off") if rehearse else dict(precision="bf16", compile="on")
+    base = dict(epochs=3, batch_size=8 if rehearse else 16, lr=2e-3, min_lr=1e-5, progress=False, log_every=2,
+                compile="off")
+    # the interpreter is wrong in bf16: the rehearsal runs the kernels in fp32
     runs = {"exact_fp32": dict(mode="exact"),
-            "fast_torch_gpu_store": dict(kernels="torch", teacher_store="gpu" if on_gpu else "memory", compile="on"),
-            "fast_triton_pinned_store": dict(kernels="triton", teacher_store="pinned" if on_gpu else "memory",
-                                             **triton),
-            "fast_fp16_grad_scaler": dict(precision="fp16", compile="on")}
+            "fast_torch_device_store": dict(kernels="torch", teacher_store="device"),
+            "fast_triton_pinned_store": dict(kernels="triton", teacher_store="pinned" if on_gpu else "device",
+                                             precision="fp32" if rehearse else "bf16"),
+            "fast_fp16_grad_scaler": dict(precision="fp32" if rehearse else "fp16")}
     reference = None
     for name, settings in runs.items():
         with rec.check(f"heal:tiny_vit:{name}") as numbers:
             model = copy.deepcopy(dense)
-            result = heal(model, dense, masks, calib, HealConfig(**base, **settings))
+            result = heal(model, dense, masks, calib, HealConfig(**{**base, **settings}))
             state = model.state_dict()
             zero = all(bool((state[k][~m.to(state[k].device)] == 0).all()) for k, m in masks.items())
             losses = [h["loss"] for h in result.history]
@@ -169,9 +184,8 @@ def part_engine(rec, out, rehearse: bool) -> None:
                 raise AssertionError("masked weights are not exactly zero")
             if abs(losses[-1] - reference[-1]) > 0.05 * reference[-1] + 1e-3:
                 raise AssertionError(f"last epoch loss {losses[-1]:.5f} vs exact fp32 {reference[-1]:.5f}")
-    with rec.check("teacher:pinned_equals_gpu" if on_gpu else "teacher:disk_equals_memory") as numbers:
-        numbers.update(compare_stores(dense, calib, ("gpu", "pinned") if on_gpu else ("memory", "disk")))
-    headline(rec, out, rehearse)
+    with rec.check("teacher:pinned_equals_device" if on_gpu else "teacher:disk_equals_device") as numbers:
+        numbers.update(compare_stores(dense, calib, ("device", "pinned") if on_gpu else ("device", "disk")))
 
 
 def compare_stores(dense, calib, kinds) -> dict:
@@ -194,18 +208,56 @@ def compare_stores(dense, calib, kinds) -> dict:
     return {"stores": list(kinds), "tensors_compared": compared}
 
 
+# the paper's jobs scaled to the part (the full ones are bench_e2e.py's defaults), most valuable first:
+# (job, images or sequences, epochs, batch, implementations)
+E2E_JOBS = (("deit_b", 1000, 3, 32, ("reference_loop", "fast", "fast_eager", "fast_compiled")),
+            ("llama_1b", 32, 1, 8, ("reference_loop", "fast")),
+            ("deit3_h", 160, 2, 32, ("reference_loop", "fast", "fast_eager")))
+
+
+def whole_calls(rec, out, rehearse: bool) -> None:
+    """The whole call of each job: the reference-equivalent loop, fast mode as planned, eager and compiled
+    (bench_e2e.py); each implementation recorded the moment it is measured."""
+    import bench_e2e
+
+    jobs = (("fashion_vit", 64, 2, 32, ("reference_loop", "fast", "fast_eager")),) if rehearse else E2E_JOBS
+    report = {"environment": {}, "jobs": {}}
+    recorded: set[tuple[str, str]] = set()
+
+    def save(report):
+        for job, data in report["jobs"].items():
+            for impl, run in data["runs"].items():
+                if (job, impl) not in recorded:
+                    recorded.add((job, impl))
+                    rec.record(f"e2e:{job}:{impl}", None if "skipped" in run else True, images=data["images"],
+                               epochs=data["epochs"], batch=data["batch"], **run)
+
+    for job, images, epochs, batch, implementations in jobs:
+        catalogue = bench_e2e.REHEARSAL if rehearse else bench_e2e.JOBS
+        args = Namespace(images=images, epochs=epochs, batch=batch, implementations=list(implementations),
+                         reference_repo=None, rehearse=rehearse, device=str(_device()))
+        with rec.check(f"e2e:{job}") as numbers:
+            bench_e2e.run_job(job, catalogue[job], args, report, save)
+            runs = report["jobs"][job]["runs"]
+            numbers.update({impl: run.get("speedup_whole_call") for impl, run in runs.items()})
+            if "fast" in runs and "fast_eager" in runs:
+                numbers["fast_over_eager"] = runs["fast_eager"]["seconds"] / runs["fast"]["seconds"]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def headline(rec, out, rehearse: bool) -> None:
-    """DeiT-B, batch 128, 20 steps measured after 5 of warm-up: fast mode against the reference loop,
-    gpu and pinned stores, then the Triton kernels; every run recorded as soon as it is measured."""
+    """DeiT-B, batch 128, steady state after warm-up: fast mode (torch kernels, then the Triton kernels as
+    custom ops inside the compiled blocks: dynamo's graphs and breaks); the reference loop's 322 img/s at this
+    setting is in bench/results/gpu_check_h200_2026-12-04 and not re-measured."""
     import bench_heal
     from gpu_check_log import measured
 
     args = Namespace(model="fashion_vit" if rehearse else "deit_base_patch16_224",
-                     batch_size=2 if rehearse else 128, steps=2 if rehearse else 25, warmup=1 if rehearse else 5,
-                     sparsity=0.5, device=None, compile="auto", skip_reference=False,
-                     ceiling_tflops=measured(out, "ceiling_matmul_bf16", "tflops"),
-                     stores=["memory"] if rehearse else ["gpu", "pinned"], precisions=["fp32" if rehearse else "auto"],
-                     kernels=["torch"])
+                     batch_size=2 if rehearse else 128, steps=2 if rehearse else 20, warmup=1 if rehearse else 5,
+                     sparsity=0.5, device=None, compile="off" if rehearse else "on", skip_reference=True,
+                     ceiling_tflops=measured(out, "ceiling_matmul_bf16", "tflops"), stores=["device"],
+                     precisions=["fp32" if rehearse else "auto"], kernels=["torch"])
     done: set[str] = set()
 
     def save(report):
@@ -214,22 +266,107 @@ def headline(rec, out, rehearse: bool) -> None:
                 done.add(label)
                 rec.record(f"heal:{args.model}:{label}", True, batch_size=args.batch_size, **entry)
 
-    triton = {"kernels": ["triton"], "stores": ["memory" if rehearse else "gpu"], "skip_reference": True}
-    if rehearse:
-        triton["compile"] = "off"            # the interpreter under dynamo is slow
-    for variant in ({}, triton):
-        with rec.check(f"headline:{args.model}:{'+'.join(variant.get('kernels', ['torch']))}") as numbers:
-            report = bench_heal.run(Namespace(**{**vars(args), **variant}), save=save)
+    for kernels in ("torch", "triton"):
+        with rec.check(f"headline:{args.model}:{kernels}") as numbers:
+            report = bench_heal.run(Namespace(**{**vars(args), "kernels": [kernels]}), save=save)
             numbers.update({label: {key: entry.get(key) for key in (
-                "images_per_s", "speedup_vs_reference", "tflops", "fraction_of_measured_matmul",
-                "fp32_teacher_loss_rel_diff_vs_reference", "peak_memory_gib", "dynamo")}
+                "images_per_s", "tflops", "fraction_of_measured_matmul", "peak_memory_gib", "dynamo")}
                 for label, entry in report["runs"].items()})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------- C: bandwidth and 2:4
-def part_bandwidth(rec, out, rehearse: bool) -> None:
+# ----------------------------------------------------------------------------- C: compile cold and warm
+def part_compile(rec, out, rehearse: bool) -> None:
+    """bench_compile.py's three processes (eager, compiled cold, compiled warm from the saved cache), each
+    with its own empty inductor cache; the rehearsal runs eager only (a CPU compile takes minutes)."""
+    import bench_compile
+
+    if not _gpu_only(rec, rehearse):
+        return
+    model, images, epochs, batch = ("fashion_vit", 32, 1, 16) if rehearse else ("deit_base_patch16_224", 512, 2, 64)
+    runs = ("eager",) if rehearse else ("eager", "cold", "warm")
+    with rec.check(f"compile:{model}", images=images, epochs=epochs, batch=batch) as numbers:
+        results = bench_compile.measure(model, images, epochs, batch, runs, record=lambda label, numbers: rec.record(
+            f"compile:{model}:{label}", True, **numbers))
+        numbers.update(results.get("compile_cost") or {})
+
+
+# ----------------------------------------------------------------------------- D: profile
+def part_profile(rec, out, rehearse: bool) -> None:
+    """Where a fast DeiT-B step's GPU time goes (batch 128, eager: what compile="auto" picks for jobs too
+    short to repay a compile; the planned kernels): steps 6 to 8 of a 10-step heal under torch.profiler,
+    kernels ranked by time and shares by kind."""
+    if not _gpu_only(rec, rehearse):
+        return
+    from bench_e2e import make_job
+    from starfish_fast import HealConfig, heal, steps
+
+    model, images, batch = ("fashion_vit", 20, 2) if rehearse else ("deit_base_patch16_224", 1280, 128)
+    dense, pruned, masks, calib = make_job(model, images)
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = torch.profiler.profile(activities=activities)
+    original = steps.FastStep.__call__
+    window = (5, 8)                                     # steps profiled: after warm-up, before the end
+
+    def profiled(self, step, index):
+        if step == window[0]:
+            _synchronize()
+            profiler.start()
+        loss = original(self, step, index)
+        if step == window[1] - 1:
+            _synchronize()
+            profiler.stop()
+        return loss
+
+    with rec.check(f"profile:{model}:step", batch=batch, steps=window[1] - window[0]) as numbers:
+        steps.FastStep.__call__ = profiled
+        try:
+            heal(pruned, dense, masks, calib, HealConfig(epochs=1, batch_size=batch, progress=False, log_every=100,
+                                                          compile="off", device=str(_device())))
+        finally:
+            steps.FastStep.__call__ = original
+        numbers.update(kernel_breakdown(profiler, window[1] - window[0]))
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+CATEGORIES = (("gemm", ("gemm", "cutlass", "sm90_xmma", "sm80_xmma", "ampere", "hopper", "cublas", "matmul", "mm_")),
+              ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+              ("optimizer", ("adam", "foreach", "fused_adam")), ("loss", ("_cos_",)),
+              ("norm", ("layer_norm", "layernorm")), ("triton (fused elementwise)", ("triton_",)))
+
+
+def kernel_breakdown(profiler, steps: int) -> dict:
+    """The top kernels by device time (per step, ms, and share of all device time), and shares by kind."""
+    def device_time(event) -> float:                    # the name changed across torch versions
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0
+
+    averages = profiler.key_averages()
+    timed = [(e.key, device_time(e)) for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")
+             and device_time(e) > 0]
+    if not timed:                                        # a CPU rehearsal: the host ops instead
+        timed = [(e.key, e.self_cpu_time_total) for e in averages if e.self_cpu_time_total > 0]
+    total = sum(t for _, t in timed) or 1.0
+    top = sorted(timed, key=lambda item: -item[1])[:15]
+    shares: dict[str, float] = {}
+    for name, t in timed:
+        kind = next((label for label, words in CATEGORIES if any(w in name.lower() for w in words)), "other")
+        shares[kind] = shares.get(kind, 0.0) + t / total
+    return {"ms_per_step": total / 1e3 / steps, "top": [{"kernel": name[:120], "ms_per_step": t / 1e3 / steps,
+                                                          "share": t / total} for name, t in top],
+            "shares": dict(sorted(shares.items(), key=lambda item: -item[1]))}
+
+
+# ----------------------------------------------------------------------------- E: kernels against torch
+def part_kernels(rec, out, rehearse: bool) -> None:
+    """Each kernel against the torch path it would replace, at DeiT-B shapes: the loss against eager and
+    compiled torch, masked Adam against torch's fused AdamW plus a mask multiply (the engine's torch path
+    on CUDA) and the eager foreach step, the masked linear against cuBLAS on masked weights."""
     if not _gpu_only(rec, rehearse):
         return
     from gpu_check_log import measured
@@ -240,9 +377,9 @@ def part_bandwidth(rec, out, rehearse: bool) -> None:
     copy_gbs = measured(out, "ceiling_copy", "gbs")
     matmul_tflops = measured(out, "ceiling_matmul_bf16", "tflops")
     dtype = BF16 if on_gpu else F32
-    cases = [("cosine_loss", variant, lambda v: kernel_cases.cosine_case(spec, v, device, dtype, 64 if on_gpu else 1,
+    cases = [("cosine_loss", variant, lambda v: kernel_cases.cosine_case(spec, v, device, dtype, 128 if on_gpu else 1,
                                                                          None if on_gpu else 2))
-             for variant in ("triton", "eager")]
+             for variant in ("triton", "eager", "compile")]
     cases += [("masked_adam", variant, lambda v: kernel_cases.adam_case(spec, v, device, None if on_gpu else 1))
               for variant in ("triton", "torch_fused", "eager")]
     cases += [(f"masked_linear:{mask}", variant, lambda v, m=mask: kernel_cases.linear_case(
@@ -250,8 +387,8 @@ def part_bandwidth(rec, out, rehearse: bool) -> None:
         ("triton", "eager")]
     for op, variant, build in cases:
         name = f"bandwidth:{op}:{variant}"
-        if not on_gpu and variant in ("triton", "torch_fused"):
-            rec.skip(name, "timed on CUDA only (the interpreter is not benchmarked)")
+        if not on_gpu and variant in ("triton", "torch_fused", "compile"):
+            rec.skip(name, "timed on CUDA only (the interpreter is not benchmarked; CPU compile is minutes)")
             continue
         with rec.check(name) as numbers:
             torch.manual_seed(0)
@@ -266,20 +403,3 @@ def part_bandwidth(rec, out, rehearse: bool) -> None:
                 numbers.update(tflops=tflops, fraction_of_measured_matmul=tflops / matmul_tflops
                                if matmul_tflops else None)
             del case
-    sparse24(rec, on_gpu)
-
-
-def sparse24(rec, on_gpu: bool) -> None:
-    """2:4 forward of the four DeiT-B linears at 25,216 tokens and a whole 2:4 DeiT-B against dense."""
-    if not on_gpu:
-        rec.skip("sparse24", "2:4 semi-structured sparsity needs a CUDA GPU")
-        return
-    import bench_sparse24
-
-    spec = bench_sparse24.MODELS["deit_base_patch16_224"]
-    tokens = 128 * spec["tokens"]
-    for layer, (out_features, in_features) in bench_sparse24.linear_shapes(spec).items():
-        with rec.check(f"sparse24:linear:{layer}", tokens=tokens, shape=[out_features, in_features]) as numbers:
-            numbers.update(bench_sparse24.time_inference(out_features, in_features, tokens, iters=20))
-    with rec.check("sparse24:model:deit_base_patch16_224") as numbers:
-        numbers.update(bench_sparse24.time_model("deit_base_patch16_224", 128, iters=10))

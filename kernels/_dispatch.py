@@ -1,22 +1,17 @@
-"""Which path a kernel call takes: the Triton kernel or the plain-torch reference.
+"""Which path a kernel call takes: the Triton kernel or plain torch. One rule, used by the plan (the
+engine's ``kernels=``) and by the public kernel functions (their ``kernel=``); nothing else decides.
 
-    from starfish_fast.kernels._dispatch import triton_available_for, use_triton
-    triton_available_for(torch.zeros(1))                 # False on CPU unless TRITON_INTERPRET=1
-    use_triton("cosine_loss", torch.zeros(1), "auto")    # the engine's kernels="auto"|"triton"|"torch"
+    from starfish_fast.kernels._dispatch import choose
+    choose("cosine_loss", torch.device("cuda"), "auto")     # True: the measured table says Triton wins
+    choose("masked_adam", torch.device("cpu"), "auto")      # False: CPU takes plain torch
+    choose("masked_linear", torch.device("cpu"), "triton")  # ValueError unless TRITON_INTERPRET=1
 
-Rules:
-- CUDA tensors use the Triton kernels when triton imports.
-- CPU tensors use the reference (eager torch is fast there; the interpreter is
-  orders of magnitude slower) unless ``TRITON_INTERPRET=1`` was set before
-  ``starfish_fast.kernels`` was imported: then the kernels run in Triton's CPU
-  interpreter, which is how the tests check them without a GPU.
-
-The engine's ``kernels`` option:
-- ``"torch"``: always the references (plain torch; what ``torch.compile`` sees best).
-- ``"triton"``: the kernels wherever :func:`triton_available_for` allows, else the
-  reference (a CPU tensor without the interpreter cannot run a kernel).
-- ``"auto"``: per op, from :data:`AUTO_TRITON_ON_CUDA` (set from
-  ``bench/bench_kernels.py`` results); CPU always takes the reference.
+- ``"torch"`` / ``False``: plain torch.
+- ``"triton"`` / ``True``: the kernel; a ``ValueError`` where it cannot run (a CPU tensor without the
+  interpreter, no triton).
+- ``"auto"`` / ``None``: per op, :data:`AUTO_TRITON_ON_CUDA` on CUDA; plain torch on the CPU (eager
+  torch is fast there; the interpreter, ``TRITON_INTERPRET=1`` set before import, is for tests that
+  ask for a kernel explicitly).
 """
 from __future__ import annotations
 
@@ -26,8 +21,6 @@ import os
 from collections import OrderedDict
 
 import torch
-
-from starfish_fast.config import KERNEL_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +36,45 @@ except Exception as exc:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
     log.debug("triton not importable (%s); kernels fall back to the torch references", exc)
 
+OPS = ("masked_linear", "cosine_loss", "masked_adam")
+CHOICES = {"auto": None, "triton": True, "torch": False, None: None, True: True, False: False}
 
-# kernels="auto" on CUDA, per op. Decided by bench/bench_kernels.py (which prints the
-# recommended table). Status 2026-11: NOT YET MEASURED on a GPU (no session so far had one), so
-# auto keeps every op on its plain-torch reference: benchmarks, not expectations, pick the
-# defaults. What is known without a GPU: the kernels match the references
-# in Triton's interpreter, compile for sm80/sm86/sm90 within shared memory, and the loss and
-# optimizer load with 16-byte vectors (tests/test_kernels_compile.py). kernels="triton" uses them.
+# kernels="auto" on CUDA, per op: the one H200 run so far (2026-12-04, torch 2.11, DeiT-B shapes, bf16;
+# bench/results/gpu_check_h200_2026-12-04/gpu_check.jsonl, lines "bandwidth:*"):
+# - cosine_loss: Triton 2.57 ms against eager torch 6.68 ms for the 12 blocks' forward + backward at
+#   batch 128 (the loss runs outside the compiled blocks, so eager is what it competes with): Triton.
+# - masked_adam: torch's fused AdamW plus a mask multiply 1.38 ms against the Triton kernel 1.72 ms over
+#   DeiT-B's 85M linear weights (the eager foreach step 2.84 ms): torch, whose CUDA path is that fused
+#   step (masked_adam.masked_adam_step).
+# - masked_linear: cuBLAS on masked weights 0.81 ms against Triton 1.99 ms at fc1 (random 50% mask) and
+#   0.78 against 1.36 ms (half the rows pruned): torch.
 AUTO_TRITON_ON_CUDA = {
     "masked_linear": False,
-    "cosine_loss": False,
+    "cosine_loss": True,
     "masked_adam": False,
 }
+
+
+def runnable(device: torch.device | str) -> bool:
+    """True when a Triton kernel can run on ``device``: CUDA with triton, or the CPU interpreter."""
+    return HAVE_TRITON and (torch.device(device).type == "cuda" or INTERPRET)
+
+
+def choose(op: str, device: torch.device | str, kernels: str | bool | None = "auto") -> bool:
+    """True: ``op`` runs its Triton kernel on ``device``; False: plain torch (the rules above)."""
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; known: {', '.join(OPS)}")
+    if kernels not in CHOICES:
+        raise ValueError(f"unknown kernels choice {kernels!r}; allowed: auto, triton, torch")
+    wanted, device = CHOICES[kernels], torch.device(device)
+    if wanted is False:
+        return False
+    if wanted is True:
+        if not runnable(device):
+            raise ValueError(f"kernels='triton' cannot run on {device}: the Triton kernels need a CUDA GPU with "
+                             f"triton installed (or TRITON_INTERPRET=1 set before import, for tests)")
+        return True
+    return device.type == "cuda" and runnable(device) and AUTO_TRITON_ON_CUDA[op]
 
 
 # Tests set this to True: every buffer a kernel is supposed to fill completely is
@@ -115,39 +135,6 @@ def launching(kernel: str, **details):
         raise KernelError(f"Triton kernel {kernel} failed to compile or launch ({facts}): {type(error).__name__}: "
                           f"{text.splitlines()[0] if text else ''} (kernels='torch' runs the plain-torch path)") \
             from error
-
-
-def triton_available_for(tensor: torch.Tensor) -> bool:
-    """True when a Triton kernel can run on ``tensor``: CUDA + triton, or the CPU interpreter."""
-    if not HAVE_TRITON:
-        return False
-    if INTERPRET:
-        return True
-    return tensor.is_cuda
-
-
-def resolve(kernel: bool | None, tensor: torch.Tensor, name: str) -> bool:
-    """A public function's ``kernel=`` argument: None dispatches, False is torch, True must be runnable."""
-    if kernel is None:
-        return triton_available_for(tensor)
-    if kernel and not triton_available_for(tensor):
-        raise RuntimeError(f"{name}(kernel=True): Triton cannot run on a {tensor.device.type} tensor here "
-                           f"(needs CUDA, or TRITON_INTERPRET=1 set before importing starfish_fast.kernels)")
-    return bool(kernel)
-
-
-def use_triton(op: str, tensor: torch.Tensor, kernels: str = "auto") -> bool:
-    """The engine's choice for ``op`` ("masked_linear", "cosine_loss", "masked_adam")."""
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"unknown kernels choice {kernels!r}; allowed: {', '.join(KERNEL_CHOICES)}")
-    if op not in AUTO_TRITON_ON_CUDA:
-        raise ValueError(f"unknown op {op!r}; known: {', '.join(AUTO_TRITON_ON_CUDA)}")
-    if kernels == "torch" or not triton_available_for(tensor):
-        return False
-    if kernels == "triton":
-        return True
-    # auto: the interpreter is for tests only; real CUDA follows the benchmark table
-    return tensor.is_cuda and AUTO_TRITON_ON_CUDA[op]
 
 
 def shared_memory_limit(device: torch.device | int | None = None) -> int:

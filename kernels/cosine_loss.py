@@ -25,6 +25,9 @@ tiny sum, backward = 1 kernel, whatever the number of blocks):
   atomics, deterministic);
 - backward ``_cos_grad``: ``dL/ds = grad_out * (A * t + C * s)``, one pass reading S, T
   and writing the gradient in the student dtype.
+Each program finds its block with one load from a tile -> block table, built once per layout
+(block shapes) and cached with its other host-side planning, so a step's launches cost no
+Python work proportional to the number of rows.
 Saved for backward: 8 bytes per row (A, C) plus references to the inputs
 (no normalised copies, no gradient computed ahead). Eager autograd instead keeps
 input-sized temporaries per block alive until the backward (normalised copies, their
@@ -32,6 +35,11 @@ product, a cast teacher when dtypes differ): that is the peak memory the fused p
 Traffic: S and T are read twice (forward and backward) and dS written once. Computing dS
 in the forward would read S and T once but must hold dS (input-sized) until the backward
 and rescale it by grad_out there (another read and write): the same bytes, more memory.
+
+The two passes are torch custom ops (``starfish_fast::cosine_loss``, ``::cosine_loss_backward``)
+with a fake implementation, so ``torch.compile`` traces through them (no graph break). Their CUDA
+implementation is the Triton kernels; on the CPU the same math in plain torch (or the kernels in
+Triton's interpreter when ``TRITON_INTERPRET=1``, how the tests check them without a GPU).
 
 Zero rows behave as in F.normalize (the loss term is 1, the gradient ``-w t^/eps``); in
 fp16 that gradient (~1e12) exceeds the format, so it is saturated to +-65504 instead of
@@ -43,13 +51,14 @@ student dtype): it is accumulated in fp32 and a bf16 scalar would round the logg
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, device_table, empty, launching, resolve
+from ._dispatch import HAVE_TRITON, INTERPRET, choose, device_table, empty, launching
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +110,6 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _block_of(tab_ptr, tile, n_blocks, TAB: tl.constexpr):
-        """Index of the block whose tile range holds ``tile`` (tile starts at field 6, ascending)."""
-        blk = tile * 0
-        for b in range(1, n_blocks):
-            blk += (tile >= tl.load(tab_ptr + b * TAB + 6)).to(blk.dtype)
-        return blk
-
-    @triton.jit
     def _block_fields(tab_ptr, blk, s_any, t_any, TAB: tl.constexpr, ALIGNED: tl.constexpr):
         """Block ``blk``'s table row: (s_ptr, t_ptr, R, D, s_stride, t_stride, tile0, row0)."""
         row = tab_ptr + blk * TAB
@@ -128,13 +129,13 @@ if HAVE_TRITON:
         return s_ptr, t_ptr, tl.load(row + 2), D, s_stride, t_stride, tl.load(row + 6), tl.load(row + 7)
 
     @triton.jit
-    def _cos_stats_kernel(tab_ptr, s_any, t_any, part_ptr, n_blocks, n_split, rows_total,
+    def _cos_stats_kernel(tab_ptr, tblk_ptr, s_any, t_any, part_ptr, n_split, rows_total,
                           TAB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
         """part[split, 0..2, row] = partial (s.s, t.t, s.t) over this program's share of the row."""
         pid = tl.program_id(0)
         tile = pid // n_split
         split = pid % n_split
-        blk = _block_of(tab_ptr, tile, n_blocks, TAB)
+        blk = tl.load(tblk_ptr + tile)              # this tile's block (group-local)
         s_ptr, t_ptr, R, D, s_stride, t_stride, tile0, row0 = _block_fields(tab_ptr, blk, s_any, t_any, TAB, ALIGNED)
         rows = (tile - tile0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)     # (BR,) rows of this block
         rmask = rows < R
@@ -163,13 +164,13 @@ if HAVE_TRITON:
         tl.store(out + 2 * rows_total, st, mask=rmask)
 
     @triton.jit
-    def _cos_finalize_kernel(tab_ptr, part_ptr, coef_ptr, loss_ptr, raw_ptr, w_ptr, n_blocks, n_split, part_rows,
+    def _cos_finalize_kernel(tab_ptr, tblk_ptr, part_ptr, coef_ptr, loss_ptr, raw_ptr, w_ptr, n_split, part_rows,
                              coef_rows, eps,
                              TAB: tl.constexpr, BLOCK_R: tl.constexpr):
         """Per row: loss term and gradient coefficients (A, C); per program: its weighted loss sum and its
         block's unweighted mean contribution. ``w_ptr``: each block's weight over the weights' sum."""
         tile = tl.program_id(0)
-        blk = _block_of(tab_ptr, tile, n_blocks, TAB)
+        blk = tl.load(tblk_ptr + tile)              # this tile's block (group-local)
         row = tab_ptr + blk * TAB
         R = tl.load(row + 2)
         tile0 = tl.load(row + 6)
@@ -198,14 +199,14 @@ if HAVE_TRITON:
         tl.store(raw_ptr + tile, tl.sum(tl.where(rmask, (1.0 - cos) / R.to(tl.float32), 0.0), axis=0))
 
     @triton.jit
-    def _cos_grad_kernel(tab_ptr, gtab_ptr, s_any, t_any, coef_ptr, gout_ptr, n_blocks, n_split, rows_total,
+    def _cos_grad_kernel(tab_ptr, tblk_ptr, gtab_ptr, s_any, t_any, coef_ptr, gout_ptr, n_split, rows_total,
                          TAB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr,
                          ALIGNED: tl.constexpr):
         """dL/ds = grad_out * (A * t + C * s), written in the student dtype (rows contiguous)."""
         pid = tl.program_id(0)
         tile = pid // n_split
         split = pid % n_split
-        blk = _block_of(tab_ptr, tile, n_blocks, TAB)
+        blk = tl.load(tblk_ptr + tile)              # this tile's block (group-local)
         s_ptr, t_ptr, R, D, s_stride, t_stride, tile0, row0 = _block_fields(tab_ptr, blk, s_any, t_any, TAB, ALIGNED)
         g_ptr = tl.load(gtab_ptr + blk).to(tl.pointer_type(s_any.dtype.element_ty))
         if ALIGNED:
@@ -233,7 +234,7 @@ if HAVE_TRITON:
 
 
 # --------------------------------------------------------------------------- launch planning
-def _chunk(ds: list[int], rs: list[int]) -> int:
+def _chunk(ds: tuple[int, ...], rs: tuple[int, ...]) -> int:
     """Largest power-of-two chunk (128..1024) whose padding wastes <= 1/8 of the lanes."""
     total = sum(r * d for r, d in zip(rs, ds))
     for c in (1024, 512, 256):
@@ -249,33 +250,45 @@ def _target_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-class _Group:
-    """Blocks sharing (student dtype, teacher dtype): one launch of each kernel."""
+class _Layout:
+    """What one group's launches need that depends only on the blocks' (rows, width): tile sizes, the
+    row split, each block's first tile and row, and the tile -> block table on the device. Cached per
+    shape (``_layout``): a training step reuses it every call."""
 
-    def __init__(self, ids, s_rows, t_rows, device, row_offset, tile_offset):
-        self.ids = ids
-        self.block_ids = device_table(list(ids), device)                          # (L_g,) the blocks, overall
-        ds = [s.shape[1] for s in s_rows]
-        rs = [s.shape[0] for s in s_rows]
+    def __init__(self, rs: tuple[int, ...], ds: tuple[int, ...], device: torch.device):
         self.block_d = _chunk(ds, rs)
         self.block_r = max(1, min(4096 // self.block_d, triton.next_power_of_2(max(rs))))
         tiles = [triton.cdiv(r, self.block_r) for r in rs]
-        self.n_tiles = sum(tiles)
+        self.n_tiles, self.rows = sum(tiles), sum(rs)
         max_chunks = max(triton.cdiv(d, self.block_d) for d in ds)
         target = _target_programs(device)
         self.n_split = 1 if self.n_tiles >= target else min(max_chunks, triton.cdiv(target, self.n_tiles))
-        self.rows, self.row_offset, self.tile_offset = sum(rs), row_offset, tile_offset
-        values, tile0, row0 = [], 0, 0
-        for s, t, r, n in zip(s_rows, t_rows, rs, tiles):
-            values += [s.data_ptr(), t.data_ptr(), r, s.shape[1], s.stride(0), t.stride(0), tile0, row0]
-            tile0, row0 = tile0 + n, row0 + r
+        self.tile0 = [sum(tiles[:i]) for i in range(len(rs))]
+        self.row0 = [sum(rs[:i]) for i in range(len(rs))]
+        self.tile_block = torch.repeat_interleave(torch.arange(len(rs), dtype=torch.int32),
+                                                  torch.tensor(tiles)).to(device)                 # (tiles,)
+        self.num_warps = 8 if self.block_r * self.block_d >= 4096 else 4
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(rs: tuple[int, ...], ds: tuple[int, ...], device: torch.device) -> _Layout:
+    return _Layout(rs, ds, device)
+
+
+class _Group:
+    """Blocks sharing (student dtype, teacher dtype): one launch of each kernel."""
+
+    def __init__(self, ids, s_rows, t_rows, row_offset, tile_offset):
+        device = s_rows[0].device
+        self.ids, self.row_offset, self.tile_offset = ids, row_offset, tile_offset
+        self.layout = _layout(tuple(s.shape[0] for s in s_rows), tuple(s.shape[1] for s in s_rows), device)
+        values = []
+        for s, t, tile0, row0 in zip(s_rows, t_rows, self.layout.tile0, self.layout.row0):
+            values += [s.data_ptr(), t.data_ptr(), s.shape[0], s.shape[1], s.stride(0), t.stride(0), tile0, row0]
         self.table = device_table(values, device)                                # (L_g * 8,)
-        # which block (overall index) each finalize program's tile belongs to: per-block sums of the raw parts
-        self.tile_blocks = device_table([i for i, n in zip(ids, tiles) for _ in range(n)], device)   # (tiles,)
         # vector loads: 16-byte aligned rows, D and strides multiples of 8 elements (16 bytes of bf16)
         self.aligned = all(x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0 and x.shape[1] % 8 == 0
                            for x in (*s_rows, *t_rows))
-        self.num_warps = 8 if self.block_r * self.block_d >= 4096 else 4
 
 
 def _as_rows(x: torch.Tensor, per: str) -> torch.Tensor:
@@ -283,97 +296,168 @@ def _as_rows(x: torch.Tensor, per: str) -> torch.Tensor:
     return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
-# --------------------------------------------------------------------------- autograd
-class MultiBlockCosineLoss(torch.autograd.Function):
-    """Triton forward (stats + finalize) and backward (gradient) over all blocks."""
-
-    @staticmethod
-    def forward(ctx, per, n_blocks, weights, *tensors):
-        """``weights``: (L,) fp32 block weights over their sum on the device. Returns the weighted loss and
-        each block's unweighted loss (L,), the latter not differentiable."""
-        students, teachers = tensors[:n_blocks], tensors[n_blocks:]
-        device = students[0].device
-        s_rows = [_as_rows(s, per) for s in students]                              # (R_l, D_l) each
-        t_rows = [_as_rows(t.detach(), per) for t in teachers]
-        for s, t in zip(s_rows, t_rows):
-            if s.shape != t.shape:
-                raise ValueError(f"student rows {tuple(s.shape)} != teacher rows {tuple(t.shape)}")
-        groups: dict[tuple, list[int]] = {}
-        for i, (s, t) in enumerate(zip(s_rows, t_rows)):
-            groups.setdefault((s.dtype, t.dtype), []).append(i)
-        plans, rows_total, tiles_total = [], 0, 0
-        for ids in groups.values():
-            g = _Group(ids, [s_rows[i] for i in ids], [t_rows[i] for i in ids], device, rows_total, tiles_total)
-            plans.append(g)
-            rows_total += g.rows
-            tiles_total += g.n_tiles
-        coef = empty((2, rows_total), dtype=torch.float32, device=device)        # (A, C) per row
-        loss_parts = empty((tiles_total,), dtype=torch.float32, device=device)   # one per finalize program
-        raw_parts = empty((tiles_total,), dtype=torch.float32, device=device)    # the same, unweighted
-        per_block = torch.zeros(n_blocks, dtype=torch.float32, device=device)    # (L,)
-        for g in plans:
-            part = empty((g.n_split, 3, g.rows), dtype=torch.float32, device=device)  # (split, ss|tt|st, row)
-            s0, t0 = s_rows[g.ids[0]], t_rows[g.ids[0]]
-            with launching("cosine_loss forward", blocks=len(g.ids), rows=g.rows, first=tuple(s0.shape),
-                           dtypes=(s0.dtype, t0.dtype)):
-                _cos_stats_kernel[(g.n_tiles * g.n_split,)](
-                    g.table, s0, t0, part, len(g.ids), g.n_split, g.rows,
-                    TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, ALIGNED=g.aligned, num_warps=g.num_warps)
-                _cos_finalize_kernel[(g.n_tiles,)](
-                    g.table, part, coef[:, g.row_offset:], loss_parts[g.tile_offset:], raw_parts[g.tile_offset:],
-                    weights.index_select(0, g.block_ids), len(g.ids), g.n_split, g.rows, rows_total, EPS,
-                    TAB=_TAB, BLOCK_R=g.block_r, num_warps=4)
-            per_block.index_add_(0, g.tile_blocks, raw_parts[g.tile_offset:g.tile_offset + g.n_tiles])
-        loss = loss_parts.sum()                                                    # () fp32
-        ctx.mark_non_differentiable(per_block)
-        ctx.per, ctx.n_blocks, ctx.plans, ctx.rows_total = per, n_blocks, plans, rows_total
-        ctx.shapes = [s.shape for s in students]
-        ctx.save_for_backward(coef, *s_rows, *t_rows)
-        return loss, per_block
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_per_block):
-        coef, *rows = ctx.saved_tensors
-        n = ctx.n_blocks
-        s_rows, t_rows = rows[:n], rows[n:]
-        grad_out = grad_out.reshape(1).to(torch.float32)
-        grads: list[torch.Tensor | None] = [None] * n
-        for g in ctx.plans:
-            if not any(ctx.needs_input_grad[3 + i] for i in g.ids):
-                continue
-            # every block of the group is written (one launch); unneeded ones are dropped after
-            outs = {i: empty(s_rows[i].shape, dtype=s_rows[i].dtype, device=coef.device) for i in g.ids}
-            gtab = device_table([outs[i].data_ptr() for i in g.ids], coef.device)
-            s0 = s_rows[g.ids[0]]
-            with launching("cosine_loss backward", blocks=len(g.ids), rows=g.rows, first=tuple(s0.shape),
-                           dtype=s0.dtype):
-                _cos_grad_kernel[(g.n_tiles * g.n_split,)](
-                    g.table, gtab, s0, t_rows[g.ids[0]], coef[:, g.row_offset:], grad_out,
-                    len(g.ids), g.n_split, ctx.rows_total,
-                    TAB=_TAB, BLOCK_R=g.block_r, BLOCK_D=g.block_d, num_warps=g.num_warps,
-                    CLAMP=float(torch.finfo(torch.float16).max) if s0.dtype == torch.float16 else 0.0,
-                    ALIGNED=g.aligned and all(out.data_ptr() % 16 == 0 for out in outs.values()))
-            for i in g.ids:
-                grads[i] = outs[i].view(ctx.shapes[i]) if ctx.needs_input_grad[3 + i] else None
-        return (None, None, None, *grads, *([None] * n))
+def _groups(s_rows, t_rows) -> list[_Group]:
+    by_dtype: dict[tuple, list[int]] = {}
+    for i, (s, t) in enumerate(zip(s_rows, t_rows)):
+        if s.shape != t.shape:
+            raise ValueError(f"student rows {tuple(s.shape)} != teacher rows {tuple(t.shape)}")
+        by_dtype.setdefault((s.dtype, t.dtype), []).append(i)
+    groups, rows, tiles = [], 0, 0
+    for ids in by_dtype.values():
+        group = _Group(ids, [s_rows[i] for i in ids], [t_rows[i] for i in ids], rows, tiles)
+        groups.append(group)
+        rows, tiles = rows + group.layout.rows, tiles + group.layout.n_tiles
+    return groups
 
 
-def _kernel_ok(students, teachers) -> bool:
-    return all(s.dtype in _SUPPORTED and t.dtype in _SUPPORTED and s.numel() > 0 and s.device == t.device
-               == students[0].device for s, t in zip(students, teachers))
+# --------------------------------------------------------------------------- the two passes
+def _forward_triton(s_rows, t_rows, weights):
+    """(loss, per-block losses (L,), coefficients (2, R)) from the Triton kernels."""
+    device = s_rows[0].device
+    groups = _groups(s_rows, t_rows)
+    rows_total = sum(g.layout.rows for g in groups)
+    tiles_total = sum(g.layout.n_tiles for g in groups)
+    coef = empty((2, rows_total), dtype=torch.float32, device=device)        # (A, C) per row
+    loss_parts = empty((tiles_total,), dtype=torch.float32, device=device)   # one per finalize program
+    raw_parts = empty((tiles_total,), dtype=torch.float32, device=device)    # the same, unweighted
+    per_block = torch.zeros(len(s_rows), dtype=torch.float32, device=device)                  # (L,)
+    one = len(groups) == 1                       # the usual case: every block in one launch, in order
+    for g in groups:
+        lay = g.layout
+        ids = None if one else device_table(list(g.ids), device)                # (L_g,) the blocks, overall
+        part = empty((lay.n_split, 3, lay.rows), dtype=torch.float32, device=device)  # (split, ss|tt|st, row)
+        s0, t0 = s_rows[g.ids[0]], t_rows[g.ids[0]]
+        with launching("cosine_loss forward", blocks=len(g.ids), rows=lay.rows, first=tuple(s0.shape),
+                       dtypes=(s0.dtype, t0.dtype)):
+            _cos_stats_kernel[(lay.n_tiles * lay.n_split,)](
+                g.table, lay.tile_block, s0, t0, part, lay.n_split, lay.rows,
+                TAB=_TAB, BLOCK_R=lay.block_r, BLOCK_D=lay.block_d, ALIGNED=g.aligned, num_warps=lay.num_warps)
+            _cos_finalize_kernel[(lay.n_tiles,)](
+                g.table, lay.tile_block, part, coef[:, g.row_offset:], loss_parts[g.tile_offset:],
+                raw_parts[g.tile_offset:], weights if one else weights.index_select(0, ids), lay.n_split,
+                lay.rows, rows_total, EPS, TAB=_TAB, BLOCK_R=lay.block_r, num_warps=4)
+        # each finalize program's unweighted part, summed into its block's loss
+        per_block.index_add_(0, lay.tile_block if one else ids[lay.tile_block.long()],
+                             raw_parts[g.tile_offset:g.tile_offset + lay.n_tiles])
+    return loss_parts.sum(), per_block, coef
 
 
+def _backward_triton(coef, s_rows, t_rows, grad_out):
+    """dL/ds per block (rows layout, student dtype) from the Triton kernel."""
+    grads: list = [None] * len(s_rows)
+    grad_out = grad_out.reshape(1).to(torch.float32)
+    rows_total = coef.shape[1]
+    for g in _groups(s_rows, t_rows):
+        lay = g.layout
+        outs = {i: empty(s_rows[i].shape, dtype=s_rows[i].dtype, device=coef.device) for i in g.ids}
+        gtab = device_table([outs[i].data_ptr() for i in g.ids], coef.device)
+        s0 = s_rows[g.ids[0]]
+        with launching("cosine_loss backward", blocks=len(g.ids), rows=lay.rows, first=tuple(s0.shape),
+                       dtype=s0.dtype):
+            _cos_grad_kernel[(lay.n_tiles * lay.n_split,)](
+                g.table, lay.tile_block, gtab, s0, t_rows[g.ids[0]], coef[:, g.row_offset:], grad_out,
+                lay.n_split, rows_total,
+                TAB=_TAB, BLOCK_R=lay.block_r, BLOCK_D=lay.block_d, num_warps=lay.num_warps,
+                CLAMP=float(torch.finfo(torch.float16).max) if s0.dtype == torch.float16 else 0.0,
+                ALIGNED=g.aligned and all(out.data_ptr() % 16 == 0 for out in outs.values()))
+        for i in g.ids:
+            grads[i] = outs[i]
+    return grads
+
+
+def _forward_torch(s_rows, t_rows, weights):
+    """The same three results as ``_forward_triton``, in plain torch (fp32 sums per row)."""
+    terms, coefs = [], []
+    for s, t, w in zip(s_rows, t_rows, weights):
+        s32, t32 = s.float(), t.to(s.dtype).float()                                          # (R, D)
+        norm_s = s32.square().sum(1).sqrt()
+        ns, nt = norm_s.clamp_min(EPS), t32.square().sum(1).sqrt().clamp_min(EPS)           # (R,)
+        cos = (s32 * t32).sum(1) / (ns * nt)
+        w_row = w / s.shape[0]
+        terms.append(1 - cos)
+        coefs.append(torch.stack([-w_row / (ns * nt), torch.where(norm_s >= EPS, w_row * cos / ns.square(), 0.0)]))
+    per_block = torch.stack([term.mean() for term in terms])                                   # (L,)
+    return (per_block * weights).sum(), per_block, torch.cat(coefs, dim=1)
+
+
+def _backward_torch(coef, s_rows, t_rows, grad_out):
+    grads, row0 = [], 0
+    for s, t in zip(s_rows, t_rows):
+        a, c = coef[:, row0:row0 + s.shape[0], None] * grad_out.float()                       # (R, 1) each
+        grads.append((a * t.to(s.dtype).float() + c * s.float()).to(s.dtype))
+        row0 += s.shape[0]
+    return grads
+
+
+def _on_triton(s_rows, t_rows) -> bool:
+    """The kernels run on CUDA, and on CPU tensors in Triton's interpreter (tests)."""
+    return HAVE_TRITON and (s_rows[0].is_cuda or INTERPRET) and all(
+        s.dtype in _SUPPORTED and t.dtype in _SUPPORTED for s, t in zip(s_rows, t_rows))
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("starfish_fast::cosine_loss", mutates_args=())
+def _cosine_loss_op(students: list[torch.Tensor], teachers: list[torch.Tensor], weights: torch.Tensor,
+                    per: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weighted loss (), each block's unweighted loss (L,), per-row gradient coefficients (2, R)).
+    ``weights``: (L,) fp32 block weights over their sum."""
+    s_rows = [_as_rows(s, per) for s in students]                                           # (R_l, D_l) each
+    t_rows = [_as_rows(t, per) for t in teachers]
+    forward = _forward_triton if _on_triton(s_rows, t_rows) else _forward_torch
+    return forward(s_rows, t_rows, weights)
+
+
+@_cosine_loss_op.register_fake
+def _(students, teachers, weights, per):
+    rows = sum(_rows(s, per).shape[0] for s in students)
+    new = students[0].new_empty
+    return new((), dtype=torch.float32), new((len(students),), dtype=torch.float32), \
+        new((2, rows), dtype=torch.float32)
+
+
+@torch.library.custom_op("starfish_fast::cosine_loss_backward", mutates_args=())
+def _cosine_loss_backward_op(coef: torch.Tensor, students: list[torch.Tensor], teachers: list[torch.Tensor],
+                             grad_out: torch.Tensor, per: str) -> list[torch.Tensor]:
+    """Each student's gradient (its shape and dtype) for the loss's gradient ``grad_out`` (0-dim)."""
+    s_rows = [_as_rows(s, per) for s in students]
+    t_rows = [_as_rows(t, per) for t in teachers]
+    backward = _backward_triton if _on_triton(s_rows, t_rows) else _backward_torch
+    return [g.view(s.shape) for g, s in zip(backward(coef, s_rows, t_rows, grad_out), students)]
+
+
+@_cosine_loss_backward_op.register_fake
+def _(coef, students, teachers, grad_out, per):
+    return [torch.empty_like(s, memory_format=torch.contiguous_format) for s in students]
+
+
+def _setup_context(ctx, inputs, output):
+    students, teachers, _, per = inputs
+    ctx.per, ctx.n = per, len(students)
+    ctx.save_for_backward(output[2], *students, *teachers)
+
+
+def _backward(ctx, grad_loss, _grad_per_block, _grad_coef):
+    coef, *saved = ctx.saved_tensors
+    students, teachers = saved[:ctx.n], saved[ctx.n:]
+    grads = torch.ops.starfish_fast.cosine_loss_backward(coef, students, teachers, grad_loss, ctx.per)
+    return list(grads), [None] * ctx.n, None, None
+
+
+_cosine_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
 def multi_block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], per: str = "token",
                             *, block_weights: Sequence[float] | torch.Tensor | None = None, per_block: bool = False,
-                            kernel: bool | None = None):
+                            kernel: bool | str | None = None):
     """Mean over blocks of mean over rows of ``1 - cos(student_row, teacher_row)``.
 
     ``block_weights``: (L,) non-negative weights of the blocks (a device tensor costs no copy): the mean
     over blocks becomes ``sum w_l loss_l / sum w_l``, in the same launches. ``per_block``: also return
     each block's unweighted loss, (L,) fp32, detached: ``(loss, per_block)``.
-    ``kernel``: None dispatches (CUDA or TRITON_INTERPRET=1 -> Triton, else torch); False
-    forces torch; True forces Triton (RuntimeError where it cannot run). The kernel path
-    returns fp32, the reference the student dtype.
+    ``kernel``: the fused op (True / "triton"), the plain-torch reference (False / "torch"), or the
+    dispatch table's choice (None / "auto"; ``kernels/_dispatch.py``). The fused op returns fp32, the
+    reference the student dtype. Teachers get no gradient.
     """
     if len(students) != len(teachers) or not students:
         raise ValueError(f"need the same non-zero number of student and teacher blocks, got "
@@ -382,15 +466,19 @@ def multi_block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence
         raise ValueError(f"unknown per={per!r}; allowed: {', '.join(PERS)}")
     if block_weights is not None and len(block_weights) != len(students):
         raise ValueError(f"{len(block_weights)} block weights for {len(students)} blocks")
-    if resolve(kernel, students[0], "multi_block_cosine_loss") and _kernel_ok(students, teachers):
+    if choose("cosine_loss", students[0].device, kernel) and _kernel_ok(students, teachers):
         device = students[0].device
         weights = torch.ones(len(students), device=device) if block_weights is None else \
             torch.as_tensor(block_weights, device=device).float()                            # (L,)
-        loss, blocks = MultiBlockCosineLoss.apply(per, len(students), weights / weights.sum(), *students,
-                                                  *[t.detach() for t in teachers])
-        return (loss, blocks) if per_block else loss
+        loss, blocks, _ = _cosine_loss_op(list(students), [t.detach() for t in teachers], weights / weights.sum(),
+                                          per)
+        return (loss, blocks.detach()) if per_block else loss
     return multi_block_cosine_loss_reference(students, teachers, per, block_weights, per_block)
 
 
-__all__ = ["multi_block_cosine_loss", "multi_block_cosine_loss_reference", "MultiBlockCosineLoss",
-           "weighted_block_mean"]
+def _kernel_ok(students, teachers) -> bool:
+    return all(s.dtype in _SUPPORTED and t.dtype in _SUPPORTED and s.numel() > 0 and s.device == t.device
+               == students[0].device for s, t in zip(students, teachers))
+
+
+__all__ = ["multi_block_cosine_loss", "multi_block_cosine_loss_reference", "weighted_block_mean"]

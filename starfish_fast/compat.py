@@ -137,7 +137,7 @@ def starfish_recovery(*, pruned_model: nn.Module, dense_model: nn.Module, kind: 
     heal_config = HealConfig(
         epochs=config.epochs, lr=config.lr, min_lr=config.min_lr, lr_schedule=config.lr_schedule,
         weight_decay=config.weight_decay, grad_clip=config.grad_clip, mode="exact", cosine_per=_per(kind),
-        teacher_store="recompute" if config.no_dense_cache else "memory",
+        teacher_store="recompute" if config.no_dense_cache else "device",
         teacher_dtype="fp32" if teacher_fp32 else "fp16", device=str(device), progress=False)
     result = heal(pruned_model, dense_model, masks, list(calib_batches), heal_config, block_names=block_names,
                   predicate=is_prunable_weight)
@@ -183,7 +183,7 @@ def _hooked_outputs(model: nn.Module, block_names: Sequence[str], images: torch.
     """Logits and each named block's output as produced (a tuple's first element), by forward hooks."""
     try:
         # kind "generic" keeps the outputs as produced; the caller applies the ViT/CNN rules (and their errors)
-        return forward_with_hooks(model, images, block_names, "generic")
+        return forward_with_hooks(model, images, block_names)
     except KeyError as error:                   # forward_with_hooks: a hooked block that never ran
         if not error.args or error.args[0] not in block_names:
             raise

@@ -15,9 +15,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from starfish_fast import objectives
+from starfish_fast.objectives import OBJECTIVES
+
 PRECISIONS = ("fp32", "bf16", "fp16")
-OBJECTIVES = ("starfish", "mse", "kl", "ce", "starfish+kl")
-STORE_KINDS = ("auto", "gpu", "pinned", "disk", "recompute", "memory")
+# device: kept on the compute device (the GPU's memory on CUDA, RAM on the CPU)
+STORE_KINDS = ("auto", "device", "pinned", "disk", "recompute")
 KERNEL_OPS = ("masked_linear", "cosine_loss", "masked_adam")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 AUTO_ON_OFF = ("auto", "on", "off")
@@ -44,7 +47,9 @@ class HealConfig:
                         flag="prune-scope")
     mode: str = option("fast", "exact: the reference's step semantics; fast: bf16, compile, fused steps",
                        ("fast", "exact"))
-    objective: str = option("starfish", "healing loss", OBJECTIVES)
+    # the registry's live view: an entry added to OBJECTIVES is a choice at once (flag and validation)
+    objective: str = option(objectives.DEFAULT, "healing loss (starfish_fast.objectives.OBJECTIVES)",
+                            OBJECTIVES.keys())
     cosine_per: str = option("auto", "cosine rows: token (B*T rows) or sample (B rows); auto: the model's rule "
                                      "(tokens of (B, T, D) and of channels-last maps, else images)",
                              ("auto", "token", "sample"))
@@ -52,9 +57,12 @@ class HealConfig:
                                       "block's distance to the dense model, re-estimated every epoch); default "
                                       "uniform")
     precision: str = option("auto", "compute precision in fast mode (auto: bf16 on CUDA and for ViTs on "
-                                    "bf16-native CPUs, else fp32)", ("auto", *PRECISIONS))
-    compile: str = option("auto", "per-block torch.compile (auto: on CUDA in fast mode)", AUTO_ON_OFF)
-    teacher_store: str = option("auto", "where the dense model's block outputs live (auto: from their size "
+                                    "bf16-native CPUs, else fp32; fp16 scales the loss with a GradScaler, "
+                                    "which reads one flag from the GPU every step)", ("auto", *PRECISIONS))
+    compile: str = option("auto", "per-block torch.compile (auto: only where the gain measured for this GPU "
+                                  "and model family, over the job's images, repays the compile cost)", AUTO_ON_OFF)
+    teacher_store: str = option("auto", "where the dense model's block outputs live: device (GPU memory on "
+                                        "CUDA, RAM on the CPU), pinned, disk, recompute (auto: from their size "
                                         "and the free memory)", STORE_KINDS)
     teacher_dtype: str = option("auto", "dtype of the stored teacher outputs (auto: fp16 in exact mode, "
                                         "bf16 with bf16 compute, else fp16)", ("auto", *PRECISIONS))
@@ -87,6 +95,9 @@ class HealConfig:
         if isinstance(self.compile, bool):
             self.compile = "on" if self.compile else "off"
         self.block_weights = _parse_block_weights(self.block_weights)
+        if self.teacher_store in ("gpu", "memory"):      # the names before 0.3: one store, one name now
+            raise ValueError(f"HealConfig.teacher_store={self.teacher_store!r} is called 'device' since 0.3 (kept "
+                             f"on the compute device: GPU memory on CUDA, RAM on the CPU)")
         for item in dataclasses.fields(self):
             allowed = item.metadata.get("choices")
             if allowed and getattr(self, item.name) not in allowed:
@@ -101,7 +112,7 @@ class HealConfig:
                 raise ValueError(f"HealConfig.{key} must be finite and >= 0, got {value!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"HealConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.block_weights is not None and self.objective in ("kl", "ce"):
+        if self.block_weights is not None and not OBJECTIVES[self.objective].needs_blocks:
             raise ValueError(f"HealConfig.block_weights needs a block objective (starfish, mse, starfish+kl); "
                              f"objective {self.objective!r} has no blocks")
         if (self.checkpoint_every > 0 or self.resume) and not self.checkpoint_path:

@@ -1,9 +1,9 @@
 """Calibration and evaluation data: Fashion-MNIST IDX files, folders of image files, in-memory
 tensors and Hugging Face streaming (the reference's loaders, same signatures).
 
-    from starfish_fast.data import fashion_mnist_split, image_files_loader, split_batches
-    calib, eval_images, eval_labels = fashion_mnist_split("/usr/share/datasets/fashion-mnist", "test",
-                                                          calib_samples=1000, eval_samples=9000, seed=0)
+    from starfish_fast.data import FASHION_MNIST_DIR, fashion_mnist_split, image_files_loader, split_batches
+    calib, eval_images, eval_labels = fashion_mnist_split(FASHION_MNIST_DIR, "test", calib_samples=1000,
+                                                          eval_samples=9000, seed=0)
     batches = split_batches(calib, batch_size=32)                  # (32, 1, 28, 28) float batches, no labels
     loader = image_files_loader("my_images/", num_samples=512, shuffle=True)   # (images, labels=-100) batches
 
@@ -12,7 +12,8 @@ tensors and Hugging Face streaming (the reference's loaders, same signatures).
                                      transform=build_transform(), calib_samples=5000, seed=0, shuffle_buffer=5000)
 
 Calibration images are unlabeled: the functions that build calibration sets return images
-only (or labels of -100), so labels can never reach the healing objective.
+only (or labels of -100), so labels can never reach the healing objective. The ``check_*`` functions
+tell, before any work, whether a data source is there (one-line errors naming the flag).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"      # where `apt-get install dataset-fashion-mnist` puts it
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -93,7 +94,8 @@ def _check_source(source: str) -> None:
         raise ValueError(f"unknown calibration source {source!r}; allowed: {', '.join(CALIB_SOURCES)}")
 
 
-def _check_split_counts(source: str, calib_samples: int, eval_samples: int, sizes: Mapping[str, int]) -> None:
+def check_split_counts(source: str, calib_samples: int, eval_samples: int,
+                       sizes: Mapping[str, int] = FASHION_MNIST_SIZES) -> None:
     """ValueError unless the calibration split holds ``calib_samples`` images and ``eval_samples`` test
     images remain for evaluation (``sizes``: images per split)."""
     pool = "train" if source == "train" else "test"
@@ -110,9 +112,11 @@ def _check_split_counts(source: str, calib_samples: int, eval_samples: int, size
 
 
 def fashion_mnist_split(directory: str | os.PathLike, source: str, calib_samples: int, eval_samples: int,
-                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                        seed: int = 0, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                        torch.Tensor | None]:
     """Unlabeled calibration images and disjoint labeled evaluation images ``(calib, eval_images, eval_labels)``
-    (the last two None when ``eval_samples == 0``), normalised like ``load_fashion_mnist``.
+    (the last two None when ``eval_samples == 0``), normalised like ``load_fashion_mnist`` (in [0, 1] with
+    ``normalize=False``).
 
     ``train``: calibration = a seeded random subset of the train split, evaluation = the first test images;
     ``test``: calibration = a seeded random subset of the test split, evaluation = the first test images
@@ -121,13 +125,13 @@ def fashion_mnist_split(directory: str | os.PathLike, source: str, calib_samples
     _check_source(source)
     if calib_samples <= 0 or eval_samples < 0:
         raise ValueError(f"need calib_samples > 0 and eval_samples >= 0, got {calib_samples} and {eval_samples}")
-    _check_split_counts(source, calib_samples, eval_samples, FASHION_MNIST_SIZES)   # before reading anything
-    train = load_fashion_mnist(directory, "train")[0] if source == "train" else None
-    test_images, test_labels = load_fashion_mnist(directory, "test") if source != "train" or eval_samples \
+    check_split_counts(source, calib_samples, eval_samples, FASHION_MNIST_SIZES)   # before reading anything
+    train = load_fashion_mnist(directory, "train", normalize)[0] if source == "train" else None
+    test_images, test_labels = load_fashion_mnist(directory, "test", normalize) if source != "train" or eval_samples \
         else (None, None)
     sizes = {"train": 0 if train is None else train.shape[0],
              "test": 0 if test_images is None else test_images.shape[0]}
-    _check_split_counts(source, calib_samples, eval_samples, sizes)    # a directory of other sizes than Fashion-MNIST's
+    check_split_counts(source, calib_samples, eval_samples, sizes)    # a directory of other sizes than Fashion-MNIST's
     pool = train if source == "train" else test_images
     calib_index = torch.arange(calib_samples) if source == "val" else \
         select_calibration(torch.arange(pool.shape[0]), calib_samples, seed)          # (calib_samples,)
@@ -141,14 +145,58 @@ def fashion_mnist_split(directory: str | os.PathLike, source: str, calib_samples
 
 
 def fashion_mnist_eval(directory: str | os.PathLike = FASHION_MNIST_DIR, eval_samples: int | None = None,
-                       batch_size: int = 256) -> TensorLoader:
-    """A loader of the first ``eval_samples`` Fashion-MNIST test images and their labels (all when None)."""
+                       batch_size: int = 256, transform=None) -> TensorLoader | DataLoader:
+    """A loader of the first ``eval_samples`` Fashion-MNIST test images and their labels (all when None):
+    as stored (1x28x28, normalised), or each image through ``transform`` (``images_loader``)."""
+    check_fashion_mnist_eval_samples(eval_samples)
+    images, labels = load_fashion_mnist(directory, "test", normalize=transform is None)
+    if transform is not None:
+        return images_loader(images[:eval_samples], labels[:eval_samples], transform, batch_size)
+    return TensorLoader(images[:eval_samples], labels[:eval_samples], batch_size=batch_size)
+
+
+def check_fashion_mnist_eval_samples(eval_samples: int | None) -> None:
     test_size = FASHION_MNIST_SIZES["test"]
     if eval_samples is not None and not 0 < eval_samples <= test_size:
         raise ValueError(f"--eval-samples {eval_samples}: the Fashion-MNIST test split has {test_size} images "
                          f"(ask for 1 to {test_size})")
-    images, labels = load_fashion_mnist(directory, "test")
-    return TensorLoader(images[:eval_samples], labels[:eval_samples], batch_size=batch_size)
+
+
+def check_fashion_mnist(directory: str | os.PathLike, splits=("train", "test"), flag: str = "--fashion-mnist") -> None:
+    """A one-line error unless ``directory`` holds the IDX files of ``splits`` (``.gz`` or not)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{flag} {directory}: no such directory" + ("" if directory.exists() else
+                                " (install it with `apt-get install -y dataset-fashion-mnist`, or give the directory "
+                                "holding the IDX files)"))
+    for split in splits:
+        for stem in FASHION_MNIST_FILES[split]:
+            if not any((directory / name).is_file() for name in (stem, stem + ".gz")):
+                raise FileNotFoundError(f"{flag} {directory}: {stem}[.gz] is missing (the Fashion-MNIST {split} "
+                                        f"split's IDX files are needed)")
+
+
+class TransformedImages(Dataset):
+    """``(transform(RGB image), label)`` for in-memory images in [0, 1] ``(N, 1 or 3, H, W)``: Fashion-MNIST
+    made to fit a model that takes other images (its channels, size and mean/std, from its own transform)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, transform):
+        self.images, self.transform = images, transform
+        self.labels = labels if labels is not None else torch.full((images.shape[0],), -100, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels = self.images[index].mul(255).round().byte()                                  # (C, H, W)
+        image = Image.fromarray(pixels[0].numpy(), "L") if pixels.shape[0] == 1 else \
+            Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
+        return self.transform(image.convert("RGB")), int(self.labels[index])
+
+
+def images_loader(images: torch.Tensor, labels: torch.Tensor | None, transform, batch_size: int) -> DataLoader:
+    """A ``DataLoader`` of ``TransformedImages`` (in order; labels -100 when None)."""
+    return DataLoader(TransformedImages(images, labels, transform), batch_size=batch_size, shuffle=False)
 
 
 def image_files(directory: str | os.PathLike) -> list[Path]:
@@ -166,6 +214,48 @@ def image_files(directory: str | os.PathLike) -> list[Path]:
         raise ValueError(f"image directory {directory} holds no images (looked for {' '.join(IMG_EXTENSIONS)} "
                          f"at any depth)")
     return files
+
+
+def check_image_dir(directory: str | os.PathLike, flag: str, labeled: bool = False, at_least: int = 1) -> None:
+    """A one-line error naming ``flag`` unless ``directory`` holds ``at_least`` image files (at any depth;
+    with ``labeled``, inside class folders, as torchvision's ImageFolder reads them). Counting stops there."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise (NotADirectoryError if directory.exists() else FileNotFoundError)(
+            f"{flag} {directory}: {'is a file, not a' if directory.exists() else 'no such'} directory")
+    found = 0
+    for path in directory.rglob("*"):
+        if path.suffix.lower() in IMG_EXTENSIONS and path.is_file() and (not labeled or path.parent != directory):
+            found += 1
+            if found >= at_least:
+                return
+    where = "in class folders (ImageFolder: DIR/CLASS/IMAGE)" if labeled else "at any depth"
+    if found:
+        raise ValueError(f"{flag} {directory}: calibration set too small: {found} images {where}, fewer than the "
+                         f"{at_least} asked for (--calib-samples)")
+    raise ValueError(f"{flag} {directory}: holds no images {where} (looked for {' '.join(IMG_EXTENSIONS)})")
+
+
+def check_hf_streaming(dataset_name: str, flag: str = "--hf-dataset") -> None:
+    """A one-line error unless ``dataset_name`` can be streamed now: the ``datasets`` package is installed,
+    the hub's offline mode is off and its host answers (checked in seconds, before any work)."""
+    import importlib.util
+    import sys
+
+    from starfish_fast.checkpoint import unreachable
+
+    local = "give local images instead (--calib-dir DIR, --eval-dir DIR)"
+    if "datasets" not in sys.modules and importlib.util.find_spec("datasets") is None:
+        raise ValueError(f"{flag} {dataset_name}: streaming it needs the datasets package (pip install "
+                         f"'starfish_fast[hf]'), or {local}")
+    from huggingface_hub import constants
+
+    problem = "the hub's offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
+        unreachable(constants.ENDPOINT)
+    if problem:
+        raise ValueError(f"{flag} {dataset_name}: cannot stream it: {problem}; {local}")
 
 
 def _open_rgb(path: Path) -> Image.Image:

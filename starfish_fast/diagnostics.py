@@ -38,6 +38,7 @@ from starfish_fast import distributed
 from starfish_fast.data import TensorLoader
 from starfish_fast.kernels import multi_block_cosine_loss_reference
 from starfish_fast.models import adapter_for
+from starfish_fast.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def _batches(images, labels, batch_size: int) -> Iterable:
 def representation_diagnostics(dense: nn.Module, model: nn.Module, images, labels: torch.Tensor | None = None, *,
                                block_names: Sequence[str] | None = None, batch_size: int = 256,
                                zeta_points: int = PAPER_ZETA_POINTS,
-                               device: str | torch.device | None = None) -> dict:
+                               device: str | torch.device | None = None, desc: str | None = None) -> dict:
     """Compare ``model`` (pruned or healed) with ``dense`` on labeled data.
 
     ``images``: a tensor (N, C, H, W) with ``labels`` (N,) (or None: top-1 is then NaN), or any
@@ -150,11 +151,12 @@ def representation_diagnostics(dense: nn.Module, model: nn.Module, images, label
     ``head_change_gain`` (M~_i), ``rep_error`` (||h~ - h||), ``logit_error``; ``zeta_max``,
     ``head_norm`` (||A||_2), ``examples``, ``zeta_points``; and ``block_cosine``
     ``{block: mean cosine to the dense output}`` (rows as the STARFISH loss: tokens of
-    (B, T, D) outputs, images otherwise). Both models are put in eval mode and restored."""
+    (B, T, D) outputs, images otherwise). Both models are put in eval mode and restored. With ``desc``,
+    a progress bar over the batches."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     adapter = adapter_for(model, block_names)
     block_names = list(block_names) if block_names is not None else adapter.block_names(model)
-    per = "token" if adapter.rows == "token" else "auto"
+    per = "token" if adapter.cosine_per == "token" else "auto"
     heads = classifier_head(dense), classifier_head(model)
     modes = dense.training, model.training
     dense.eval()
@@ -162,7 +164,8 @@ def representation_diagnostics(dense: nn.Module, model: nn.Module, images, label
     totals = _Totals(len(block_names))
     group = distributed.current()              # under torchrun: every world-size-th batch here, then summed
     try:
-        for index, (batch_images, batch_labels) in enumerate(_batches(images, labels, batch_size)):
+        batches = progress_bar(_batches(images, labels, batch_size), desc=desc, enabled=group is None or group.main)
+        for index, (batch_images, batch_labels) in enumerate(batches):
             if group is None or index % group.world_size == group.rank:
                 batch_images = batch_images.to(device)
                 totals.add(_forward(dense, adapter, batch_images, block_names),
@@ -289,18 +292,18 @@ def plot_block_cosine(before: Mapping[str, float] | None, after: Mapping[str, fl
 
 
 def plot_kl_bound(before: Mapping, after: Mapping, path: str | os.PathLike,
-                  title: str = "KL(dense || pruned) and its representation bounds") -> None:
+                  title: str = "KL(dense || model) and its representation bounds") -> None:
     """PNG in the manner of the paper's Figures 3 and 5: measured KL and the per-example,
     certified and global bounds, before and after healing (log scale)."""
     plt = _pyplot()
-    keys = [("kl", "measured KL"), ("bound", f"bound (zeta on {after['zeta_points']} pts)"),
-            ("bound_certified", "certified bound"), ("bound_global", "global bound (||A||, 1/2)")]
+    keys = {"kl": "measured KL", "bound": f"bound (zeta on {after['zeta_points']} pts)",
+            "bound_certified": "certified bound", "bound_global": "global bound (||A||, 1/2)"}
     figure, axis = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(keys)
-    for j, (key, label) in enumerate(keys):
+    for j, (key, label) in enumerate(keys.items()):
         values = [before[key], after[key]]
         axis.bar([i + (j - (len(keys) - 1) / 2) * width for i in range(2)], values, width, label=label)
-    axis.set_xticks([0, 1], ["before healing", "after healing"])
+    axis.set_xticks([0, 1], ["pruned (before healing)", "healed (after)"])
     axis.set_yscale("log")
     axis.set_ylabel("mean over examples")
     axis.set_title(title)

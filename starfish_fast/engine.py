@@ -6,6 +6,7 @@ output aligns with the dense model's.
     result.history        # [{"epoch": 1.0, "loss": 0.21}, ...]
     result.plan           # what was decided (precision, teacher store, compile, kernels, ...)
     result.ran            # what actually ran (compiled blocks, kernels per op, compacted layers)
+    result.images_per_second, result.whole_call_images_per_second, result.compile_seconds
 
 The flow: the plan is resolved (``plan.resolve_plan``) before any work; structured masks may
 narrow the student (``compaction``); the teacher store runs the dense model once; one loop
@@ -20,20 +21,24 @@ import dataclasses
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from starfish_fast import distributed, objectives
+from starfish_fast import distributed
 from starfish_fast.checkpoint import load_resume, save_resume, tensor_fingerprint
-from starfish_fast.compaction import compact_model, compaction_plan, expand_into
+from starfish_fast.compaction import compact_model, expand_into, find_compactions
 from starfish_fast.compensation import compensate
 from starfish_fast.config import HealConfig
 from starfish_fast.data import as_batches, split_batches
 from starfish_fast.masks import apply_masks, validate_masks
-from starfish_fast.models import WeightPredicate, adapter_for, freeze_all, prunable_weights
+from starfish_fast.models import (ModelAdapter, WeightPredicate, adapter_for, enable_grad_checkpointing, freeze_all,
+                                  prunable_weights)
+from starfish_fast.objectives import Objective, adaptive_block_weights, objective
+from starfish_fast.optim import lr_schedule_values
 from starfish_fast.plan import Plan, resolve_plan
 from starfish_fast.progress import RunLog
 from starfish_fast.steps import ExactStep, FastStep, student_loss
@@ -47,20 +52,30 @@ class HealResult:
     history: list[dict[str, float]]        # one {"epoch": e, "loss": mean} per epoch, e from 1
     step_losses: list[float]
     steps: int
-    images: int
+    images: int                            # images seen by the loop (epochs x calibration images)
     teacher_seconds: float                 # the dense pass that fills the teacher store
-    heal_seconds: float                    # the training loop
+    heal_seconds: float                    # the training loop (compile and probes excluded: compile_seconds)
     plan: Plan
     ran: dict = field(default_factory=dict)       # what actually ran: compile per block, kernels per op, ...
     config: dict = field(default_factory=dict)    # the HealConfig as given
+    wall_seconds: float = 0.0              # the whole call: plan, teacher pass, compile, loop, write-back
+    steady_images_per_second: float = float("nan")   # the loop after its first logged window
+
+    @property
+    def compile_seconds(self) -> float:
+        """Compiling and probing the blocks before the loop (0 when nothing was compiled)."""
+        return self.ran.get("compile_seconds", 0.0)
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.heal_seconds if self.heal_seconds > 0 else float("nan")
+        """Steady state: the loop after its first logged window (warm-up and compile excluded); the loop's
+        average when it has a single window."""
+        return self.steady_images_per_second
 
     @property
-    def wall_seconds(self) -> float:
-        return self.teacher_seconds + self.heal_seconds
+    def whole_call_images_per_second(self) -> float:
+        """What a user waits for: images over the whole call (teacher pass and compile included)."""
+        return self.images / self.wall_seconds if self.wall_seconds > 0 else float("nan")
 
     @property
     def teacher_store(self) -> str:
@@ -83,81 +98,90 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
     ``calib``: one image tensor (N, C, H, W), a list of images, or any iterable of
     batches (tensors or ``(images, labels)`` pairs; labels are dropped).
     ``masks``: ``{weight key: 0/1 or bool tensor}`` covering every weight of the scope.
-    ``labels``: only for ``objective="ce"``. ``block_names``: default all blocks.
+    ``labels``: only for objectives that need labels (``Objective.needs_labels``). ``block_names``: default all
+    blocks.
     ``predicate``: which modules' weights train (default: ``config.scope`` of the adapter).
     """
+    called = time.perf_counter()
     config = config or HealConfig()
     batches = as_batches(calib, config.batch_size)
     if not batches:
         raise ValueError("calibration set is empty")
-    plan = resolve_plan(config, pruned_model, calib=batches, block_names=block_names)
+    plan = resolve_plan(config, pruned_model, calib=batches, block_names=block_names, masks=masks)
     group = distributed.current()
     if group is None or group.main:
         log.info("%s", plan.summary())
-    predicate = predicate or adapter_for(pruned_model, plan.blocks).scope_predicate(plan.scope)
+    adapter = adapter_for(pruned_model, plan.blocks)               # the user's blocks, for everything below
+    predicate = predicate or adapter.scope_predicate(plan.scope)
     masks = validate_masks(masks, pruned_model, predicate)
     warm_start = compensate(pruned_model, dense_model, masks, batches, batch_size=config.batch_size,
                             device=plan.torch_device) if config.warm_start == "compensate" else None
-    narrowing = compaction_plan(pruned_model, masks, mlp=plan.compact_mlp, qk=plan.compact_qk,
-                                every_attention=plan.attention_fp32_core)
-    if not narrowing:
-        result = _heal_model(pruned_model, dense_model, masks, batches, config, plan, labels, predicate)
-        result.ran["warm_start"] = warm_start
-        return result
-    student, student_masks = compact_model(pruned_model, masks, narrowing)
-    result = _heal_model(student, dense_model, student_masks, batches, config, plan, labels, predicate)
-    result.ran.update(compacted=[item.summary() for item in narrowing if item.summary()[1]], warm_start=warm_start)
-    pruned_model.to(plan.torch_device)
-    expand_into(pruned_model, student, narrowing)
-    apply_masks(pruned_model, masks)
-    trainable = {name for name, p in student.named_parameters() if p.requires_grad}
-    for name, parameter in pruned_model.named_parameters():
-        parameter.requires_grad_(name in trainable)
-    pruned_model.eval()
+    compactions = find_compactions(pruned_model, masks, adapter, mlp=plan.compact_mlp, qk=plan.compact_qk,
+                                   every_attention=plan.attention_fp32_core)
+    facts = {"warm_start": warm_start}
+    if not compactions:
+        result = _heal_model(pruned_model, dense_model, masks, batches, config, plan, labels, predicate, facts)
+    else:
+        student, student_masks = compact_model(pruned_model, masks, compactions)
+        facts["compacted"] = [item.summary() for item in compactions if item.summary()[1]]
+        result = _heal_model(student, dense_model, student_masks, batches, config, plan, labels, predicate, facts)
+        pruned_model.to(plan.torch_device)
+        expand_into(pruned_model, student, compactions)
+        apply_masks(pruned_model, masks)
+        trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+        for name, parameter in pruned_model.named_parameters():
+            parameter.requires_grad_(name in trainable)
+        pruned_model.eval()
+    result.wall_seconds = time.perf_counter() - called
     return result
 
 
-class _Run:
+@dataclass
+class RunState:
     """What one healing run works on, shared by the loop and both steps. Under torchrun ``batches`` are
-    this process's slices of the global batches (``global_batches``), and ``forward`` goes through DDP."""
+    this process's slices of the global batches (``global_batches``) and ``forward`` goes through DDP.
+    What actually ran is written only through ``record``."""
 
-    def __init__(self, student, dense, masks, batches, config: HealConfig, plan: Plan, labels, predicate):
-        self.config, self.plan, self.device = config, plan, plan.torch_device
-        self.group = distributed.current() if plan.world_size > 1 else None
-        self.adapter = adapter_for(student, plan.blocks)
-        self.masks, self.global_batches = masks, batches
-        self.batches = distributed.shard_batches(batches, self.group)
-        labels = _label_batches(labels, batches, config) if config.objective == "ce" else None
-        self.labels = distributed.shard_batches(labels, self.group) if labels is not None else None
-        self.student, self.dense = student.to(self.device), dense.to(self.device).eval()
-        self.total_steps = config.epochs * len(batches)
-        self.parallel = None                # the DDP wrapper of the block forward, when several processes
-        # block weights on the device (None: uniform); adaptive ones are re-estimated every epoch from the
-        # blocks' losses summed in block_sums (objectives.adaptive_block_weights)
-        self.block_weights = torch.tensor(config.block_weights, device=self.device) \
-            if isinstance(config.block_weights, tuple) else None
-        self.block_sums = torch.zeros(len(plan.blocks), device=self.device) \
-            if config.block_weights == "adaptive" else None
-        self.ran: dict = {"kernels": dict(plan.kernels), "precision": plan.precision}
-        freeze_all(self.student)
-        trainable = prunable_weights(self.student, predicate)       # every weight of the scope has a mask
-        self.keys = list(trainable)
-        self.params = [trainable[key] for key in self.keys]
-        for p in self.params:
-            p.requires_grad_(True)
-        apply_masks(self.student, masks)
-        if config.grad_checkpointing and hasattr(self.student, "set_grad_checkpointing"):
-            self.student.set_grad_checkpointing(True)
+    config: HealConfig
+    plan: Plan
+    objective: Objective
+    adapter: ModelAdapter
+    student: nn.Module
+    dense: nn.Module
+    masks: Mapping[str, torch.Tensor]
+    global_batches: list[torch.Tensor]
+    batches: list[torch.Tensor]                 # this process's share of each global batch
+    labels: list[torch.Tensor] | None
+    keys: list[str]                             # the trained weights' names, in optimizer order
+    params: list[nn.Parameter]
+    lrs: list[float]                            # every step's learning rate (the schedule, closed form)
+    group: distributed.Group | None = None
+    parallel: nn.Module | None = None           # the DDP wrapper of the block forward, when several processes
+    block_weights: torch.Tensor | None = None   # (L,) on the device; None: uniform
+    block_sums: torch.Tensor | None = None      # (L,) adaptive weights: the blocks' losses summed over an epoch
+    ran: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.torch_device
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.lrs)
+
+    @property
+    def main(self) -> bool:
+        return self.group is None or self.group.main
+
+    def record(self, **facts) -> None:
+        """What actually ran (kernels, compile per block, teacher store, ...): HealResult.ran."""
+        self.ran.update(facts)
 
     def forward(self, images: torch.Tensor, need_logits: bool):
         """The student's logits (when needed) and the plan's block outputs."""
         if self.parallel is not None:
             return self.parallel(images, need_logits)
         return self.adapter.forward_blocks(self.student, images, self.plan.blocks, need_logits=need_logits)
-
-    @property
-    def main(self) -> bool:
-        return self.group is None or self.group.main
 
     def fingerprints(self) -> dict[str, str]:
         settings = ("epochs", "lr", "min_lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size", "mode",
@@ -169,9 +193,43 @@ class _Run:
                                      sort_keys=True)}
 
 
+def _start_run(student, dense, masks, batches, config: HealConfig, plan: Plan, labels, predicate) -> RunState:
+    """The run's state: models on the device, every weight of the scope trainable and masked."""
+    device = plan.torch_device
+    group = distributed.current() if plan.world_size > 1 else None
+    spec, adapter = objective(config.objective), adapter_for(student, plan.blocks)
+    if spec.needs_labels and labels is None and adapter.next_token_labels:
+        labels = batches                                   # a causal LM predicts its calibration text's next tokens
+    labels = _label_batches(labels, batches, config) if spec.needs_labels else None
+    student, dense = student.to(device), dense.to(device).eval()
+    freeze_all(student)
+    trainable = prunable_weights(student, predicate)       # every weight of the scope has a mask
+    for p in trainable.values():
+        p.requires_grad_(True)
+    apply_masks(student, masks)
+    checkpointing = config.grad_checkpointing and enable_grad_checkpointing(student)
+    if config.grad_checkpointing and not checkpointing:
+        warnings.warn(f"grad_checkpointing: {type(student).__name__} has no gradient checkpointing switch (timm's "
+                      f"set_grad_checkpointing, transformers' gradient_checkpointing_enable); healing without it",
+                      RuntimeWarning, stacklevel=3)
+    run = RunState(
+        config=config, plan=plan, objective=spec, adapter=adapter, student=student,
+        dense=dense, masks=masks, global_batches=batches, batches=distributed.shard_batches(batches, group),
+        labels=distributed.shard_batches(labels, group) if labels is not None else None,
+        keys=list(trainable), params=list(trainable.values()),
+        lrs=lr_schedule_values(config.lr, config.min_lr, config.lr_schedule, config.epochs * len(batches)),
+        group=group,
+        block_weights=torch.tensor(config.block_weights, device=device)
+        if isinstance(config.block_weights, tuple) else None,
+        block_sums=torch.zeros(len(plan.blocks), device=device) if config.block_weights == "adaptive" else None)
+    run.record(kernels=dict(plan.kernels), precision=plan.precision, grad_checkpointing=bool(checkpointing))
+    return run
+
+
 def _label_batches(labels, batches, config) -> list[torch.Tensor]:
     if labels is None:
-        raise ValueError("objective 'ce' needs labels: pass labels=[label batch per calibration batch]")
+        raise ValueError(f"objective {config.objective!r} needs labels: pass labels=[label batch per calibration "
+                         f"batch]")
     split = split_batches(labels, config.batch_size) if isinstance(labels, torch.Tensor) \
         else [torch.as_tensor(y) for y in labels]
     if [len(y) for y in split] != [b.shape[0] for b in batches]:
@@ -179,41 +237,44 @@ def _label_batches(labels, batches, config) -> list[torch.Tensor]:
     return split
 
 
-def _heal_model(student, dense, masks, batches, config: HealConfig, plan: Plan, labels, predicate) -> HealResult:
-    run = _Run(student, dense, masks, batches, config, plan, labels, predicate)
+def _heal_model(student, dense, masks, batches, config: HealConfig, plan: Plan, labels, predicate,
+                facts: dict) -> HealResult:
+    run = _start_run(student, dense, masks, batches, config, plan, labels, predicate)
+    run.record(**facts)
     fingerprints = run.fingerprints() if (config.checkpoint_every or config.resume) else {}
     # a checkpoint of another run or world size is refused before the teacher's pass
     resume = load_resume(config.checkpoint_path, fingerprints, plan.world_size) if config.resume else None
     started = time.perf_counter()
     store = make_teacher_store(plan.teacher_store, run.dense, run.adapter, plan.blocks, run.batches, run.device,
                                dtype=plan.store_dtype, compute_dtype=plan.compute_dtype,
-                               keep_logits=objectives.needs_teacher_logits(config.objective),
-                               keep_blocks=objectives.needs_blocks(config.objective), disk_dir=config.teacher_dir)
-    run.ran["teacher_store"] = store.kind
+                               keep_logits=run.objective.needs_teacher_logits, keep_blocks=run.objective.needs_blocks,
+                               disk_dir=config.teacher_dir)
+    run.record(teacher_store=store.kind)
     teacher_seconds = time.perf_counter() - started
     step = ExactStep(run, store) if plan.mode == "exact" else FastStep(run, store)
-    started = time.perf_counter()
     with contextlib.ExitStack() as swaps:       # module swaps and compiled wrappers, undone on any exit
         try:
             swaps.enter_context(run.adapter.prepared(run.student, plan.blocks))
             if run.block_sums is not None and resume is None:
                 _measure_block_damage(run, store)
-            run.student.train()                 # the reference's student mode (BatchNorm statistics update)
+            # the reference's student mode (BatchNorm statistics update); language models heal in eval mode
+            run.student.train(run.adapter.train_student)
             step.setup(swaps)                   # compile probes run here, before DDP hooks the gradients
             if run.group is not None:
                 _parallel(run, swaps)
-            step_losses, history = _loop(run, store, step, resume, fingerprints)
+            started = time.perf_counter()
+            step_losses, history, steady = _loop(run, store, step, resume, fingerprints)
         finally:
             run.student.eval()
     heal_seconds = time.perf_counter() - started
-    return HealResult(history=history, step_losses=step_losses, steps=run.total_steps,
-                      images=config.epochs * sum(b.shape[0] for b in run.global_batches),
-                      teacher_seconds=teacher_seconds,
-                      heal_seconds=heal_seconds, plan=plan, ran=run.ran, config=dataclasses.asdict(config))
+    images = config.epochs * sum(b.shape[0] for b in run.global_batches)
+    return HealResult(history=history, step_losses=step_losses, steps=run.total_steps, images=images,
+                      teacher_seconds=teacher_seconds, heal_seconds=heal_seconds, plan=plan, ran=run.ran,
+                      config=dataclasses.asdict(config), steady_images_per_second=steady)
 
 
 @torch.no_grad()
-def _measure_block_damage(run: _Run, store) -> None:
+def _measure_block_damage(run: RunState, store) -> None:
     """Adaptive block weights before the first step: each block's distance to the dense model over the
     calibration set (one forward pass of the pruned student, eval mode: BatchNorm statistics untouched)."""
     run.student.eval()
@@ -221,18 +282,18 @@ def _measure_block_damage(run: _Run, store) -> None:
         for index, images in enumerate(run.batches):
             student_loss(run, images.to(run.device), [t.to(run.device) for t in store.get(index)], index)
     _update_block_weights(run, len(run.batches))
-    run.ran["block_weights_initial"] = run.block_weights.tolist()
+    run.record(block_weights_initial=run.block_weights.tolist())
 
 
-def _update_block_weights(run: _Run, steps: int) -> None:
+def _update_block_weights(run: RunState, steps: int) -> None:
     """Adaptive weights from the blocks' mean losses over the last ``steps`` steps (all processes)."""
     distances = run.block_sums / steps
     distances = run.group.mean(distances) if run.group else distances
-    run.block_weights = objectives.adaptive_block_weights(distances)
+    run.block_weights = adaptive_block_weights(distances)
     run.block_sums.zero_()
 
 
-def _parallel(run: _Run, swaps: contextlib.ExitStack) -> None:
+def _parallel(run: RunState, swaps: contextlib.ExitStack) -> None:
     """DDP over the block forward (and SyncBatchNorm if asked), undone with the other swaps."""
     if run.plan.sync_bn:
         swapped = distributed.sync_batchnorm(run.student, run.device)
@@ -241,16 +302,19 @@ def _parallel(run: _Run, swaps: contextlib.ExitStack) -> None:
     swaps.callback(setattr, run, "parallel", None)
 
 
-def _loop(run: _Run, store, step, resume: dict | None, fingerprints: dict) -> tuple[list[float], list[dict]]:
+def _loop(run: RunState, store, step, resume: dict | None, fingerprints: dict
+          ) -> tuple[list[float], list[dict], float]:
     """Drive ``step`` over every step, from ``resume`` if given: progress, metrics at log points, resume
-    checkpoints; (per-step losses, per-epoch history)."""
+    checkpoints; (per-step losses, per-epoch history, steady-state images/s). Log points are the only host
+    syncs, so their times are exact: the steady-state rate is taken between the first and the last."""
     config, batches = run.config, run.batches
     losses = torch.zeros(run.total_steps, dtype=torch.float32, device=run.device)          # (S,)
     start = _resume(run, step, losses, resume) if resume is not None else 0
-    run_log = RunLog(config, run.total_steps, start, main=run.main, desc=f"heal ({run.plan.mode})")
+    run_log = RunLog(config, run.total_steps, start, main=run.main, desc=f"heal ({run.plan.mode})",
+                     item=run.adapter.item)
     world = run.plan.world_size
     store.prefetch(start % len(batches))
-    last = start
+    last, marks = start, [(start, time.perf_counter())]          # (steps done, time) at each log point
     try:
         for index in range(start, run.total_steps):
             losses[index] = step(index, index % len(batches))
@@ -258,9 +322,10 @@ def _loop(run: _Run, store, step, resume: dict | None, fingerprints: dict) -> tu
             if done % config.log_every == 0 or done == run.total_steps:
                 window = losses[last:done].mean()
                 window = run.group.mean(window) if run.group else window           # the global batch's loss
-                run_log.logged(step=done, loss=window.item(), lr=step.lr(index),   # the host sync
+                run_log.logged(step=done, loss=window.item(), lr=run.lrs[index],   # the host sync
                                images=world * sum(batches[i % len(batches)].shape[0] for i in range(last, done)),
                                steps=done - last)
+                marks.append((done, time.perf_counter()))
                 last = done
             if run.block_sums is not None and done % len(batches) == 0:
                 _update_block_weights(run, len(batches))      # once an epoch: every batch seen, no extra pass
@@ -273,10 +338,17 @@ def _loop(run: _Run, store, step, resume: dict | None, fingerprints: dict) -> tu
     history = [{"epoch": float(e + 1), "loss": sum(step_losses[e * per_epoch:(e + 1) * per_epoch]) / per_epoch}
                for e in range(config.epochs)]
     run_log.finish(step_losses, history)
-    return step_losses, history
+    return step_losses, history, _steady_rate(marks if len(marks) < 3 else marks[1:], batches, world)
 
 
-def _checkpoint(run: _Run, step, done: int, losses: torch.Tensor, fingerprints: dict) -> None:
+def _steady_rate(marks: list[tuple[int, float]], batches, world: int) -> float:
+    """Images per second between the first and the last of ``marks`` ((steps done, time) pairs)."""
+    (first, t0), (end, t1) = marks[0], marks[-1]
+    images = world * sum(batches[i % len(batches)].shape[0] for i in range(first, end))
+    return images / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def _checkpoint(run: RunState, step, done: int, losses: torch.Tensor, fingerprints: dict) -> None:
     """A resume checkpoint after ``done`` steps: model and optimizer (the same on every process), the
     losses so far and every process's RNG states; written by rank 0, behind a barrier."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(run.device)
@@ -292,7 +364,7 @@ def _checkpoint(run: _Run, step, done: int, losses: torch.Tensor, fingerprints: 
         run.group.barrier()                    # nobody runs ahead of a checkpoint that is not written yet
 
 
-def _resume(run: _Run, step, losses: torch.Tensor, state: dict) -> int:
+def _resume(run: RunState, step, losses: torch.Tensor, state: dict) -> int:
     """Load a resume checkpoint into the student, the step's optimizer and ``losses``; the step to start at."""
     run.student.load_state_dict(state["model"], strict=True)
     step.load_state_dict(state["optimizer"])

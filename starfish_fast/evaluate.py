@@ -13,17 +13,19 @@ from torch import nn
 
 
 @torch.no_grad()
-def evaluate_top1(model: nn.Module, loader: Iterable, device: str | torch.device) -> float:
+def evaluate_top1(model: nn.Module, loader: Iterable, device: str | torch.device, desc: str | None = None) -> float:
     """Top-1 in percent over labels >= 0 (reference semantics); NaN if the loader has none. Under
-    torchrun each process evaluates every world-size-th batch and the counts are summed."""
+    torchrun each process evaluates every world-size-th batch and the counts are summed. With ``desc``,
+    a progress bar."""
     from starfish_fast import distributed
+    from starfish_fast.progress import progress_bar
 
     group = distributed.current()
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     counted = torch.zeros((), dtype=torch.long, device=device)
-    for index, (images, labels) in enumerate(loader):
+    for index, (images, labels) in enumerate(progress_bar(loader, desc=desc, enabled=group is None or group.main)):
         if group is not None and index % group.world_size != group.rank:
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -16,13 +16,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from starfish_fast.checkpoint import load_tensor_file
+from starfish_fast.checkpoint import key_examples, load_tensor_file
 from starfish_fast.models import WeightPredicate, prunable_weights
-
-
-def _examples(keys, limit: int = 3) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def validate_masks(raw, model: nn.Module, is_trainable_weight: WeightPredicate,
@@ -38,10 +33,11 @@ def validate_masks(raw, model: nn.Module, is_trainable_weight: WeightPredicate,
     matched = [key for key in raw if key in expected]
     if not matched:
         raise ValueError(f"{source}: no mask key matches the prune scope; expected keys like "
-                         f"{_examples(expected)}; found keys like {_examples(raw)}")
+                         f"{key_examples(expected)}; found keys like {key_examples(raw)}")
     missing = [key for key in expected if key not in raw]
     if missing:
-        raise ValueError(f"{source}: {len(missing)} prunable weights of the scope have no mask: {_examples(missing)}")
+        raise ValueError(f"{source}: {len(missing)} prunable weights of the scope have no mask: "
+                         f"{key_examples(missing)}")
     masks = {}
     for key, weight in expected.items():
         value = raw[key]
@@ -70,7 +66,7 @@ def _weights_by_key(model: nn.Module, keys) -> dict[str, torch.Tensor]:
     state = dict(model.named_parameters())
     missing = [key for key in keys if key not in state]
     if missing:
-        raise ValueError(f"mask keys not found among the model's parameters: {_examples(missing)}")
+        raise ValueError(f"mask keys not found among the model's parameters: {key_examples(missing)}")
     return {key: state[key] for key in keys}
 
 

@@ -1,92 +1,160 @@
-"""Healing objectives: STARFISH per-block cosine alignment and the baselines it is compared with.
+"""Healing objectives: one registry, the only module that spells their names.
 
-    from starfish_fast.objectives import block_cosine_loss
-    loss = block_cosine_loss(student_reps, teacher_reps)     # lists of (B, T, D) or (B, C, H, W)
+    from starfish_fast.objectives import OBJECTIVES, LossInputs
+    spec = OBJECTIVES["starfish"]        # Objective(name="starfish", needs_blocks=True, fused_cosine=True, ...)
+    loss, per_block = spec.loss(LossInputs(student_reps=students, teacher_reps=teachers, per="token"))
+    loss = objective_loss("mse", student_reps=students, teacher_reps=teachers)   # the same, by name
 
 ``starfish``      mean over blocks of mean over rows of 1 - cos(student, teacher); a row is a
                   token for (B, T, D) outputs and an image for anything else (reference rule)
 ``mse``           mean over blocks of the mean squared error between block outputs
-``kl``            KL(dense || pruned) of the softmax outputs, batch mean
-``ce``            cross-entropy of the pruned logits with the labels (the only one using labels)
+``kl``            KL(dense || pruned) of the softmax outputs, batch mean (token mean for language models)
+``ce``            cross-entropy of the pruned logits with the labels (the only one using labels; for a
+                  causal language model the next tokens of the calibration text)
 ``starfish+kl``   0.5 * starfish + 0.5 * kl
+
+Adding an objective is one ``Objective`` entry in ``OBJECTIVES`` plus its loss function: config
+validation and the CLI's choices (``config.HealConfig.objective``), the teacher store (what it keeps),
+both steps (what the student computes, whether the fused cosine kernel runs) and the engine (labels)
+read the entry; tests/test_objectives.py checks the README's table against it. torch is imported
+inside the loss functions, so ``config`` (and ``starfish-fast --help``) reads the names torch-free.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-import torch.nn.functional as F
-
-from starfish_fast.config import OBJECTIVES
-from starfish_fast.kernels.cosine_loss import multi_block_cosine_loss, weighted_block_mean
-from starfish_fast.kernels._dispatch import use_triton
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 
+@dataclass(frozen=True)
+class LossInputs:
+    """What one step hands an objective; each objective reads the fields its entry says it needs."""
 
-def needs_blocks(objective: str) -> bool:
-    return objective in ("starfish", "mse", "starfish+kl")
+    student_reps: Any = None           # list of (B, T, D) / (B, C, H, W) block outputs, one per block
+    teacher_reps: Any = None           # the dense model's, same shapes
+    student_logits: Any = None         # (B, classes)
+    teacher_logits: Any = None
+    labels: Any = None                 # (B,) class indices
+    per: str = "auto"                  # cosine rows: token | sample | auto (the plan's "shape" is auto)
+    block_weights: Any = None          # (L,) weights of the mean over blocks; None: uniform
+    fused: bool = False                # the plan's choice: the fused Triton cosine loss (else plain torch)
 
 
-def needs_teacher_logits(objective: str) -> bool:
-    return objective in ("kl", "starfish+kl")
+@dataclass(frozen=True)
+class Objective:
+    """One healing loss and what it needs. ``loss(inputs) -> (scalar, per-block losses (L,) detached, or
+    None for objectives without blocks)``."""
+
+    name: str
+    help: str
+    loss: Callable[[LossInputs], tuple]
+    needs_blocks: bool = False          # student and teacher block outputs
+    needs_student_logits: bool = False
+    needs_teacher_logits: bool = False  # the teacher store keeps the dense logits
+    needs_labels: bool = False          # heal(..., labels=...) is required
+    fused_cosine: bool = False          # its block term is the cosine the fused kernel computes
 
 
-def block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], per: str = "auto",
-                      block_weights: Sequence[float] | torch.Tensor | None = None, kernels: str = "torch",
+def block_cosine_loss(students, teachers, per: str = "auto", block_weights=None, fused: bool = False,
                       per_block: bool = False):
     """STARFISH loss; the teacher is cast to the student's dtype first (reference rule). ``block_weights``
     weight the mean over blocks; ``per_block`` also returns each block's loss (L,), detached.
+    ``fused``: the Triton kernel (the plan decides it; see ``kernels/_dispatch.py``), else plain torch."""
+    from starfish_fast.kernels.cosine_loss import multi_block_cosine_loss
 
-    ``kernels``: ``torch`` (plain reference), ``triton`` or ``auto`` (the fused Triton loss
-    where the dispatch table says it wins: CUDA); both take the weights in the same launches."""
     if len(students) != len(teachers) or not students:
         raise ValueError(f"need the same non-zero number of student and teacher blocks, got "
                          f"{len(students)} and {len(teachers)}")
     per = "auto" if per == "shape" else per           # the plan's "by shape" is the kernels' auto
-    fused = use_triton("cosine_loss", students[0], kernels)
     return multi_block_cosine_loss(list(students), list(teachers), per, block_weights=block_weights,
                                    per_block=per_block, kernel=fused)
 
 
-def block_mse_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor],
-                   block_weights: Sequence[float] | torch.Tensor | None = None, per_block: bool = False):
+def block_mse_loss(students, teachers, block_weights=None, per_block: bool = False):
+    import torch
+    import torch.nn.functional as F
+
+    from starfish_fast.kernels.cosine_loss import weighted_block_mean
+
     stacked = torch.stack([F.mse_loss(s, t.to(s.dtype)) for s, t in zip(students, teachers)])      # (L,)
     return weighted_block_mean(stacked, block_weights, per_block)
 
 
-def kl_dense_to_pruned(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_dense || p_pruned), mean over the batch; computed in fp32."""
-    return F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1),
-                    reduction="batchmean", log_target=True)
+def kl_dense_to_pruned(student_logits, teacher_logits):
+    """KL(p_dense || p_pruned), mean over the batch (over every token for a language model's (B, T, V)
+    logits); computed in fp32."""
+    import torch.nn.functional as F
+
+    student, teacher = student_logits.flatten(0, -2).float(), teacher_logits.flatten(0, -2).float()   # (rows, V)
+    return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean",
+                    log_target=True)
 
 
-def objective_loss(objective: str, *, student_reps=None, teacher_reps=None, student_logits=None,
-                   teacher_logits=None, labels=None, per: str = "auto",
-                   block_weights: Sequence[float] | torch.Tensor | None = None, kernels: str = "torch",
-                   per_block: bool = False):
-    """The scalar healing loss of ``objective`` (see the module docstring); with ``per_block`` a pair
+def _starfish(inputs: LossInputs):
+    return block_cosine_loss(inputs.student_reps, inputs.teacher_reps, inputs.per, inputs.block_weights,
+                             inputs.fused, per_block=True)
+
+
+def _mse(inputs: LossInputs):
+    return block_mse_loss(inputs.student_reps, inputs.teacher_reps, inputs.block_weights, per_block=True)
+
+
+def _kl(inputs: LossInputs):
+    return kl_dense_to_pruned(inputs.student_logits, inputs.teacher_logits), None
+
+
+def _ce(inputs: LossInputs):
+    """Cross-entropy of the logits with the labels; for a language model's (B, T, V) logits and (B, T)
+    tokens, next-token prediction (position t predicts token t + 1)."""
+    import torch.nn.functional as F
+
+    logits, labels = inputs.student_logits, inputs.labels
+    if labels is None:
+        raise ValueError("objective 'ce' needs labels with the calibration batches")
+    if logits.dim() == 3:
+        logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()                # (B*(T-1), V)
+    return F.cross_entropy(logits.float(), labels), None
+
+
+def _starfish_kl(inputs: LossInputs):
+    loss, blocks = _starfish(inputs)
+    return 0.5 * loss + 0.5 * kl_dense_to_pruned(inputs.student_logits, inputs.teacher_logits), blocks
+
+
+DEFAULT = "starfish"              # HealConfig's default: the paper's objective
+OBJECTIVES: Mapping[str, Objective] = {spec.name: spec for spec in (
+    Objective("starfish", "per-block cosine alignment with the dense model (the paper's)", _starfish,
+              needs_blocks=True, fused_cosine=True),
+    Objective("mse", "per-block mean squared error to the dense model's outputs", _mse, needs_blocks=True),
+    Objective("kl", "KL divergence of the pruned output distribution from the dense one", _kl,
+              needs_student_logits=True,
+              needs_teacher_logits=True),
+    Objective("ce", "cross-entropy with the labels (labels=), or a causal language model's next tokens", _ce,
+              needs_student_logits=True,
+              needs_labels=True),
+    Objective("starfish+kl", "0.5 starfish + 0.5 kl", _starfish_kl, needs_blocks=True, needs_student_logits=True,
+              needs_teacher_logits=True, fused_cosine=True),
+)}
+
+
+def objective(name: str) -> Objective:
+    """The registry entry of ``name``; ValueError naming the allowed ones otherwise."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; allowed: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def objective_loss(name: str, per_block: bool = False, **inputs):
+    """The scalar loss of objective ``name`` on ``LossInputs(**inputs)``; with ``per_block`` a pair
     (loss, each block's unweighted loss (L,) detached, or None for the output-only objectives)."""
-    blocks = None
-    if objective in ("starfish", "starfish+kl"):
-        loss, blocks = block_cosine_loss(student_reps, teacher_reps, per, block_weights, kernels, per_block=True)
-        if objective == "starfish+kl":
-            loss = 0.5 * loss + 0.5 * kl_dense_to_pruned(student_logits, teacher_logits)
-    elif objective == "mse":
-        loss, blocks = block_mse_loss(student_reps, teacher_reps, block_weights, per_block=True)
-    elif objective == "kl":
-        loss = kl_dense_to_pruned(student_logits, teacher_logits)
-    elif objective == "ce":
-        if labels is None:
-            raise ValueError("objective 'ce' needs labels with the calibration batches")
-        loss = F.cross_entropy(student_logits.float(), labels)
-    else:
-        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    loss, blocks = objective(name).loss(LossInputs(**inputs))
     return (loss, blocks) if per_block else loss
 
 
-def adaptive_block_weights(distances: torch.Tensor) -> torch.Tensor:
+def adaptive_block_weights(distances):
     """Block weights from each block's distance to the dense model (its mean ``1 - cos``): proportional
     to the distance, normalised to mean 1 (uniform where every distance is 0). On the device, no sync."""
+    import torch
+
     distances = distances.float().clamp_min(0)                                              # (L,)
     total = distances.sum()
     uniform = torch.ones_like(distances)

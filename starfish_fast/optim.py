@@ -6,10 +6,9 @@ weights stay exactly zero without a separate masking pass or gradient hooks.
     optimizer.zero_grad()
 
 Only the prunable weights are in it. Moments may be kept in bf16 (``moments_dtype``)
-to halve optimizer memory on large models. The update is the kernels'
-``masked_adam_step``: the Triton kernel on CUDA with ``kernels="triton"`` (or ``"auto"`` once the
-dispatch table says so),
-``torch._foreach`` ops on CPU or with ``kernels="torch"``.
+to halve optimizer memory on large models. The update is the kernels' ``masked_adam_step``:
+``kernel=True`` the Triton kernel, False plain torch (torch's fused Adam/AdamW and a mask multiply
+on CUDA, ``torch._foreach`` ops elsewhere); the engine passes its plan's choice.
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from typing import Sequence
 import torch
 
 from starfish_fast.kernels import masked_adam_step
-from starfish_fast.kernels._dispatch import use_triton
 
 
 class MaskedAdam:
@@ -27,7 +25,7 @@ class MaskedAdam:
 
     def __init__(self, params: Sequence[torch.nn.Parameter], masks: Sequence[torch.Tensor], *, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool | None = None,
-                 moments_dtype: torch.dtype | None = None, kernels: str = "auto"):
+                 moments_dtype: torch.dtype | None = None, kernel: bool = False):
         if len(params) != len(masks):
             raise ValueError(f"{len(params)} parameters but {len(masks)} masks")
         for p, m in zip(params, masks):
@@ -39,11 +37,10 @@ class MaskedAdam:
         # The reference picks Adam when weight_decay == 0, else AdamW.
         self.decoupled = weight_decay > 0 if decoupled is None else decoupled
         self.moments_dtype = moments_dtype
-        # One decision per optimizer: Triton on CUDA by the kernels' dispatch table, foreach torch on CPU.
-        self.use_kernel = use_triton("masked_adam", self.params[0], kernels) if self.params else False
+        self.kernel = kernel
         # the kernel reads bool masks (1 byte per element of its 29, against 4 for float masks);
         # the torch path multiplies by float masks (a bool mask would be converted every step)
-        self.step_masks = [m.to(torch.bool) for m in self.masks] if self.use_kernel else self.masks
+        self.step_masks = [m.to(torch.bool) for m in self.masks] if kernel else self.masks
         self.exp_avgs = [torch.zeros_like(p, dtype=moments_dtype or p.dtype) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p, dtype=moments_dtype or p.dtype) for p in self.params]
         self.step_count = 0
@@ -58,7 +55,7 @@ class MaskedAdam:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         masked_adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.step_masks, lr=lr,
                          beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
-                         step=self.step_count, decoupled=self.decoupled, kernel=self.use_kernel)
+                         step=self.step_count, decoupled=self.decoupled, kernel=self.kernel)
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "exp_avgs": [t.clone() for t in self.exp_avgs],

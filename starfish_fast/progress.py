@@ -5,6 +5,7 @@ the loss plot.
     run_log.logged(step=10, loss=0.12, lr=5e-4, images=320)     # at log points only (host syncs)
     run_log.finish(step_losses, history)                          # metrics renamed into place, PNG drawn
     run_log.abort()                                               # interrupted: no partial metrics file
+    for images, labels in progress_bar(loader, desc="top-1"):     # any other long loop: the same bar
 
 Only the main process shows and writes anything (``main=False`` on the other ranks of a
 distributed run). The metrics are written as they come to a hidden temporary file beside
@@ -24,11 +25,24 @@ from tqdm.auto import tqdm
 from starfish_fast.checkpoint import atomic_path
 
 
+def progress_bar(iterable=None, *, desc: str | None = None, total: int | None = None, initial: int = 0,
+                 unit: str = "batch", enabled: bool = True) -> tqdm:
+    """The package's one progress bar (stderr; rate and ETA); off when not ``enabled`` or without ``desc``."""
+    if total is None and iterable is not None:
+        try:
+            total = len(iterable)
+        except TypeError:             # a stream: no ETA
+            total = None
+    return tqdm(iterable, desc=desc, total=total, initial=initial, unit=unit, disable=not enabled or desc is None,
+                dynamic_ncols=True)
+
+
 class RunLog:
-    def __init__(self, config, total_steps: int, start_step: int, main: bool = True, desc: str = "heal"):
-        self.config, self.main = config, main
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (config.progress and main), unit="step",
-                        desc=desc, dynamic_ncols=True)
+    def __init__(self, config, total_steps: int, start_step: int, main: bool = True, desc: str = "heal",
+                 item: str = "img"):
+        self.config, self.main, self.item = config, main, item        # item: img, or seq for a language model
+        self.bar = progress_bar(desc=desc, total=total_steps, initial=start_step, unit="step",
+                                enabled=config.progress and main)
         self.tick = time.perf_counter()
         self.files, self.metrics = contextlib.ExitStack(), None
         if main and config.metrics_path:
@@ -40,8 +54,8 @@ class RunLog:
         now = time.perf_counter()
         rate = images / max(now - self.tick, 1e-9)
         self.tick = now
-        self.bar.update(steps)
-        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+        self.bar.set_postfix({"loss": f"{loss:.4f}", f"{self.item}_s": f"{rate:.0f}"}, refresh=False)
+        self.bar.update(steps)                            # one write per log point (a log file gets each line once)
         self._write({"type": "step", "step": step, "loss": loss, "lr": lr, "images_per_s": rate})
 
     def _write(self, record: dict) -> None:

@@ -1,14 +1,14 @@
 """Teacher store: the dense model's block outputs (and logits) for every calibration batch.
 
-    store = make_teacher_store("memory", dense_model, adapter, block_names, batches, device)
+    store = make_teacher_store("device", dense_model, adapter, block_names, batches, device)
     targets = store.get(i)          # list of (B, T, D) tensors on `device`, one per block (+ logits last if kept)
     store.prefetch(i + 1)           # pinned store: starts the next copy on a side stream
 
-Kinds: ``memory`` (plain tensors on the device: the GPU-resident store on CUDA, the CPU
-store on CPU), ``pinned`` (pinned host memory in fixed-size chunks, the next batch
-copied on a side CUDA stream while the current step runs), ``disk`` (a memory-mapped
-file, for caches larger than RAM), ``recompute`` (the teacher runs every step).
-``choose_store`` is the rule behind ``teacher_store="auto"`` (applied by ``plan.resolve_plan``).
+Kinds: ``device`` (plain tensors on the compute device: GPU memory on CUDA, RAM on the
+CPU), ``pinned`` (pinned host memory in fixed-size chunks, the next batch copied on a side
+CUDA stream while the current step runs), ``disk`` (a memory-mapped file, for caches larger
+than RAM), ``recompute`` (the teacher runs every step). ``teacher_store="auto"`` is decided by
+``plan.resolve_plan`` from ``estimate_bytes`` and the free memory.
 """
 from __future__ import annotations
 
@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 # The caching allocator rounds each pinned allocation up to a power of two: 256 MiB chunks
 # waste at most one partly used chunk instead of up to half of a single huge allocation.
 PINNED_CHUNK_BYTES = 256 << 20
-# Keep this fraction of free memory for the student's activations, weights and optimizer.
-GPU_HEADROOM_FRACTION = 0.5
-HOST_HEADROOM_FRACTION = 0.5
 
 
 @torch.no_grad()
@@ -44,7 +41,7 @@ def teacher_outputs(dense_model: nn.Module, adapter, block_names: Sequence[str],
 
 
 class TeacherStore:
-    kind = "memory"
+    kind = "device"
 
     def __len__(self) -> int:
         return self.num_batches
@@ -56,10 +53,11 @@ class TeacherStore:
         """Start bringing batch ``index`` to the device (no-op unless the store streams)."""
 
 
-class MemoryStore(TeacherStore):
-    """Targets held as plain tensors on ``device`` (GPU-resident on CUDA, RAM on CPU)."""
+class DeviceStore(TeacherStore):
+    """Targets held as plain tensors: on the compute device (GPU-resident on CUDA, RAM on CPU), or
+    in a host buffer (the disk store's mapping, kind "disk")."""
 
-    def __init__(self, outputs_per_batch: list[list[torch.Tensor]], kind: str = "memory"):
+    def __init__(self, outputs_per_batch: list[list[torch.Tensor]], kind: str = "device"):
         self.outputs, self.num_batches, self.kind = outputs_per_batch, len(outputs_per_batch), kind
 
     def get(self, index):
@@ -191,28 +189,6 @@ def host_available_bytes() -> int:
     return 0
 
 
-def choose_store(requested: str, cache_bytes: int, device: torch.device) -> tuple[str, str]:
-    """The store kind and why: the rule behind ``teacher_store="auto"`` (called by ``plan.resolve_plan``)."""
-    if requested not in STORE_KINDS:
-        raise ValueError(f"unknown teacher store {requested!r}; allowed: {', '.join(STORE_KINDS)}")
-    if requested in ("gpu", "pinned") and device.type != "cuda":
-        raise ValueError(f"teacher store {requested!r} needs a CUDA device, got {device}")
-    if requested != "auto":
-        return requested, "requested"
-    host_free = host_available_bytes()
-    size = f"cache {cache_bytes / 2**30:.2f} GiB"
-    if device.type != "cuda":
-        if cache_bytes <= HOST_HEADROOM_FRACTION * host_free or host_free == 0:
-            return "memory", f"{size} fits in RAM ({host_free / 2**30:.1f} GiB free)"
-        return "disk", f"{size} exceeds half the free RAM ({host_free / 2**30:.1f} GiB)"
-    gpu_free, _ = torch.cuda.mem_get_info(device)
-    if cache_bytes <= GPU_HEADROOM_FRACTION * gpu_free:
-        return "gpu", f"{size} fits in half the free GPU memory ({gpu_free / 2**30:.1f} GiB)"
-    if cache_bytes <= HOST_HEADROOM_FRACTION * host_free:
-        return "pinned", f"{size} exceeds half the free GPU memory ({gpu_free / 2**30:.1f} GiB), fits pinned"
-    return "disk", f"{size} exceeds GPU and host memory: memory-mapped file"
-
-
 def make_teacher_store(kind: str, dense_model: nn.Module, adapter, block_names: Sequence[str],
                        batches: Sequence[torch.Tensor], device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
                        compute_dtype: torch.dtype = torch.float32, keep_logits: bool = False, keep_blocks: bool = True,
@@ -222,22 +198,22 @@ def make_teacher_store(kind: str, dense_model: nn.Module, adapter, block_names: 
     autocast dtype of the teacher's forward on CUDA (fp32: none)."""
     if kind not in STORE_KINDS[1:] + ("none",):
         raise ValueError(f"unknown teacher store {kind!r}; allowed: {', '.join(STORE_KINDS[1:])}")
-    if kind in ("gpu", "pinned") and device.type != "cuda":
+    if kind == "pinned" and device.type != "cuda":
         raise ValueError(f"teacher store {kind!r} needs a CUDA device, got {device}")
     if kind == "none":
-        return MemoryStore([[] for _ in batches], "none")
+        return DeviceStore([[] for _ in batches], "none")
     dense_model.eval()
     common = (dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype, compute_dtype)
     if kind == "recompute":
         return RecomputeStore(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks,
                               compute_dtype)
-    if kind in ("memory", "gpu"):
+    if kind == "device":
         outputs = []
         for images in batches:
             with _teacher_autocast(device, compute_dtype):
                 step = teacher_outputs(dense_model, adapter, block_names, images.to(device), keep_logits, keep_blocks)
             outputs.append([t.to(dtype) for t in step])
-        return MemoryStore(outputs, kind)
+        return DeviceStore(outputs, kind)
     if kind == "pinned":
         host = _fill_host(*common, buffer_of=lambda n: ChunkedHostBuffer(n, pinned=True))
         return PinnedStore(host, device)
@@ -249,7 +225,7 @@ def make_teacher_store(kind: str, dense_model: nn.Module, adapter, block_names: 
         host = _fill_host(*common, buffer_of=lambda n: ChunkedHostBuffer(n, path=Path(path)))
     finally:
         os.unlink(path)   # the mapping stays valid; the file vanishes when the store does
-    store = MemoryStore(host, "disk")
+    store = DeviceStore(host, "disk")
     return _DeviceCopyStore(store, device) if device.type == "cuda" else store
 
 

@@ -6,8 +6,9 @@ import torch
 
 from helpers import images, random_masks, rel_err, tiny_vit
 from starfish_fast import HealConfig, heal
-from starfish_fast.compaction import (QkCompaction, compact_model, compaction_plan, expand_into,
-                                      mlp_compaction_plan, qk_compaction_plan)
+from starfish_fast.compaction import (QkCompaction, compact_model, expand_into, find_compactions, mlp_compactions,
+                                      qk_compactions)
+from starfish_fast.models import adapter_for
 from starfish_fast.masks import apply_masks
 from starfish_fast.prune import structured_masks
 
@@ -37,14 +38,14 @@ def _assert_compaction_matches_masked_dense(dense, masks, **config):
         {k for k, p in models[0].named_parameters() if p.requires_grad}
 
 
-def test_plan_finds_only_neurons_pruned_on_both_sides():
+def test_finds_only_neurons_pruned_on_both_sides():
     model = tiny_vit()
     masks = _structured(model)
-    plan = mlp_compaction_plan(model, masks)
-    assert len(plan) == 2 and all(item.kept.numel() == 64 and item.hidden == 128 for item in plan)
+    found = mlp_compactions(model, masks, adapter_for(model))
+    assert len(found) == 2 and all(item.kept.numel() == 64 and item.hidden == 128 for item in found)
     masks["blocks.0.mlp.fc2.weight"] = torch.ones_like(masks["blocks.0.mlp.fc2.weight"])   # fc2 kept: no drop
-    assert [item.fc1 for item in mlp_compaction_plan(model, masks)] == ["blocks.1.mlp.fc1"]
-    assert mlp_compaction_plan(model, random_masks(model, density=0.5)) == []           # unstructured: nothing
+    assert [item.fc1 for item in mlp_compactions(model, masks, adapter_for(model))] == ["blocks.1.mlp.fc1"]
+    assert mlp_compactions(model, random_masks(model, density=0.5), adapter_for(model)) == []  # unstructured
 
 
 def test_compact_forward_equals_masked_forward():
@@ -52,7 +53,7 @@ def test_compact_forward_equals_masked_forward():
     masks = _structured(model)
     full = copy.deepcopy(model)
     apply_masks(full, masks)
-    compact, _ = compact_model(full, masks, mlp_compaction_plan(full, masks))
+    compact, _ = compact_model(full, masks, mlp_compactions(full, masks, adapter_for(full)))
     x = images(3)
     torch.testing.assert_close(compact(x), full(x), rtol=1e-5, atol=1e-6)
     assert compact.blocks[0].mlp.fc1.weight.shape == (64, 32) and compact.blocks[0].mlp.fc2.weight.shape == (32, 64)
@@ -88,25 +89,25 @@ MODELS = {"timm": lambda: _with_random_biases(tiny_vit(embed_dim=48, num_heads=3
 
 
 @pytest.mark.parametrize("family", MODELS)
-def test_qk_plan_keeps_the_same_count_in_every_head(family):
+def test_qk_compaction_keeps_the_same_count_in_every_head(family):
     model = MODELS[family]()                                                  # 3 heads of 16 dims
     masks = structured_masks(model, 0.5, scope="qk", kind="qk")
-    plan = qk_compaction_plan(model, masks)
-    assert len(plan) == 2 and all(isinstance(item, QkCompaction) and item.qk_dim == 8 for item in plan)
-    item = plan[0]
+    found = qk_compactions(model, masks, adapter_for(model))
+    assert len(found) == 2 and all(isinstance(item, QkCompaction) and item.qk_dim == 8 for item in found)
+    item = found[0]
     assert item.kept_rows.numel() == 2 * 3 * 8 + 48 and (item.kept_rows[-48:] == torch.arange(96, 144)).all()
-    assert qk_compaction_plan(model, random_masks(model, "qkv", density=0.5)) == []      # unstructured: nothing
+    assert qk_compactions(model, random_masks(model, "qkv", density=0.5), adapter_for(model)) == []  # unstructured
 
 
 def test_qk_dim_is_padded_with_dead_dims_to_a_multiple_of_8():
     model = tiny_vit(embed_dim=96, num_heads=3)                               # 3 heads of 32 dims
     masks = structured_masks(model, 0.75, scope="qk", kind="qk")             # 8 live dims per head
-    (item, _) = qk_compaction_plan(model, masks)
+    (item, _) = qk_compactions(model, masks, adapter_for(model))
     assert item.qk_dim == 8
     mask = masks[item.weight].clone()
     dead_k_row = 96 + int((~mask[96:128].any(1)).nonzero()[0])               # a dead k row of head 0
     mask[dead_k_row, 0] = True                                                # head 0: 9 live dims
-    (item,) = qk_compaction_plan(model, {item.weight: mask})
+    (item,) = qk_compactions(model, {item.weight: mask}, adapter_for(model))
     assert item.qk_dim == 16 and dead_k_row in item.kept_rows.tolist()
     per_head = item.kept_rows[:3 * 16].view(3, 16) // 32
     assert (per_head == torch.arange(3)[:, None]).all()                       # each head keeps its own dims
@@ -120,9 +121,9 @@ def test_qk_compact_forward_and_expand_round_trip(family):
     model = MODELS[family]()
     masks = structured_masks(model, 0.5, scope="qk_mlp", kind="qk_mlp")
     apply_masks(model, masks)
-    plan = compaction_plan(model, masks)
-    assert sorted(type(item).__name__ for item in plan) == ["MlpCompaction"] * 2 + ["QkCompaction"] * 2
-    compact, compact_masks = compact_model(model, masks, plan)
+    found = find_compactions(model, masks, adapter_for(model))
+    assert sorted(type(item).__name__ for item in found) == ["MlpCompaction"] * 2 + ["QkCompaction"] * 2
+    compact, compact_masks = compact_model(model, masks, found)
     x = images(3)
     torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
     assert sorted(compact.state_dict()) == sorted(model.state_dict())
@@ -132,7 +133,7 @@ def test_qk_compact_forward_and_expand_round_trip(family):
     with torch.no_grad():
         for parameter in restored.parameters():
             parameter.add_(1.0)
-    expand_into(restored, compact, plan)
+    expand_into(restored, compact, found)
     apply_masks(restored, masks)           # the dropped rows/columns are masked ones: zero again
     for name, parameter in restored.named_parameters():
         if name.endswith("weight"):        # biases of dropped neurons/dims keep whatever they held
@@ -142,13 +143,13 @@ def test_qk_compact_forward_and_expand_round_trip(family):
 def test_qk_norm_attention_is_not_compacted():
     model = tiny_vit(qk_norm=True)
     masks = structured_masks(model, 0.5, scope="qk", kind="qk")
-    assert qk_compaction_plan(model, masks) == []
+    assert qk_compactions(model, masks, adapter_for(model)) == []
 
 
 def test_torchvision_compact_attention_refuses_what_it_cannot_compute():
     model = tiny_torchvision_vit()
     masks = structured_masks(model, 0.5, scope="qk", kind="qk")
-    compact, _ = compact_model(model, masks, compaction_plan(model, masks))
+    compact, _ = compact_model(model, masks, find_compactions(model, masks, adapter_for(model)))
     attention = compact.encoder.layers[0].self_attention
     x = torch.randn(2, 17, 48)
     with pytest.raises(ValueError, match="need_weights=False"):
@@ -171,7 +172,7 @@ def test_qk_compacted_attention_on_gpu_matches_masked_dense():
     masks = structured_masks(dense, 0.5, scope="qk_mlp", kind="qk_mlp")
     full = copy.deepcopy(dense)
     apply_masks(full, masks)
-    compact, _ = compact_model(full, masks, compaction_plan(full, masks))
+    compact, _ = compact_model(full, masks, find_compactions(full, masks, adapter_for(full)))
     x = images(4, size=32).cuda()
     with torch.autocast("cuda", torch.bfloat16):
         out, expected = compact(x), full(x)
@@ -192,8 +193,8 @@ def test_cpu_fast_mode_swaps_attention_only_inside_the_heal():
     dense = tiny_vit()
     masks = random_masks(dense, density=0.5)
     student = copy.deepcopy(dense)
-    plan = compaction_plan(dense, masks, mlp=False, qk=False, every_attention=True)
-    assert len(plan) == 2 and all(item.qk_dim == item.head_dim for item in plan)          # swapped, nothing removed
+    found = find_compactions(dense, masks, adapter_for(dense), mlp=False, qk=False, every_attention=True)
+    assert len(found) == 2 and all(item.qk_dim == item.head_dim for item in found)          # swapped, nothing removed
     heal(student, dense, masks, images(8), HealConfig(epochs=1, batch_size=4, progress=False))
     assert type(student.blocks[0].attn) is Attention                                      # the caller's modules stay
 
@@ -202,7 +203,7 @@ def test_bf16_autocast_attention_core_runs_in_fp32_on_cpu(monkeypatch):
     import torch.nn.functional as F
 
     model = tiny_vit(embed_dim=48, num_heads=3)
-    item = compaction_plan(model, {}, mlp=False, qk=False, every_attention=True)[0]
+    item = find_compactions(model, {}, adapter_for(model), mlp=False, qk=False, every_attention=True)[0]
     compact, _ = compact_model(model, {}, [item])
     seen = []
     sdpa = F.scaled_dot_product_attention

@@ -77,6 +77,48 @@ def test_image_files_loader_transforms(tmp_path):
         list(image_files_loader(tmp_path, transform=first_pixel, num_workers=0))
 
 
+def test_check_image_dir_before_any_work(tmp_path):
+    write_image(tmp_path / "flat" / "a.png", 0)
+    write_image(tmp_path / "flat" / "b.png", 0)
+    data.check_image_dir(tmp_path / "flat", "--calib-dir", at_least=2)
+    with pytest.raises(ValueError, match=r"--calib-dir .*flat: calibration set too small: 2 images at any depth, "
+                                         r"fewer than the 3 asked for"):
+        data.check_image_dir(tmp_path / "flat", "--calib-dir", at_least=3)
+    with pytest.raises(ValueError, match=r"--eval-dir .*flat: holds no images in class folders \(ImageFolder"):
+        data.check_image_dir(tmp_path / "flat", "--eval-dir", labeled=True)       # ImageFolder ignores loose files
+    write_image(tmp_path / "flat" / "cat" / "c.png", 0)
+    data.check_image_dir(tmp_path / "flat", "--eval-dir", labeled=True)
+    with pytest.raises(FileNotFoundError, match=r"--calib-dir .*nowhere: no such directory"):
+        data.check_image_dir(tmp_path / "nowhere", "--calib-dir")
+    with pytest.raises(NotADirectoryError, match=r"a.png: is a file, not a directory"):
+        data.check_image_dir(tmp_path / "flat" / "a.png", "--calib-dir")
+
+
+def test_check_fashion_mnist_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--fashion-mnist .*nowhere: no such directory \\(install it with"):
+        data.check_fashion_mnist(tmp_path / "nowhere")
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(b"")
+    data.check_fashion_mnist(tmp_path, ["test"])                                # .gz or not, either is found
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte\\[.gz\\] is missing \\(the Fashion-MNIST "
+                                                "train split's IDX files are needed\\)"):
+        data.check_fashion_mnist(tmp_path, ["train", "test"])
+
+
+def test_fashion_mnist_through_a_model_transform_is_the_same_pixels_in_three_channels():
+    from torchvision import transforms
+
+    images = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))   # [0, 1], as normalize=False
+    loader = data.images_loader(images, torch.arange(5), transforms.ToTensor(), batch_size=2)
+    batches = list(loader)
+    assert [b[0].shape for b in batches] == [(2, 3, 28, 28), (2, 3, 28, 28), (1, 3, 28, 28)]
+    out, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    expected = images.mul(255).round().div(255).expand(-1, 3, -1, -1)             # gray -> RGB, 8-bit pixels
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert labels.tolist() == list(range(5))
+    assert data.TransformedImages(images, None, transforms.ToTensor())[0][1] == -100    # unlabeled: -100
+
+
 # ----------------------------------------------------------------------------- Fashion-MNIST splits
 @pytest.fixture
 def indexed_splits(monkeypatch):
@@ -84,7 +126,7 @@ def indexed_splits(monkeypatch):
     records the splits read."""
     reads = []
 
-    def load(directory, split):
+    def load(directory, split, normalize=True):
         reads.append(split)
         n = data.FASHION_MNIST_SIZES[split]
         return torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n)

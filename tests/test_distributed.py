@@ -105,10 +105,10 @@ def test_the_command_line_under_torchrun_writes_one_set_of_outputs(tmp_path):
     assert sorted(p.name for p in output.parent.iterdir()) == sorted(
         ["recovered.pt", "recovered.pt.json", "recovered.pt.metrics.jsonl", "recovered.pt.loss.png"])
     assert proc.stderr.count("plan: cpu fast") == 1                     # one INFO line for the whole job
-    from starfish_fast.data import fashion_mnist_split
+    from starfish_fast.data import FASHION_MNIST_DIR, fashion_mnist_split
     from starfish_fast.evaluate import evaluate_top1_tensors
     from starfish_fast.models import load_dense
 
-    _, images, labels = fashion_mnist_split("/usr/share/datasets/fashion-mnist", "train", 32, 200)
+    _, images, labels = fashion_mnist_split(FASHION_MNIST_DIR, "train", 32, 200)
     healed = load_dense("fashion_vit", output)
     assert evaluate_top1_tensors(healed, images, labels, batch_size=256) == pytest.approx(summary["top1_after"])

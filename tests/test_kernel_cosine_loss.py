@@ -203,7 +203,9 @@ def test_block_weights_and_per_block_losses(dtype, shapes):
     ([(8, 64, 28, 28), (8, 128, 14, 14), (8, 3, 700)], "sample"),
 ])
 def test_cuda_matches_reference(shapes, per, s_dtype, t_dtype):
-    check(shapes, per, s_dtype, t_dtype, device="cuda")
+    # fp16 trains with a scaled loss (GradScaler, 2**16 at the start): at DeiT-B's shape the unscaled gradients
+    # (1e-8 to 2e-7) are fp16 subnormals that no implementation keeps to 1e-3 (0.15 measured on an H200)
+    check(shapes, per, s_dtype, t_dtype, device="cuda", grad_scale=2.0 ** 16 if s_dtype == torch.float16 else 1.0)
 
 
 @pytest.mark.cuda

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import starfish_fast.kernels._dispatch as dispatch
 from helpers import TOL, poison, rel_err  # noqa: F401  (poison: autouse below)
-from starfish_fast.kernels import MaskedLinear, mask_plan, masked_linear, masked_linear_reference
+from starfish_fast.kernels import MaskedLinear, mask_layout, masked_linear, masked_linear_reference
 from starfish_fast.kernels.masked_linear import OCC_TILE
 
 def make_mask(kind: str, n: int, k: int, device="cpu", dtype=torch.bool, seed=0) -> torch.Tensor:
@@ -120,10 +120,10 @@ def test_noncontiguous_input_and_grad_flags():
     assert rel_err(w.grad, w64.grad) <= 1e-5
 
 
-def test_plan_skips_zero_tiles():
+def test_layout_skips_zero_tiles():
     n, k = 96, 70
     mask = make_mask("rows", n, k)
-    plan = mask_plan(mask, torch.float32)
+    plan = mask_layout(mask, torch.float32)
     tiles = plan.tiles
     live_rows = (mask.view(-1, tiles.fwd_n, k).any(dim=(1, 2)) if n % tiles.fwd_n == 0 else None)
     if live_rows is not None:
@@ -144,12 +144,14 @@ def test_masked_linear_module_swap():
     assert set(layer.state_dict()) == set(lin.state_dict()) == {"weight", "bias"}
     x = torch.randn(2, 5, 48)
     ref = masked_linear_reference(x.double(), lin.weight.detach().double(), mask, lin.bias.detach().double())
+    assert rel_err(layer(x), ref) <= 1e-5                          # kernel=None on the CPU: plain torch
+    layer.kernel = True                                            # the engine's kernels="triton"
+    layer.prepare(torch.float32)
     assert rel_err(layer(x), ref) <= 1e-5
-    # the cached plan follows in-place mask edits
-    layer.mask.zero_()
-    out = layer(x)
+    layer.mask.zero_()                                             # an edited mask needs its layout again
+    out = layer.prepare(torch.float32)(x)
     assert rel_err(out, lin.bias.detach().expand_as(out)) <= 1e-6
-    layer.kernel = False                                          # the engine's kernels="torch"
+    layer.kernel = False                                           # the engine's kernels="torch"
     assert torch.equal(layer(x), masked_linear_reference(x, lin.weight, layer.mask, lin.bias))
     fresh = MaskedLinear(48, 40, bias=False)
     assert fresh.mask.all() and fresh.bias is None and isinstance(fresh, nn.Linear)
@@ -160,11 +162,13 @@ def test_masked_linear_module_swap():
 def test_dispatch_paths():
     x, w = torch.randn(4, 8), torch.randn(3, 8)
     mask = torch.rand(3, 8) > 0.5
-    assert dispatch.triton_available_for(x) == (dispatch.HAVE_TRITON and (dispatch.INTERPRET or x.is_cuda))
+    assert dispatch.runnable(x.device) == (dispatch.HAVE_TRITON and (dispatch.INTERPRET or x.is_cuda))
     assert rel_err(masked_linear(x, w, mask, kernel=False), masked_linear_reference(x, w, mask)) == 0.0
-    assert dispatch.use_triton("masked_linear", x, "torch") is False
+    assert dispatch.choose("masked_linear", x.device, "torch") is False
+    assert dispatch.choose("masked_linear", x.device, "auto") is False            # CPU: plain torch
+    assert dispatch.choose("masked_linear", x.device, True) is dispatch.runnable(x.device)
     with pytest.raises(ValueError):
-        dispatch.use_triton("masked_linear", x, "fast")
+        dispatch.choose("masked_linear", x.device, "fast")
 
 
 # ------------------------------------------------------------------------ GPU

@@ -60,12 +60,12 @@ def compile_one(kernel, types, consts, num_warps):
     return [fn.__name__, json.dumps(consts, sort_keys=True), k.metadata.shared, vector_loads]
 
 out = []
-scalars_i32 = ("n_blocks", "n_split", "rows_total", "part_rows", "coef_rows", "n_tensors")
+scalars_i32 = ("n_split", "rows_total", "part_rows", "coef_rows")
 for student, teacher in (("bf16", "bf16"), ("fp32", "bf16"), ("fp16", "fp16")):
     for block_d in (128, 256, 512, 1024):                         # what cosine_loss._chunk can pick
         block_r = 4096 // block_d
         warps = 8 if block_r * block_d >= 4096 else 4
-        types = {"tab_ptr": "*i64", "gtab_ptr": "*i64", "s_any": "*" + student, "t_any": "*" + teacher,
+        types = {"tab_ptr": "*i64", "tblk_ptr": "*i32", "gtab_ptr": "*i64", "s_any": "*" + student, "t_any": "*" + teacher,
                  "part_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32", "gout_ptr": "*fp32",
                  "raw_ptr": "*fp32", "w_ptr": "*fp32", "eps": "fp32", **{n: "i32" for n in scalars_i32}}
         for aligned in (False, True):
@@ -76,12 +76,12 @@ for student, teacher in (("bf16", "bf16"), ("fp32", "bf16"), ("fp16", "fp16")):
     out.append(compile_one(cos._cos_finalize_kernel, types, {"TAB": cos._TAB, "BLOCK_R": 32}, 4))
 for param, moment, has_mask, lr_ptr in (("fp32", "fp32", True, True), ("fp32", "bf16", True, False),
                                         ("bf16", "fp32", False, True)):
-    types = {"tab_ptr": "*i64", "p_any": "*" + param, "g_any": "*" + param, "m_any": "*" + moment,
-             "v_any": "*" + moment, "k_any": "*u8", "lr_ptr": "*fp32", "n_tensors": "i32",
+    types = {"tab_ptr": "*i64", "ctab_ptr": "*i32", "p_any": "*" + param, "g_any": "*" + param, "m_any": "*" + moment,
+             "v_any": "*" + moment, "k_any": "*u8", "lr_ptr": "*fp32",
              **{n: "fp32" for n in ("lr", "step_size", "decay", "bc1", "bc2_sqrt", "w1", "beta1", "beta2", "w2",
                                    "eps", "weight_decay")}}
     for aligned in (False, True):
-        consts = {"HAS_MASK": has_mask, "LR_FROM_PTR": lr_ptr, "DECOUPLED": True, "HAS_WD": True, "SEARCH_STEPS": 8,
+        consts = {"HAS_MASK": has_mask, "LR_FROM_PTR": lr_ptr, "DECOUPLED": True, "HAS_WD": True,
                   "TAB": adam._TAB, "BLOCK": adam.BLOCK, "ALIGNED": aligned}
         out.append(compile_one(adam._masked_adam_kernel, types, consts, 8))
 print(json.dumps(out))

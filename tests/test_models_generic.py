@@ -109,7 +109,7 @@ def test_blocks_come_from_the_models_structure():
     assert names["swin_tiny_patch4_window7_224"] == ["layers.0.blocks.0", "layers.1.blocks.0", "layers.2.blocks.0",
                                                      "layers.2.blocks.1", "layers.3.blocks.0"]
     assert names["torchvision/mobilenet_v3_small"] == [f"features.{i}" for i in range(1, 12)]    # repeated units
-    assert adapter_for(build("swin_tiny_patch4_window7_224")[0]).rows == "token"                 # NHWC: per position
+    assert adapter_for(build("swin_tiny_patch4_window7_224")[0]).cosine_per == "token"                 # NHWC: per position
 
 
 def test_structured_mlp_masks_and_compaction_on_a_generic_transformer():

@@ -174,3 +174,63 @@ def test_cli_takes_every_objective():
         args = build_parser().parse_args(["recover", "--model-name", "fashion_vit", "--mask-path", "m.pt",
                                           "--objective", objective])
         assert args.objective == objective
+
+
+def test_a_new_objective_is_one_registry_entry(monkeypatch):
+    """ARCHITECTURE.md's how-to: an objective added through the registry alone heals in both modes; the
+    config accepts it, the teacher store keeps what it needs, the steps compute it."""
+    import starfish_fast.objectives as objectives
+
+    def smooth_l1(inputs):
+        blocks = torch.stack([torch.nn.functional.smooth_l1_loss(s, t.to(s.dtype))
+                              for s, t in zip(inputs.student_reps, inputs.teacher_reps)])       # (L,)
+        return blocks.mean(), blocks.detach().float()
+
+    entry = objectives.Objective("smooth_l1", "smooth L1 between block outputs", smooth_l1, needs_blocks=True)
+    monkeypatch.setitem(objectives.OBJECTIVES, "smooth_l1", entry)
+    args = build_parser().parse_args(["recover", "--model-name", "fashion_vit", "--mask-path", "m.pt",
+                                      "--objective", "smooth_l1"])
+    assert args.objective == "smooth_l1"
+    for mode in ("fast", "exact"):
+        result, pruned, masks = _heal("smooth_l1", mode=mode)
+        assert result.history[-1]["loss"] < result.history[0]["loss"], result.history
+        assert result.plan.teacher_store == "device"
+        for key, mask in masks.items():
+            assert (pruned.state_dict()[key][~mask] == 0).all()
+
+
+def test_objective_names_are_spelled_in_one_module():
+    """The objective names appear as string literals only in objectives.py (docstrings aside, and dictionary
+    keys or subscripts, which name measured values such as diagnostics' "kl", not objectives)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "starfish_fast"
+    names = set(OBJECTIVES)
+    found = {}
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        keys = {id(key) for node in ast.walk(tree) if isinstance(node, ast.Dict) for key in node.keys} | \
+               {id(node.slice) for node in ast.walk(tree) if isinstance(node, ast.Subscript)}
+        literals = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                    and node.value in names and id(node) not in docstrings | keys]
+        if literals:
+            found[str(path.relative_to(package))] = sorted(set(literals))
+    assert set(found) == {"objectives.py"}, found
+
+
+def test_readme_lists_every_objective():
+    """The README's HealConfig row names the registry's objectives, in its order, with each one's help."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `objective` |"))
+    meaning = row.split("|")[3]
+    assert [name for name in re.findall(r"`([^`]+)`", meaning) if name in OBJECTIVES] == list(OBJECTIVES)
+    for spec in OBJECTIVES.values():
+        assert spec.help in meaning, spec.name

@@ -32,3 +32,16 @@ def test_wheel_holds_every_package_and_the_weights(tmp_path):
     assert {f"starfish_fast/assets/{p.name}" for p in (ROOT / "starfish_fast" / "assets").glob("*.safetensors")} <= names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert re.search(r"starfish-fast\s*=\s*starfish_fast\.cli:main", entry_points)
+
+
+def test_checkout_never_shadows_pypi_kernels():
+    """transformers depends on PyPI's `kernels`; with the checkout's root on sys.path (a plain checkout,
+    PYTHONPATH=., pytest's rootdir) the top-level kernels/ folder must not be what `import kernels` finds."""
+    pytest.importorskip("transformers")
+    code = ("import kernels, transformers; from transformers import LlamaForCausalLM, GPT2LMHeadModel\n"
+            "import starfish_fast.kernels as k\n"
+            "assert 'site-packages' in (kernels.__file__ or ''), kernels\n"
+            "assert callable(k.masked_linear) and callable(k.multi_block_cosine_loss)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

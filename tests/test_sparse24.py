@@ -1,6 +1,11 @@
 """2:4 layer: mask check, CPU fallback with one warning, the sparse autograd path (through a
-stand-in backend on CPU, the real one under -m cuda), module swapping."""
+stand-in backend on CPU, every real one under -m cuda), module swapping; the measured choice with
+injected timings (fastest wins, ties go to dense, forced-but-slower warns once, the whole-step check,
+the sidecar record); the benchmark's plot on made-up data and the GPU check's 2:4 part rehearsed."""
+import json
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +17,20 @@ from torchvision.models.vision_transformer import VisionTransformer as Torchvisi
 from starfish_fast import sparse24
 from starfish_fast.masks import apply_masks
 from starfish_fast.prune import nm_masks
-from starfish_fast.sparse24 import (SemiStructuredLinear, benchmark_layer, convert_linears, is_two_four,
-                                    restore_linears, semi_structured_supported)
+from starfish_fast.sparse24 import (BACKENDS, SemiStructuredLinear, backend_reason, benchmark_layer,
+                                    choose_semi_structured, convert_linears, is_two_four, restore_linears,
+                                    save_decision, semi_structured_supported)
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
 def fresh_warnings():
-    sparse24._WARNED_REASONS.clear()
+    sparse24._WARNED.clear()
     yield
-    sparse24._WARNED_REASONS.clear()
+    sparse24._WARNED.clear()
 
 
 def two_four_mask(rows, cols, seed=0):
@@ -84,30 +92,39 @@ def test_cpu_fallback_warns_once_and_matches_dense_masked():
     assert (layer.weight.grad[~mask] == 0).all()
 
 
-class DenseStandIn:
-    """Plays the 2:4 backend on CPU (packing = identity) to test the autograd function's logic."""
+class StandInPack:
+    """Plays a 2:4 backend on CPU (packing = keeping the weight) to test the autograd function's logic."""
     calls = 0
 
-    @classmethod
-    def from_dense(cls, weight):
-        cls.calls += 1
+    def __init__(self, weight, bias):
+        self.repack(weight, bias)
+
+    def repack(self, weight, bias):
+        type(self).calls += 1
         assert is_two_four(weight != 0) and weight.is_contiguous()
-        return weight
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x2d):
+        return F.linear(x2d, self.weight, self.bias)
 
 
 @pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, True)])
 def test_sparse_function_outputs_and_gradients(monkeypatch, dtype, autocast):
-    monkeypatch.setattr(sparse24, "choose_backend", lambda weight, mask, dtype=None: (DenseStandIn, ""))
+    monkeypatch.setattr(sparse24, "choose_backend", lambda weight, mask, dtype=None, name=None: ("stand_in", ""))
+    monkeypatch.setitem(sparse24.PACKERS, "stand_in", StandInPack)
     torch.manual_seed(1)
     linear = nn.Linear(32, 16)
     mask = two_four_mask(16, 32, seed=1)
     layer = SemiStructuredLinear.from_linear(linear, mask)
     x = torch.randn(2, 7, 32, requires_grad=True)
-    DenseStandIn.calls = 0
+    StandInPack.calls = 0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = layer(x)
         x_ref, w_ref, b_ref, y_ref = dense_reference(x, linear.weight, linear.bias, mask)
-    assert DenseStandIn.calls == 1 and y.dtype == y_ref.dtype == dtype
+    assert StandInPack.calls == 1 and y.dtype == y_ref.dtype == dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layer(x)
+    assert StandInPack.calls == 2 and len(layer._packs) == 1              # packed again in place, every call
     grad = torch.randn_like(y)
     y.backward(grad)
     y_ref.backward(grad)
@@ -156,22 +173,188 @@ def test_benchmark_names_the_reason_it_cannot_run():
         benchmark_layer(64, 64, tokens=16, device="cpu")
 
 
+# ----------------------------------------------------------------------------- the measured choice
+def small_vit():
+    torch.manual_seed(0)         # linears: qkv 192x64, proj 64x64, fc1 256x64, fc2 64x256, two blocks
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4,
+                              num_classes=10).eval()
+    return model, nm_masks(model, scope="qkv_out_mlp")
+
+
+class Timings:
+    """An injected ``measure``: milliseconds from a table by backend and shape; counts the calls."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def __call__(self, name, shape, *, tokens, dtype, device, purpose, bias):
+        self.calls.append((name, tuple(shape), purpose))
+        value = self.table[tuple(shape)][name]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+TABLE = {(192, 64): {"dense": 1.0, "torch_cusparselt": 2.0, "cached_cusparselt": 1.5},      # dense wins
+         (64, 64): {"dense": 1.0, "torch_cusparselt": 3.0, "cached_cusparselt": RuntimeError("refused\nmore")},
+         (256, 64): {"dense": 1.0, "torch_cusparselt": 0.9, "cached_cusparselt": 0.5},     # cached wins
+         (64, 256): {"dense": 1.0, "torch_cusparselt": 1.2, "cached_cusparselt": 0.99}}    # a tie: dense
+
+
+def choose(mode="auto", table=TABLE, **kwargs):
+    model, masks = small_vit()
+    measure = Timings(table)
+    decision = choose_semi_structured(model, masks, "cuda", torch.bfloat16, mode, tokens=1000, measure=measure,
+                                      candidates=["torch_cusparselt", "cached_cusparselt"], **kwargs)
+    return decision, measure
+
+
+def test_auto_keeps_the_fastest_and_ties_go_to_dense():
+    decision, measure = choose()
+    assert decision.choice == {f"blocks.{i}.{name}": backend for i in range(2) for name, backend in [
+        ("attn.qkv", "dense"), ("attn.proj", "dense"), ("mlp.fc1", "cached_cusparselt"), ("mlp.fc2", "dense")]}
+    assert decision.semi_structured and decision.reason.startswith("auto: 2:4 on 2 of 8 linears")
+    assert len(measure.calls) == 4 * 3 and {c[2] for c in measure.calls} == {"inference"}   # once per shape
+    shapes = decision.record()["shapes"]
+    assert shapes["256x64"]["ms"] == {"dense": 1.0, "torch_cusparselt": 0.9, "cached_cusparselt": 0.5}
+    assert shapes["256x64"]["speedup"] == 2.0 and shapes["64x256"]["choice"] == "dense"
+    assert shapes["64x64"]["errors"] == {"cached_cusparselt": "RuntimeError: refused"}
+    assert shapes["192x64"]["layers"] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    json.dumps(decision.record())                                          # the plan / sidecar can keep it
+
+
+def test_auto_with_no_win_is_dense_and_says_so():
+    slow = {shape: {**row, "cached_cusparselt": 5.0, "torch_cusparselt": 4.0} for shape, row in TABLE.items()}
+    decision, _ = choose(table=slow)
+    assert not decision.semi_structured and "no 2:4 backend beat dense by 3%" in decision.reason
+    assert "256x64 0.25x" in decision.reason
+
+
+def test_forced_but_slower_warns_once_with_the_ratio():
+    slow = {shape: {"dense": 1.0, "torch_cusparselt": 2.0, "cached_cusparselt": 4.0} for shape in TABLE}
+    with pytest.warns(RuntimeWarning, match=r"slower than dense.*256x64 torch_cusparselt 0.50x of dense") as caught:
+        decision, _ = choose("on", table=slow)
+        choose("on", table=slow)
+    assert len([w for w in caught if "slower than dense" in str(w.message)]) == 1
+    assert set(decision.choice.values()) == {"torch_cusparselt"} and decision.reason.startswith("on: 2:4 on 8 of 8")
+
+
+def test_off_times_nothing():
+    model, masks = small_vit()
+    decision = choose_semi_structured(model, masks, "cuda", torch.bfloat16, "off", measure=pytest.fail)
+    assert set(decision.choice.values()) == {"dense"} and decision.reason == "off: requested"
+
+
+def test_without_a_gpu_auto_is_dense_with_the_reason():
+    model, masks = small_vit()
+    decision = choose_semi_structured(model, masks, "cpu", torch.bfloat16, measure=pytest.fail)
+    assert not decision.semi_structured and "needs a CUDA GPU" in decision.reason
+    assert set(decision.record()["unavailable"]) == set(BACKENDS)
+
+
+def test_bad_mode_is_one_line():
+    model, masks = small_vit()
+    with pytest.raises(ValueError, match="semi_structured='fast'.*auto, on, off"):
+        choose_semi_structured(model, masks, "cpu", torch.bfloat16, "fast")
+
+
+@pytest.mark.parametrize("step_ms,kept", [((0.8, 1.0), True), ((1.0, 0.99), False)])
+def test_healing_keeps_2to4_only_where_the_whole_step_is_faster(step_ms, kept):
+    chosen, dense = step_ms
+    seen = []
+
+    def measure_step(choice):
+        seen.append(dict(choice))
+        return chosen if any(backend != "dense" for backend in choice.values()) else dense
+
+    decision, measure = choose(purpose="heal", measure_step=measure_step)
+    assert {c[2] for c in measure.calls} == {"heal"} and len(seen) == 2
+    assert decision.semi_structured == kept and decision.context["step_ms"] == {"chosen": chosen, "dense": dense}
+    if not kept:
+        assert "whole step" in decision.reason
+
+
+def test_sidecar_holds_the_choice_and_the_timings(tmp_path):
+    decision, _ = choose()
+    path = tmp_path / "deit.2to4.json"
+    save_decision(decision, path)
+    saved = json.loads(path.read_text())
+    assert saved["choice"]["blocks.1.mlp.fc1"] == "cached_cusparselt" and saved["mode"] == "auto"
+    assert saved["shapes"]["256x64"]["ms"]["cached_cusparselt"] == 0.5 and saved["tokens"] == 1000
+    assert saved["reason"] == decision.reason and "library" in saved and saved["dtype"] == "bfloat16"
+    assert [p.name for p in tmp_path.iterdir()] == ["deit.2to4.json"]        # no temporary file left
+
+
+def test_convert_follows_the_choice():
+    decision, _ = choose()
+    model, masks = small_vit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        replaced = convert_linears(model, masks, choice=decision.choice)
+    assert replaced == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert model.blocks[0].mlp.fc1.backend == "cached_cusparselt" and type(model.blocks[0].mlp.fc2) is nn.Linear
+
+
+# ----------------------------------------------------------------------------- bench and GPU-check part
+@pytest.fixture
+def bench_on_path():
+    sys.path.insert(0, str(BENCH))
+    yield
+    sys.path.remove(str(BENCH))
+
+
+def test_speedup_plot_from_made_up_data(tmp_path, bench_on_path):
+    import bench_sparse24
+
+    linears = [{"model": model, "layer": layer, "tokens": tokens,
+                "inference": {"dtype": dtype, "dense_ms": 1.0, "torch_cusparselt_speedup": 0.2 + i / 10,
+                              "cached_cusparselt_speedup": 1.1 + i / 20}}
+               for model, tokens in [("deit_base_patch16_224", 25216), ("deit3_huge_patch14_224", 8224)]
+               for dtype in ("bfloat16", "float16") for i, layer in enumerate(("qkv", "proj", "fc1", "fc2"))]
+    path = bench_sparse24.plot_speedups({"device": "made-up GPU", "linears": linears}, tmp_path / "s.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+def test_bench_without_gpu_records_why(tmp_path, bench_on_path, capsys):
+    import bench_sparse24
+
+    args = bench_sparse24.argparse.Namespace(models=["deit_base_patch16_224"], dtypes=["bfloat16"], quick=True,
+                                             skip_models=True, iters=1, output=str(tmp_path / "r.json"))
+    report = bench_sparse24.run(args)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == saved["status"] == "skipped" and "CUDA GPU" in capsys.readouterr().out
+
+
+def test_gpu_check_part_rehearses_on_cpu(tmp_path, bench_on_path):
+    from gpu_check_log import Recorder, read_records
+    from gpu_check_sparse24 import part_sparse24
+
+    part_sparse24(Recorder(tmp_path, "sparse24"), tmp_path, rehearse=True, seconds=240)
+    records = {r["name"]: r for r in read_records(tmp_path)}
+    assert records["sparse24:child"]["ok"] is True, records["sparse24:child"].get("tail")
+    assert records["sparse24:library"]["ok"] is True and records["sparse24:decision:cpu"]["ok"] is True
+    assert records["sparse24:wheels"]["ok"] is None and records["sparse24:model"]["ok"] is None
+    assert not [name for name, r in records.items() if r["ok"] is False]
+
+
 # ----------------------------------------------------------------------------- GPU
-def cuda_backend_or_skip(weight, mask, dtype):
-    ok, reason = semi_structured_supported(weight, mask, dtype)
+def cuda_backend_or_skip(weight, mask, dtype, backend=None):
+    reason = backend_reason(backend, weight.device, dtype) if backend else ""
+    ok, reason = (False, reason) if reason else semi_structured_supported(weight, mask, dtype)
     if not ok:
         pytest.skip(f"this GPU cannot run 2:4: {reason}")
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,autocast", [(torch.bfloat16, True), (torch.float16, False)])
 @pytest.mark.parametrize("tokens", [128, 197 * 2 + 3])
-def test_cuda_sparse_layer_matches_dense(dtype, autocast, tokens):
+def test_cuda_sparse_layer_matches_dense(backend, dtype, autocast, tokens):
     torch.manual_seed(0)
     linear = nn.Linear(256, 192, device="cuda", dtype=torch.float32 if autocast else dtype)
     mask = two_four_mask(192, 256).cuda()
-    cuda_backend_or_skip(linear.weight, mask, dtype)
-    layer = SemiStructuredLinear.from_linear(linear, mask)
+    cuda_backend_or_skip(linear.weight, mask, dtype, backend)
+    layer = SemiStructuredLinear.from_linear(linear, mask, backend)
     x = torch.randn(tokens, 256, device="cuda", dtype=linear.weight.dtype, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)                       # no fallback allowed here
@@ -190,13 +373,14 @@ def test_cuda_sparse_layer_matches_dense(dtype, autocast, tokens):
 
 
 @pytest.mark.cuda
-def test_cuda_weights_change_between_steps():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_weights_change_between_steps(backend):
     """The mask is fixed but the weights move: every forward must pack the current weights."""
     torch.manual_seed(0)
     linear = nn.Linear(128, 128, device="cuda", dtype=torch.float16)
     mask = two_four_mask(128, 128).cuda()
-    cuda_backend_or_skip(linear.weight, mask, torch.float16)
-    layer = SemiStructuredLinear.from_linear(linear, mask)
+    cuda_backend_or_skip(linear.weight, mask, torch.float16, backend)
+    layer = SemiStructuredLinear.from_linear(linear, mask, backend)
     x = torch.randn(64, 128, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         layer(x)

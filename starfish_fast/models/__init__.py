@@ -7,10 +7,11 @@
     logits, reps = adapter.forward_blocks(model, images, adapter.block_names(model))
 """
 from starfish_fast.models.adapters import (ADAPTERS, MLP_LAYERS, GenericAdapter, ModelAdapter,
-                                           MobileNetV1Adapter, TimmViTAdapter, TorchvisionViTAdapter, adapter_for,
+                                           MobileNetV1Adapter, TimmViTAdapter, TorchvisionViTAdapter,
                                            discover_blocks, enable_grad_checkpointing, forward_with_hooks,
                                            freeze_all, set_submodule)
 from starfish_fast.models.registry import (MOBILENET_MODEL, MOBILENET_MODELS, REFERENCE_MODELS, SUPPORTED_VIT_MODELS, TIMM_VIT_MODELS,
+                                           adapter_for,
                                            TORCHVISION_MODELS, CheckpointMismatchError, ModelSpec, all_block_names,
                                            build_empty_model, default_prune_scope, infer_model_kind,
                                            is_prunable_weight, load_dense, load_model, model_spec,

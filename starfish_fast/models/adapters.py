@@ -1,7 +1,7 @@
 """Model adapters: per architecture family, the blocks, the prune scopes and a forward pass that returns
 every block's output without hooks inside compiled code.
 
-    from starfish_fast.models import adapter_for
+    from starfish_fast.models import adapter_for      # models/registry.py: a model's adapter
     adapter = adapter_for(model)                  # TimmViTAdapter, ..., or GenericAdapter for any classifier
     logits, reps = adapter.forward_blocks(model, images, adapter.block_names(model))
     # logits (B, num_classes); reps: one tensor per block, (B, T, D), (B, C, H, W) or (B, H, W, C)
@@ -36,8 +36,11 @@ class ModelAdapter:
     """What the engine needs to know about one architecture family."""
 
     family: str = "generic"
-    kind: str = "vit"                       # the reference's kinds: "vit" (per-token cosine) or "mobilenet"
-    rows: str = "token"                     # cosine rows: token (B*T rows), sample (B rows), shape (by the dims)
+    cosine_per: str = "token"               # cosine rows: token (B*T rows), sample (B rows), shape (by the dims)
+    sequence_first: bool = False            # hooked block outputs may come (T, B, D) (the reference's ViT rule)
+    train_student: bool = True              # the student heals in train mode (the reference's: BatchNorm updates)
+    next_token_labels: bool = False         # objectives needing labels take the next input tokens (causal LMs)
+    item: str = "img"                       # one calibration example in progress output (seq for a causal LM)
     scopes: tuple[str, ...] = ()
     default_scope: str = ""
 
@@ -80,12 +83,16 @@ class ModelAdapter:
         own = self.block_names(model)
         position = {name: i for i, name in enumerate(own)}
         if any(name not in position for name in block_names):
-            return forward_with_hooks(model, images, block_names, self.kind)
+            return forward_with_hooks(model, images, block_names, self.sequence_first)
         wanted = {position[name] for name in block_names}
         last = len(own) - 1 if need_logits or not wanted else max(wanted)
         checkpointing = bool(getattr(model, "grad_checkpointing", False)) and torch.is_grad_enabled()
         outputs: dict[int, torch.Tensor] = {}
         x = self._embed(model, images)
+        if torch.is_grad_enabled() and not x.requires_grad:
+            # the first block then sees an input like the others' (needing grad): identical blocks share one
+            # compiled graph instead of two (the gradient it adds is the first block's input projection's)
+            x.requires_grad_()
         for i, block in enumerate(self._blocks(model)[:last + 1]):
             x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
             if i in wanted:
@@ -95,7 +102,7 @@ class ModelAdapter:
 
 
 class TimmViTAdapter(ModelAdapter):
-    family, kind, scopes, default_scope = "timm_vit", "vit", scopes.VIT_SCOPES, "qkv_out_mlp"
+    family, scopes, default_scope, sequence_first = "timm_vit", scopes.VIT_SCOPES, "qkv_out_mlp", True
 
     def matches(self, model):
         from timm.models.vision_transformer import VisionTransformer
@@ -122,7 +129,7 @@ class TimmViTAdapter(ModelAdapter):
 
 
 class TorchvisionViTAdapter(ModelAdapter):
-    family, kind, scopes, default_scope = "torchvision_vit", "vit", scopes.VIT_SCOPES, "qkv_out_mlp"
+    family, scopes, default_scope, sequence_first = "torchvision_vit", scopes.VIT_SCOPES, "qkv_out_mlp", True
 
     def matches(self, model):
         from torchvision.models.vision_transformer import VisionTransformer
@@ -149,8 +156,7 @@ class TorchvisionViTAdapter(ModelAdapter):
 
 
 class MobileNetV1Adapter(ModelAdapter):
-    family, kind, scopes, default_scope = "mobilenetv1", "mobilenet", scopes.MOBILENET_SCOPES, "conv_fc"
-    rows = "sample"
+    family, scopes, default_scope, cosine_per = "mobilenetv1", scopes.MOBILENET_SCOPES, "conv_fc", "sample"
 
     def matches(self, model):
         from timm.models.efficientnet import EfficientNet
@@ -178,7 +184,7 @@ class GenericAdapter(ModelAdapter):
     """Any classifier ``nn.Module``: blocks from its own structure (or ``block_names``), outputs captured
     by per-block capture classes, logits from the model's own forward."""
 
-    family, kind, scopes = "generic", "generic", scopes.GENERIC_SCOPES
+    family, scopes = "generic", scopes.GENERIC_SCOPES
 
     def __init__(self, model: nn.Module, block_names: Sequence[str] | None = None):
         self.blocks = list(block_names) if block_names is not None else discover_blocks(model)
@@ -187,7 +193,7 @@ class GenericAdapter(ModelAdapter):
                              f"(--blocks REGEX on the command line); `starfish-fast blocks` lists candidates")
         # channels-last maps (timm Swin) are compared per position, like tokens; otherwise by the
         # output's shape: (B, T, D) per token, (B, C, H, W) per image
-        self.rows = "token" if getattr(model, "output_fmt", "NCHW") == "NHWC" else "shape"
+        self.cosine_per = "token" if getattr(model, "output_fmt", "NCHW") == "NHWC" else "shape"
         self.default_scope = scopes.generic_default_scope(model, self.blocks)
         self.model_ref = model
 
@@ -235,9 +241,9 @@ class GenericAdapter(ModelAdapter):
         with (contextlib.nullcontext() if ready else self.prepared(model, block_names)):
             for name, block in zip(block_names, blocks):
                 block._starfish_sink = lambda output, name=name: outputs.__setitem__(
-                    name, _block_output(output, "generic", images.shape[0]))
+                    name, _block_output(output, images.shape[0]))
             try:
-                logits = model(images)
+                logits = self._run(model, images, need_logits)
             finally:
                 for block in blocks:
                     block._starfish_sink = None
@@ -245,6 +251,10 @@ class GenericAdapter(ModelAdapter):
         if missing:
             raise RuntimeError(f"blocks {missing[:5]} produced no output in the model's forward")
         return (logits if need_logits else None), [outputs[name] for name in block_names]
+
+    def _run(self, model: nn.Module, inputs: torch.Tensor, need_logits: bool) -> torch.Tensor | None:
+        """The model's own forward on ``inputs``: its logits (the capture classes see the blocks)."""
+        return model(inputs)
 
 
 _CAPTURE_CLASSES: dict[type, type] = {}
@@ -313,17 +323,17 @@ def _outermost(names: list[str]) -> list[str]:
     return [n for n in names if not any(n.startswith(m + ".") for m in names if m != n)]
 
 
-def _block_output(output, kind: str, batch_size: int) -> torch.Tensor:
-    """A tuple output takes its first element; a sequence-first (T, B, D) output is made batch-first."""
+def _block_output(output, batch_size: int, sequence_first: bool = False) -> torch.Tensor:
+    """A tuple output takes its first element; with ``sequence_first`` a (T, B, D) output is made batch-first."""
     if isinstance(output, (tuple, list)):
         output = output[0]
-    if kind == "vit" and output.dim() == 3 and output.shape[0] != batch_size and output.shape[1] == batch_size:
+    if sequence_first and output.dim() == 3 and output.shape[0] != batch_size and output.shape[1] == batch_size:
         output = output.transpose(0, 1)
     return output
 
 
 def forward_with_hooks(model: nn.Module, images: torch.Tensor, block_names: Sequence[str],
-                       kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                       sequence_first: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits and block outputs captured with forward hooks (eager; the reference's way)."""
     modules = dict(model.named_modules())
     missing = [name for name in block_names if name not in modules]
@@ -332,7 +342,7 @@ def forward_with_hooks(model: nn.Module, images: torch.Tensor, block_names: Sequ
     captured: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_hook(
         lambda _module, _inputs, output, name=name: captured.__setitem__(
-            name, _block_output(output, kind, images.shape[0])))
+            name, _block_output(output, images.shape[0], sequence_first)))
         for name in block_names]
     try:
         logits = model(images)
@@ -343,15 +353,6 @@ def forward_with_hooks(model: nn.Module, images: torch.Tensor, block_names: Sequ
 
 
 ADAPTERS: tuple[ModelAdapter, ...] = (TimmViTAdapter(), TorchvisionViTAdapter(), MobileNetV1Adapter())
-
-
-def adapter_for(model: nn.Module, block_names: Sequence[str] | None = None) -> ModelAdapter:
-    """The family adapter of ``model``, else a ``GenericAdapter`` whose blocks are ``block_names`` (default:
-    found in the model's structure). A family adapter runs any subset of its own blocks."""
-    for adapter in ADAPTERS:
-        if adapter.matches(model):
-            return adapter
-    return GenericAdapter(model, block_names)
 
 
 # ----------------------------------------------------------------------------- module utilities
@@ -367,7 +368,12 @@ def freeze_all(model: nn.Module) -> None:
 
 
 def enable_grad_checkpointing(model: nn.Module) -> bool:
+    """Recompute block activations in the backward where the model supports it (timm's
+    ``set_grad_checkpointing``, transformers' ``gradient_checkpointing_enable``); False where it does not."""
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
+        return True
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return True
     return False

@@ -10,7 +10,8 @@ linears) ``qkv``, ``qkv_out``, ``qkv_out_mlp``, ``mlp``, ``qk``, ``qk_mlp``; for
 ``conv_only``, ``fc_only``, ``conv_fc``, ``conv_dw``, ``all``. Any other model gets the generic scopes:
 ``linear``, ``conv`` (non-depthwise convolutions), ``conv_dw`` (all convolutions), ``attn`` (linears
 under an attention module), ``mlp`` (linears under an MLP / feed-forward module) and ``all``; the
-classifier head is never in them, the stem (what runs before the first block) only in ``all``.
+classifier head is never in them, the stem (what runs before the first block) only in ``all``. Causal
+language models (``models.hf``) get ``all``, ``attn`` and ``mlp`` over their decoder layers' linears.
 """
 from __future__ import annotations
 
@@ -23,15 +24,21 @@ WeightPredicate = Callable[[str, nn.Module], bool]
 VIT_SCOPES = ("qkv", "qkv_out", "qkv_out_mlp", "mlp", "qk", "qk_mlp")
 MOBILENET_SCOPES = ("conv_only", "fc_only", "conv_fc", "conv_dw", "all")
 GENERIC_SCOPES = ("linear", "conv", "conv_dw", "attn", "mlp", "all")
+DECODER_SCOPES = ("all", "attn", "mlp")
 ATTENTION_SEGMENT = re.compile(r"(^|\.)(attn|attention|self_attention|self_attn|mha)(\.|$)")
 MLP_SEGMENT = re.compile(r"(^|\.)(mlp|ffn|feed_forward|ff)(\.|$)")
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's c_attn, c_proj, c_fc): a linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+
+
 def get_weight_key_and_tensor(name: str, module: nn.Module):
-    """``nn.Linear``/``nn.Conv2d`` -> ``name.weight``; ``nn.MultiheadAttention`` (and its QK-compacted
+    """``nn.Linear``/``nn.Conv2d``/transformers ``Conv1D`` -> ``name.weight``; ``nn.MultiheadAttention`` (and its QK-compacted
     stand-in) -> ``name.in_proj_weight``; anything else -> (None, None)."""
     prefix = f"{name}." if name else ""
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
+    if isinstance(module, (nn.Linear, nn.Conv2d)) or is_hf_conv1d(module):
         return prefix + "weight", module.weight
     if isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
         return prefix + "in_proj_weight", module.in_proj_weight
@@ -128,3 +135,20 @@ def generic_default_scope(model: nn.Module, blocks: Sequence[str]) -> str:
     counts = {scope: sum(w.numel() for w in prunable_weights(model, generic_predicate(model, blocks, scope)).values())
               for scope in ("linear", "conv")}
     return max(counts, key=counts.get)
+
+
+def decoder_predicate(blocks: Sequence[str], scope: str) -> WeightPredicate:
+    """The decoder scopes of a causal LM whose decoder layers are ``blocks``: ``all`` (every linear and
+    ``Conv1D`` inside them), ``attn`` (those under the attention module: q/k/v/o, GPT-2's c_attn and
+    c_proj), ``mlp`` (the rest: gate/up/down, fc1/fc2, GPT-2's c_fc and c_proj). Embeddings and the LM
+    head sit outside the layers: never in a scope."""
+    inside = re.compile("^(" + "|".join(re.escape(b) for b in blocks) + r")\.")
+
+    def predicate(name: str, module: nn.Module) -> bool:
+        key, _ = get_weight_key_and_tensor(name, module)
+        if key is None or isinstance(module, nn.Conv2d) or not inside.match(name):
+            return False
+        attention = bool(ATTENTION_SEGMENT.search(name))
+        return {"all": True, "attn": attention, "mlp": not attention}[scope]
+
+    return predicate

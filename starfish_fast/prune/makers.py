@@ -21,7 +21,8 @@ Conventions:
 - N:M groups run along the reduction dimension: the input features of a linear, and for a conv
   each output channel's ``in_channels/groups * kh * kw`` entries in memory order (the im2col
   GEMM's reduction). A weight whose reduction size is not a multiple of M is refused rather than
-  letting groups straddle filters.
+  letting groups straddle filters. transformers ``Conv1D`` weights (GPT-2), stored (in, out), are
+  scored, grouped and split into rows as the linear they are; their masks keep the stored layout.
 - structured ``mlp``: hidden neurons of each block (fc1 row and the fc2 column of the same neuron;
   fc1's bias is left alone: its neuron then feeds a zero fc2 column). ``qk``: head dimensions,
   the same count in every head, removing the q row and the k row of a (head, dim) pair inside the
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from starfish_fast.models import adapter_for, prunable_weights
+from starfish_fast.models.scopes import is_hf_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +80,25 @@ def _check_nm_shapes(weights: Mapping[str, torch.Tensor], n: int, m: int, scope:
                          f"has {len(misfits)} that are not: {'; '.join(misfits[:5])}")
 
 
+class ScopeWeights(dict):
+    """``{key: weight}`` of a scope, each viewed (out, reduction...): transformers ``Conv1D`` weights, stored
+    (in, out), are transposed views; ``transposed`` names them, so ``_finish`` turns their masks back."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], transposed: frozenset[str]):
+        super().__init__({key: w.t() if key in transposed else w for key, w in weights.items()})
+        self.transposed = transposed
+
+
 def _scope_weights(model: nn.Module, scope: str):
-    """The adapter, the resolved scope name and ``{key: weight}`` of the scope (``ValueError`` if empty)."""
+    """The adapter, the resolved scope name and the scope's ``ScopeWeights`` (``ValueError`` if empty)."""
     adapter = adapter_for(model)
     resolved = adapter.check_scope(scope)
     weights = prunable_weights(model, adapter.scope_predicate(resolved))
     if not weights:
         raise ValueError(f"prune scope {resolved!r} selects no weights of this {adapter.family} model")
-    return adapter, resolved, weights
+    transposed = frozenset(f"{name}.weight" for name, module in model.named_modules()
+                           if is_hf_conv1d(module) and f"{name}.weight" in weights)
+    return adapter, resolved, ScopeWeights(weights, transposed)
 
 
 def _scores(weights: Mapping[str, torch.Tensor], score: ScoreFn) -> dict[str, torch.Tensor]:
@@ -112,8 +125,11 @@ def _keep_largest(scores: torch.Tensor, n_prune: int, dim: int | None = None) ->
     return keep.view(scores.shape)
 
 
-def _finish(masks: dict[str, torch.Tensor], title: str) -> dict[str, torch.Tensor]:
-    masks = {key: mask.to("cpu", torch.bool).contiguous() for key, mask in masks.items()}
+def _finish(masks: dict[str, torch.Tensor], title: str, transposed: frozenset[str] = frozenset()
+            ) -> dict[str, torch.Tensor]:
+    """Bool CPU masks in the weights' own layout (``transposed``: the ``ScopeWeights`` views to turn back)."""
+    masks = {key: (mask.t() if key in transposed else mask).to("cpu", torch.bool).contiguous()
+             for key, mask in masks.items()}
     summary = sparsity_summary(masks)
     log.info("%s: %d weights in %d tensors, sparsity %.4f", title, summary["total"], len(masks), summary["sparsity"])
     log.debug("%s", format_summary(summary))    # per layer; `starfish-fast prune` prints it
@@ -134,7 +150,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "auto", per:
         masks = {key: _threshold_masks({key: value}, sparsity)[key] for key, value in scores.items()}
     else:
         masks = _threshold_masks(scores, sparsity)
-    return _finish(masks, f"magnitude pruning, {per}, sparsity {sparsity:g}, scope {resolved}")
+    return _finish(masks, f"magnitude pruning, {per}, sparsity {sparsity:g}, scope {resolved}", weights.transposed)
 
 
 def _threshold_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
@@ -171,7 +187,7 @@ def nm_masks(model: nn.Module, n: int = 2, m: int = 4, scope: str = "auto",
     for key, value in _scores(weights, score).items():
         groups = value.reshape(value.shape[0], -1, m)          # (out, reduction/m, m)
         masks[key] = _keep_largest(groups, m - n, dim=-1).view(value.shape)
-    return _finish(masks, f"{n}:{m} pruning, scope {resolved}")
+    return _finish(masks, f"{n}:{m} pruning, scope {resolved}", weights.transposed)
 
 
 # ----------------------------------------------------------------------------- structured
@@ -201,7 +217,7 @@ def structured_masks(model: nn.Module, sparsity: float, scope: str = "auto", kin
         masks.update(_qk_masks(model, scores, sparsity, resolved))
     if kind == "channel":
         masks.update(_channel_masks(model, scores, sparsity, resolved))
-    return _finish(masks, f"structured {kind} pruning, sparsity {sparsity:g}, scope {resolved}")
+    return _finish(masks, f"structured {kind} pruning, sparsity {sparsity:g}, scope {resolved}", weights.transposed)
 
 
 def _default_kind(family: str, scope: str, has_mlp: bool) -> str:

