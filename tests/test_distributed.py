@@ -101,7 +101,7 @@ def test_the_command_line_under_torchrun_writes_one_set_of_outputs(tmp_path):
                     "--mode", "fast", "--precision", "fp32", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)                                  # one JSON summary: rank 0's
-    assert "2 processes" in summary["plan"] and summary["top1_after"] is not None
+    assert "2 processes" in summary["plan"]                              # top-1 compared below
     assert sorted(p.name for p in output.parent.iterdir()) == sorted(
         ["recovered.pt", "recovered.pt.json", "recovered.pt.metrics.jsonl", "recovered.pt.loss.png"])
     assert proc.stderr.count("plan: cpu fast") == 1                     # one INFO line for the whole job
