@@ -45,8 +45,8 @@ class HealConfig:
     batch_size: int = option(32, "calibration images per step (the global batch under torchrun)")
     scope: str = option("auto", "prune scope: which weights are masked and trained (auto: the model's default)",
                         flag="prune-scope")
-    mode: str = option("fast", "exact: the reference's step semantics; fast: bf16, compile, fused steps",
-                       ("fast", "exact"))
+    mode: str = option("fast", "exact: the reference's step semantics; fast: bf16 on GPUs, compile where it "
+                               "pays, fused steps", ("fast", "exact"))
     # the registry's live view: an entry added to OBJECTIVES is a choice at once (flag and validation)
     objective: str = option(objectives.DEFAULT, "healing loss (starfish_fast.objectives.OBJECTIVES)",
                             OBJECTIVES.keys())
