@@ -29,7 +29,9 @@ the untouched test split (10k). Seeds change the calibration subset and its batc
 Beyond the paper (``--objectives`` also takes these healers): ``starfish_adaptive`` is STARFISH with
 adaptive block weights; ``compensate`` is the closed-form ridge refit of the layers consuming
 structurally pruned units, alone (no training); ``compensate+starfish`` is that refit, then STARFISH
-(``HealConfig(warm_start="compensate")``). ImageNet: ``--imagenet-dir`` holds ImageFolder ``train/``
+(``HealConfig(warm_start="compensate")``); ``sparsegpt`` and ``sparsegpt+starfish`` the same with
+SparseGPT's weight update under the setting's masks (any maker's). ``--methods sparsegpt``: SparseGPT's
+masks from the seed's calibration images (its update is then the sparsegpt healers'). ImageNet: ``--imagenet-dir`` holds ImageFolder ``train/``
 (calibration) and ``val/`` (evaluation), resized and cropped as the reference does; class
 folders in the standard synset order, so that ``ce``'s labels are the model's class indices.
 
@@ -60,6 +62,7 @@ from accuracy_report import (UNSTRUCTURED, check_targets, read_rows, setting_lab
 from starfish_fast import HealConfig, heal
 from starfish_fast.bundled import BUNDLED_MODEL_NAME
 from starfish_fast.compensation import compensate
+from starfish_fast.sparsegpt import sparsegpt_update
 from starfish_fast.config import OBJECTIVES
 from starfish_fast.data import (FASHION_MNIST_DIR, TensorLoader, build_transform, load_fashion_mnist,
                                 select_calibration)
@@ -68,13 +71,17 @@ from starfish_fast.masks import apply_masks, mask_density
 from starfish_fast.models import adapter_for, load_dense, load_model, model_spec
 from starfish_fast.objectives import kl_dense_to_pruned
 from starfish_fast.plan import resolve_device
-from starfish_fast.prune import magnitude_masks, nm_masks, representation_masks, structured_masks, wanda_masks
+from starfish_fast.prune import (magnitude_masks, nm_masks, representation_masks, sparsegpt_prune, structured_masks,
+                                 wanda_masks)
 
 log = logging.getLogger("accuracy")
-# healers beyond the paper's objectives: name -> (objective, HealConfig overrides); "compensate" alone trains nothing
+# healers beyond the paper's objectives: name -> (objective, HealConfig overrides); the closed-form ones alone
+# (CLOSED_FORM) train nothing
 HEALERS = {"starfish_adaptive": ("starfish", {"block_weights": "adaptive"}),
-           "compensate+starfish": ("starfish", {"warm_start": "compensate"})}
-CHOICES = (*OBJECTIVES, *HEALERS, "compensate")
+           "compensate+starfish": ("starfish", {"warm_start": "compensate"}),
+           "sparsegpt+starfish": ("starfish", {"warm_start": "sparsegpt"})}
+CLOSED_FORM = {"compensate": compensate, "sparsegpt": sparsegpt_update}
+CHOICES = (*OBJECTIVES, *HEALERS, *CLOSED_FORM)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FULL = dict(sparsities=(0.5, 0.6, 0.7, 0.8, 0.9), objectives=OBJECTIVES, seeds=(0, 1, 2), extras=("2:4", "structured"),
@@ -154,6 +161,8 @@ def make_masks(task: Task, setting: Setting, seed: int, args) -> dict[str, torch
         common = dict(scope=task.scope, batch_size=args.eval_batch_size, device=task.device)
         if setting.name == "wanda":
             return wanda_masks(task.dense, setting.sparsity, images, **common)
+        if setting.name == "sparsegpt":              # its masks; its weight update is the sparsegpt healers'
+            return sparsegpt_prune(copy.deepcopy(task.dense), setting.sparsity, images, **common)
         score = "magnitude" if setting.name == "representation_magnitude" else "wanda"
         return representation_masks(task.dense, setting.sparsity, images, score=score, **common)
     if setting.name == "magnitude":
@@ -206,15 +215,15 @@ def diagnose(task: Task, model: torch.nn.Module, batch_size: int) -> dict:
 
 # ----------------------------------------------------------------------------- runs
 def heal_one(task: Task, setting: Setting, masks, sparsity: float, healer: str, seed: int, args):
-    """Prune a copy of the dense model, heal it with ``healer`` (an objective or one of HEALERS, or
-    compensate alone) on the seed's calibration set and evaluate it. Returns (CSV row, healed model)."""
+    """Prune a copy of the dense model, heal it with ``healer`` (an objective, one of HEALERS, or a
+    CLOSED_FORM alone) on the seed's calibration set and evaluate it. Returns (CSV row, healed model)."""
     torch.manual_seed(seed)                   # dropout / drop-path, for models trained with them
     images, labels = task.calib_images(args.calib_samples, seed)
     model = copy.deepcopy(task.dense)
     apply_masks(model, masks)
-    if healer == "compensate":
+    if healer in CLOSED_FORM:
         started = time.perf_counter()
-        compensate(model, task.dense, masks, images, batch_size=args.batch_size, device=task.device)
+        CLOSED_FORM[healer](model, task.dense, masks, images, batch_size=args.batch_size, device=task.device)
         seconds = time.perf_counter() - started
         speed, epochs = len(images) / seconds, 0
     else:
@@ -246,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparsities", type=float, nargs="*", default=None)
     parser.add_argument("--objectives", nargs="+", choices=CHOICES, default=None,
                         help="objectives and healers: starfish_adaptive (adaptive block weights), compensate (the "
-                             "closed-form refit alone), compensate+starfish (the refit, then STARFISH)")
+                             "closed-form refit alone), compensate+starfish (the refit, then STARFISH), sparsegpt "
+                             "(SparseGPT's weight update alone), sparsegpt+starfish (the update, then STARFISH)")
     parser.add_argument("--methods", nargs="+", choices=UNSTRUCTURED, default=["magnitude"],
                         help="unstructured mask makers run at every --sparsities (wanda, representation: from "
                              "the seed's calibration images; representation ranks within layers by Wanda's scores, "
@@ -294,7 +304,7 @@ def resolve_args(argv=None) -> argparse.Namespace:
 class Masks:
     """Masks per (setting, seed), made once: seed-independent settings share one set."""
 
-    SEEDED = ("wanda", "representation", "representation_magnitude")
+    SEEDED = ("wanda", "representation", "representation_magnitude", "sparsegpt")
 
     def __init__(self, task: Task, args):
         self.task, self.args, self.made = task, args, {}

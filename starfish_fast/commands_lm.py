@@ -52,7 +52,8 @@ from starfish_fast.text import (HF_TEXT_DATASETS, MAX_CHARS, check_disjoint, hf_
 
 log = logging.getLogger("starfish_fast")
 LM_COMMANDS = ("prune", "recover", "eval")
-LM_METHODS = ("magnitude", "nm", "wanda")
+LM_METHODS = ("magnitude", "nm", "wanda", "sparsegpt")
+LM_CALIBRATED = ("wanda", "sparsegpt")
 TEXT_FLAGS = ("calib_text", "calib_sequences", "seq_len", "eval_text", "eval_tokens", "stride")
 CALIB_HINT = "give its text with --calib-text PATH... (or --hf-dataset wikitext2|c4) and --calib-sequences"
 # image flags -> what a language model takes instead
@@ -62,8 +63,10 @@ IMAGE_FLAGS = {"fashion_mnist": CALIB_HINT, "calib_dir": CALIB_HINT, "calib_samp
                "export": "its --output-path directory already holds the weights, pruned ones zero in place",
                "pretrained_file": "its own files are its weights (others: --dense-path)",
                "model_kwargs": "its architecture is its config.json", "diagnostics": "eval reports its perplexity",
-               "kind": "use --method magnitude, nm or wanda", "score": "use --method magnitude, nm or wanda",
-               "levels": "use --method magnitude, nm or wanda", "gradual_steps": "use --method magnitude, nm or wanda"}
+               "kind": "use --method magnitude, nm, wanda or sparsegpt",
+               "score": "use --method magnitude, nm, wanda or sparsegpt",
+               "levels": "use --method magnitude, nm, wanda or sparsegpt",
+               "gradual_steps": "use --method magnitude, nm, wanda or sparsegpt"}
 DEFAULT_SEQ_LEN = 512
 DEFAULT_SEQUENCES = 128
 EVAL_BATCH = 4                 # windows per forward pass: (4, T, vocabulary) logits stay small
@@ -347,21 +350,21 @@ def _check_prune(args, lm: LanguageModel):
     commands.check_prune_values(args)
     _check_model(args, lm, weights=True)
     scope = commands._prune_scope(args, lm.skeleton)
-    if args.method == "nm" or (args.method == "wanda" and args.sparsity is None):
+    if args.method == "nm" or (args.method in LM_CALIBRATED and args.sparsity is None):
         check_nm(args.n, args.m)
         try:
             _check_nm_shapes(_scope_weights(lm.skeleton, scope)[2], args.n, args.m, scope)
         except ValueError as error:
             raise ValueError(f"--m {args.m}: {error}") from None
     _check_seq_len(args, lm)
-    calibration = args.method == "wanda"
+    calibration = args.method in LM_CALIBRATED
     if calibration and args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if not calibration:
         unused = (("--calib-text", args.calib_text), ("--calib-sequences", args.calib_sequences),
                   ("--seq-len", args.seq_len), ("--hf-dataset", args.hf_dataset in HF_TEXT_DATASETS or None))
         for flag in [flag for flag, value in unused if value is not None]:
-            raise ValueError(f"{flag}: only --method wanda reads calibration text")
+            raise ValueError(f"{flag}: only --method wanda or sparsegpt reads calibration text")
     if calibration:
         _check_text(args, lm, calibration=True, evaluation="none")
     try:
@@ -380,10 +383,13 @@ def run_prune(args, lm: LanguageModel, defaults: dict) -> int:
         masks = prune.magnitude_masks(model, args.sparsity, scope, per=args.per)
     elif args.method == "nm":
         masks = prune.nm_masks(model, n=args.n, m=args.m, scope=scope)
-    else:
+    elif args.method == "wanda":
         nm = dict(n=args.n, m=args.m) if args.sparsity is None else {}
         masks = prune.wanda_masks(model, args.sparsity, lm.calib, scope, **nm, batch_size=args.batch_size,
                                   device=device)
+    else:
+        nm = dict(n=args.n, m=args.m) if args.sparsity is None else {}
+        masks = commands.sparsegpt_masks(model, args.sparsity, lm.calib, scope, nm, args.batch_size, device)
     summary = prune.sparsity_summary(masks)
     save_masks(masks, args.output, {"model_name": args.model_name, "method": args.method, "prune_scope": scope,
                                     "sparsity": f"{summary['sparsity']:.6f}"})

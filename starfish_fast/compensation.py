@@ -40,14 +40,13 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from starfish_fast.compaction import ATTENTION_LAYERS, _unsupported_attention
 from starfish_fast.data import as_batches
 from starfish_fast.masks import apply_masks
 from starfish_fast.models import adapter_for
-from starfish_fast.calibration import evaluating, out_proj_as_module
+from starfish_fast.calibration import capture, evaluating, input_rows, out_proj_as_module
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +205,8 @@ def _statistics(pruned, dense, refit: _Refit, layer: nn.Module, batches, device)
     with out_proj_as_module(pruned, attention), out_proj_as_module(dense, attention):
         for images in batches:
             images = images.to(device)
-            inputs = _input_rows(layer, _capture(pruned, refit.name, images, output=False))    # (R, in)
-            targets = _capture(dense, refit.name, images, output=True)
+            inputs = input_rows(layer, capture(pruned, refit.name, images, output=False))    # (R, in)
+            targets = capture(dense, refit.name, images, output=True)
             targets = targets.flatten(2).transpose(1, 2) if isinstance(layer, nn.Conv2d) else targets
             targets = targets.reshape(-1, out)                                                  # (R, out)
             if targets.shape[0] != inputs.shape[0]:
@@ -219,37 +218,6 @@ def _statistics(pruned, dense, refit: _Refit, layer: nn.Module, batches, device)
                 cross += a.T @ t
                 energy += t.pow(2).sum()
     return gram, cross, energy
-
-
-def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Conv2d):
-        columns = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, in, L)
-        return columns.transpose(1, 2).reshape(-1, columns.shape[1])                           # (B * L, in)
-    return x.reshape(-1, x.shape[-1])                                                          # (tokens, in)
-
-
-class _Stop(Exception):
-    """Raised by a capture hook: the rest of the forward is not needed."""
-
-
-def _capture(model: nn.Module, name: str, images: torch.Tensor, output: bool) -> torch.Tensor:
-    """The input (``output=False``) or output of module ``name`` in the model's forward, which stops there."""
-    module, seen = model.get_submodule(name), []
-
-    def grab(_module, args, result=None):
-        seen.append(result if output else args[0])
-        raise _Stop
-
-    handle = module.register_forward_hook(grab) if output else module.register_forward_pre_hook(grab)
-    try:
-        model(images)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise RuntimeError(f"{name} did not run in the model's forward")
-    return seen[0]
 
 
 # ----------------------------------------------------------------------------- the ridge solve

@@ -24,6 +24,10 @@ STORE_KINDS = ("auto", "device", "pinned", "disk", "recompute")
 KERNEL_OPS = ("masked_linear", "cosine_loss", "masked_adam")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 AUTO_ON_OFF = ("auto", "on", "off")
+# the prune command's mask makers (starfish_fast.prune), and which of them read calibration data / take --n --m
+PRUNE_METHODS = ("magnitude", "nm", "structured", "wanda", "representation", "sparsegpt")
+CALIBRATED_METHODS = ("wanda", "representation", "sparsegpt")
+NM_METHODS = ("nm", "wanda", "sparsegpt")
 
 
 def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = "") -> Any:
@@ -75,8 +79,9 @@ class HealConfig:
     semi_structured: str = option("auto", "2:4-masked linears through sparse tensor cores (auto: off until "
                                           "measured faster)", AUTO_ON_OFF)
     warm_start: str = option("none", "before healing: compensate = refit, in closed form (ridge regression on the "
-                                     "calibration set), the layers consuming structurally pruned units",
-                             ("none", "compensate"))
+                                     "calibration set), the layers consuming structurally pruned units; sparsegpt = "
+                                     "SparseGPT's update of the kept weights from the dense ones under the masks",
+                             ("none", "compensate", "sparsegpt"))
     distributed: str = option("auto", "under torchrun: one process per GPU, the global batch split across them, "
                                       "gradients averaged by DDP (auto: when WORLD_SIZE > 1)", ("auto", "off"))
     sync_bn: bool = option(False, "under torchrun on CUDA: SyncBatchNorm (statistics over the global batch) "

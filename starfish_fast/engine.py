@@ -41,6 +41,7 @@ from starfish_fast.objectives import Objective, adaptive_block_weights, objectiv
 from starfish_fast.optim import lr_schedule_values
 from starfish_fast.plan import Plan, resolve_plan
 from starfish_fast.progress import RunLog
+from starfish_fast.sparsegpt import sparsegpt_update
 from starfish_fast.steps import ExactStep, FastStep, student_loss
 from starfish_fast.teacher import make_teacher_store
 
@@ -114,8 +115,7 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
     adapter = adapter_for(pruned_model, plan.blocks)               # the user's blocks, for everything below
     predicate = predicate or adapter.scope_predicate(plan.scope)
     masks = validate_masks(masks, pruned_model, predicate)
-    warm_start = compensate(pruned_model, dense_model, masks, batches, batch_size=config.batch_size,
-                            device=plan.torch_device) if config.warm_start == "compensate" else None
+    warm_start = _warm_start(config, pruned_model, dense_model, masks, batches, plan.torch_device)
     compactions = find_compactions(pruned_model, masks, adapter, mlp=plan.compact_mlp, qk=plan.compact_qk,
                                    every_attention=plan.attention_fp32_core)
     facts = {"warm_start": warm_start}
@@ -235,6 +235,16 @@ def _label_batches(labels, batches, config) -> list[torch.Tensor]:
     if [len(y) for y in split] != [b.shape[0] for b in batches]:
         raise ValueError("labels do not match the calibration batches one for one")
     return split
+
+
+def _warm_start(config: HealConfig, pruned_model, dense_model, masks, batches, device) -> dict | None:
+    """The closed-form start before healing (``config.warm_start``), its report or None."""
+    if config.warm_start == "compensate":
+        return compensate(pruned_model, dense_model, masks, batches, batch_size=config.batch_size, device=device)
+    if config.warm_start == "sparsegpt":
+        return sparsegpt_update(pruned_model, dense_model, masks, batches, batch_size=config.batch_size,
+                                device=device)
+    return None
 
 
 def _heal_model(student, dense, masks, batches, config: HealConfig, plan: Plan, labels, predicate,

@@ -98,3 +98,13 @@ def model_nonzero_fraction(model: nn.Module) -> float:
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     return nonzero / total if total else float("nan")
+
+
+def keep_largest(scores: torch.Tensor, n_prune: int, dim: int | None = None) -> torch.Tensor:
+    """Bool keep-mask removing exactly the ``n_prune`` lowest scores along ``dim`` (or overall)."""
+    values = scores.flatten() if dim is None else scores
+    axis = -1 if dim is None else dim
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if n_prune:
+        keep.scatter_(axis, torch.topk(values, n_prune, dim=axis, largest=False, sorted=False).indices, False)
+    return keep.view(scores.shape)

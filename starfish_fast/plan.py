@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from starfish_fast import compile_cache, distributed
+from starfish_fast.calibration import capture_inputs
 from starfish_fast.compaction import ATTENTION_LAYERS
 from starfish_fast.config import HealConfig
 from starfish_fast.kernels._dispatch import OPS, choose
 from starfish_fast.models import adapter_for, prunable_weights
 from starfish_fast.objectives import objective
-from starfish_fast.sparse24 import choose_semi_structured
+from starfish_fast.sparse24 import block_step_timer, choose_semi_structured, two_four_linears
 from starfish_fast.teacher import estimate_bytes, host_available_bytes, teacher_outputs
 
 log = logging.getLogger(__name__)
@@ -266,16 +267,24 @@ def _compile(config: HealConfig, device: torch.device, family: str, trained_weig
 
 def _semi_structured(config: HealConfig, model, adapter, blocks, masks, calib, device, dtype, world_size: int):
     """``semi_structured``: the 2:4-masked linears' backends, timed on this device for the healing step at this
-    run's tokens per step (sparse24.choose_semi_structured); nothing is timed when off, on the CPU, or
-    without 2:4 masks."""
-    tokens = 0
-    if config.semi_structured != "off" and device.type == "cuda" and calib:
-        image = calib[0][:1].to(next(model.parameters()).device)
-        sample = teacher_outputs(model, adapter, blocks[:1], image, keep_logits=False)
-        per_image = sample[0].shape[1] if sample and sample[0].dim() == 3 else 1   # (1, T, D): T tokens
-        tokens = max(1, config.batch_size // world_size) * per_image
+    run's tokens per step, per layer shape and then the step of the block holding the most 2:4 linears with
+    the choice against all dense (sparse24.choose_semi_structured, block_step_timer); nothing is timed when
+    off, on the CPU, or without 2:4 masks."""
+    if config.semi_structured == "off" or device.type != "cuda" or not calib:
+        return choose_semi_structured(model, masks, device, dtype, config.semi_structured, purpose="heal")
+    home = next(model.parameters()).device
+    batch = calib[0][:max(1, config.batch_size // world_size)].to(home)           # one process's batch
+    sample = teacher_outputs(model, adapter, blocks[:1], batch[:1], keep_logits=False)
+    per_image = sample[0].shape[1] if sample and sample[0].dim() == 3 else 1   # (1, T, D): T tokens
+    linears = two_four_linears(model, masks)
+    busiest = max(blocks, key=lambda block: sum(name.startswith(block + ".") for name in linears))
+    measure_step = None
+    if any(name.startswith(busiest + ".") for name in linears):
+        inputs = capture_inputs(model.get_submodule(busiest),
+                                lambda: adapter.forward_blocks(model, batch, [busiest], need_logits=False))
+        measure_step = block_step_timer(model, busiest, inputs, masks, device, dtype)
     return choose_semi_structured(model, masks, device, dtype, config.semi_structured, purpose="heal",
-                                  **({"tokens": tokens} if tokens else {}))
+                                  tokens=batch.shape[0] * per_image, measure_step=measure_step)
 
 
 def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.device | None = None, *,

@@ -377,6 +377,31 @@ def layer_step(name: str, shape: Sequence[int], *, tokens: int, dtype: torch.dty
     return step
 
 
+def block_step_timer(model: nn.Module, block: str, inputs: tuple[tuple, dict], masks: Mapping[str, torch.Tensor],
+                     device, dtype: torch.dtype, timer: Callable[[Callable[[], object]], float] = cuda_median_ms
+                     ) -> Callable[[Mapping[str, str]], float]:
+    """``measure_step(choice) -> ms`` for ``choose_semi_structured``: the forward and backward of a copy of
+    ``model``'s ``block`` on ``device``, its 2:4 linears on the backends ``choice`` gives them (module names of
+    the whole model), on ``inputs`` (the block's captured ``(args, kwargs)``) under ``dtype`` autocast. Only
+    the blocks hold swappable linears and the rest of a healing step is the same either way, so with
+    identical blocks the whole step is faster exactly when the block is."""
+    device, prefix = torch.device(device), block + "."
+    local = lambda mapping: {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}  # noqa: E731
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v                                # noqa: E731
+    args, kwargs = tuple(move(a) for a in inputs[0]), {k: move(v) for k, v in inputs[1].items()}
+
+    def measure(choice: Mapping[str, str]) -> float:
+        copied = copy.deepcopy(model.get_submodule(block)).to(device).requires_grad_(True)
+        convert_linears(copied, local(masks), compute_dtype=dtype, choice=local(choice))
+
+        def step():
+            with torch.autocast(device.type, dtype=dtype):
+                out = copied(*args, **kwargs)
+            (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
+        return timer(step)
+    return measure
+
+
 def measure_layer(name: str, shape: Sequence[int], *, tokens: int, dtype: torch.dtype, device, purpose: str,
                   bias: bool = True, timer: Callable | None = None) -> float:
     """Median milliseconds of ``layer_step`` (CUDA events unless ``timer(fn) -> ms`` is given)."""
@@ -472,8 +497,9 @@ def choose_semi_structured(model: nn.Module, masks: Mapping[str, torch.Tensor], 
     (default: each of ``BACKENDS`` this device has) that takes the shape. ``measure(name, shape, *, tokens,
     dtype, device, purpose, bias) -> ms`` replaces the timing (tests inject it; default ``measure_layer``).
     ``purpose="heal"`` times the healing step (packing every step, dense backward); ``measure_step(choice)
-    -> ms``, when given, then times the whole step with the choice against all dense, and ``auto`` keeps the
-    choice only if that whole step is faster (per-layer timings miss, e.g., what compile fuses)."""
+    -> ms``, when given, then times the step with the choice against all dense, and ``auto`` keeps the
+    choice only if that step is faster (per-layer timings miss attention, norms and activations; the plan
+    passes ``block_step_timer``'s block step)."""
     if mode not in MODES or purpose not in PURPOSES:
         raise ValueError(f"semi_structured={mode!r}, purpose={purpose!r}: choose a mode of {', '.join(MODES)} "
                          f"and a purpose of {', '.join(PURPOSES)}")
@@ -558,7 +584,7 @@ def _conclude(decision: Decision, measure_step, margin: float) -> Decision:
         context["step_ms"] = step
         if decision.mode == "auto" and step["chosen"] * (1 + margin) >= step["dense"]:
             choice = {name: "dense" for name in choice}
-            reason = (f"auto: dense, the whole step with 2:4 ({step['chosen']:.2f} ms) was not faster than "
+            reason = (f"auto: dense, the step with 2:4 ({step['chosen']:.2f} ms) was not faster than "
                       f"dense ({step['dense']:.2f} ms)")
     return Decision(decision.mode, decision.purpose, choice, reason, decision.shapes, context)
 

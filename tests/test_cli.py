@@ -354,10 +354,12 @@ def test_prune_recover_eval_on_a_timm_model_with_a_local_checkpoint_and_image_fo
     ["--method", "wanda", "--sparsity", "0.7"],
     ["--method", "wanda", "--n", "2", "--m", "4"],
     ["--method", "representation", "--sparsity", "0.7", "--levels", "0.5", "0.9"],
+    ["--method", "sparsegpt", "--sparsity", "0.7"],
+    ["--method", "sparsegpt", "--n", "2", "--m", "4"],
 ])
 def test_prune_with_calibration_images(tmp_path, capsys, argv):
-    """wanda and representation read Fashion-MNIST calibration images and reach the requested sparsity
-    over the scope (representation spreads it unevenly across the blocks)."""
+    """wanda, representation and sparsegpt read Fashion-MNIST calibration images and reach the requested
+    sparsity over the scope (representation spreads it unevenly across the blocks)."""
     out = tmp_path / "masks.safetensors"
     assert cli.main(["prune", "--model-name", "fashion_vit", *argv, "--calib-samples", "64", "--batch-size", "32",
                      "--output", str(out)]) == 0

@@ -100,7 +100,8 @@ def _masked_zero(directory, masks):
 
 # ----------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("kind,method", [("llama", ["--method", "wanda", "--sparsity", "0.5"]),
-                                         ("gpt2", ["--method", "nm", "--n", "2", "--m", "4"])])
+                                         ("gpt2", ["--method", "nm", "--n", "2", "--m", "4"]),
+                                         ("gpt2", ["--method", "sparsegpt", "--sparsity", "0.5"])])
 def test_prune_recover_eval_round_trip(lm, tmp_path, capsys, kind, method):
     """prune -> recover -> eval: the written directory, as a model, a checkpoint, its weights file as
     --dense-path / --checkpoint, gives recover's healed perplexity; the dense model with either mask
@@ -108,14 +109,15 @@ def test_prune_recover_eval_round_trip(lm, tmp_path, capsys, kind, method):
     from safetensors.torch import load_file
 
     masks = tmp_path / "masks.safetensors"
-    calibration = ["--calib-text", lm["calib"], *TEXT] if "wanda" in method else []
+    calibration = ["--calib-text", lm["calib"], *TEXT] if {"wanda", "sparsegpt"} & set(method) else []
     pruned = _run(capsys, "prune", "--model-name", lm[kind], *method, *calibration, "--output", masks)
     assert pruned["sparsity"] == pytest.approx(0.5) and pruned["masks"] == {"llama": 14, "gpt2": 8}[kind]
     assert pruned["dense_weights"] == f"{lm[kind]} (its own weights)"
     output = tmp_path / "run" / "healed"
     old = os.umask(0o022)
     try:
-        report = _run(capsys, *_recover(lm, output, kind=kind, masks=masks))
+        warm = ["--warm-start", "sparsegpt"] if "sparsegpt" in method else []
+        report = _run(capsys, *_recover(lm, output, *warm, kind=kind, masks=masks))
     finally:
         os.umask(old)
     ppl = report["perplexity"]
@@ -377,7 +379,7 @@ def test_hf_dataset_offline_or_without_the_extra_is_one_line(lm, tmp_path, capsy
 def test_help_names_the_language_model_flags(capsys):
     for command, flags in (("recover", ["--calib-text", "--calib-sequences", "--seq-len", "--eval-text",
                                         "--eval-tokens", "--stride", "wikitext2", "outputs/healed"]),
-                           ("prune", ["--calib-text", "--calib-sequences", "--seq-len", "magnitude, nm or wanda"]),
+                           ("prune", ["--calib-text", "--calib-sequences", "--seq-len", "magnitude, nm, wanda or sparsegpt"]),
                            ("eval", ["--eval-text", "--eval-tokens", "--stride", "perplexity"])):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])

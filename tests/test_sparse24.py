@@ -271,7 +271,7 @@ def test_healing_keeps_2to4_only_where_the_whole_step_is_faster(step_ms, kept):
     assert {c[2] for c in measure.calls} == {"heal"} and len(seen) == 2
     assert decision.semi_structured == kept and decision.context["step_ms"] == {"chosen": chosen, "dense": dense}
     if not kept:
-        assert "whole step" in decision.reason
+        assert "the step with 2:4" in decision.reason
 
 
 def test_sidecar_holds_the_choice_and_the_timings(tmp_path):
@@ -398,3 +398,53 @@ def test_cuda_unsupported_shape_falls_back():
     with pytest.warns(RuntimeWarning, match="dense masked path"):
         y = SemiStructuredLinear.from_linear(linear, mask)(x)
     torch.testing.assert_close(y, F.linear(x, linear.weight * mask, linear.bias), rtol=0, atol=0)
+
+
+def test_block_step_timer_times_a_copy_of_the_block_with_the_choice(monkeypatch):
+    """The block runs forward and backward (a copy: the model gets no gradients) on its captured inputs,
+    converted with the choice and the masks renamed relative to the block."""
+    from starfish_fast.calibration import capture_inputs
+
+    model, masks = small_vit()
+    x = torch.randn(3, 3, 32, 32)
+    inputs = capture_inputs(model.blocks[1], lambda: model(x))
+    assert inputs[0][0].shape == (3, 17, 64) and inputs[1] == {}
+    converted, steps = [], []
+    real_convert = sparse24.convert_linears
+
+    def convert(block, block_masks, compute_dtype=None, choice=None):
+        converted.append((sorted(block_masks), dict(choice)))
+        return real_convert(block, block_masks, compute_dtype, {name: "dense" for name in choice})
+
+    def timer(fn):
+        fn()
+        steps.append(True)
+        return 2.5
+
+    monkeypatch.setattr(sparse24, "convert_linears", convert)
+    measure = sparse24.block_step_timer(model, "blocks.1", inputs, masks, "cpu", torch.bfloat16, timer=timer)
+    assert measure({"blocks.1.mlp.fc1": "torch_cutlass", "blocks.0.mlp.fc1": "torch_cutlass"}) == 2.5
+    assert converted == [(["attn.proj.weight", "attn.qkv.weight", "mlp.fc1.weight", "mlp.fc2.weight"],
+                          {"mlp.fc1": "torch_cutlass"})]
+    assert steps == [True] and all(p.grad is None for p in model.parameters())
+
+
+def test_plan_times_the_block_with_the_most_2to4_linears(monkeypatch):
+    """On CUDA the plan hands choose_semi_structured a step timer of the busiest block at one process's batch
+    (faked here: no GPU is needed to check the wiring)."""
+    from starfish_fast import plan
+    from starfish_fast.config import HealConfig
+    from starfish_fast.models import adapter_for
+
+    model, masks = small_vit()
+    masks = {key: value for key, value in masks.items() if not key.startswith("blocks.0.mlp")}
+    seen = {}
+    monkeypatch.setattr(plan, "block_step_timer", lambda model, block, inputs, masks, device, dtype:
+                        seen.update(block=block, batch=inputs[0][0].shape[0]) or "timer")
+    monkeypatch.setattr(plan, "choose_semi_structured", lambda *args, **kwargs: seen.update(kwargs) or "decision")
+    adapter = adapter_for(model)
+    calib = [torch.randn(8, 3, 32, 32)]
+    result = plan._semi_structured(HealConfig(batch_size=8), model, adapter, adapter.block_names(model), masks, calib,
+                                   torch.device("cuda"), torch.bfloat16, world_size=2)
+    assert result == "decision" and seen["block"] == "blocks.1" and seen["batch"] == 4
+    assert seen["measure_step"] == "timer" and seen["tokens"] == 4 * 17 and seen["purpose"] == "heal"

@@ -40,6 +40,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from starfish_fast.masks import keep_largest
 from starfish_fast.models import adapter_for, prunable_weights
 from starfish_fast.models.scopes import is_hf_conv1d
 
@@ -115,16 +116,6 @@ def _scores(weights: Mapping[str, torch.Tensor], score: ScoreFn) -> dict[str, to
     return scores
 
 
-def _keep_largest(scores: torch.Tensor, n_prune: int, dim: int | None = None) -> torch.Tensor:
-    """Bool keep-mask removing exactly the ``n_prune`` lowest scores along ``dim`` (or overall)."""
-    values = scores.flatten() if dim is None else scores
-    axis = -1 if dim is None else dim
-    keep = torch.ones_like(values, dtype=torch.bool)
-    if n_prune:
-        keep.scatter_(axis, torch.topk(values, n_prune, dim=axis, largest=False, sorted=False).indices, False)
-    return keep.view(scores.shape)
-
-
 def _finish(masks: dict[str, torch.Tensor], title: str, transposed: frozenset[str] = frozenset()
             ) -> dict[str, torch.Tensor]:
     """Bool CPU masks in the weights' own layout (``transposed``: the ``ScopeWeights`` views to turn back)."""
@@ -186,7 +177,7 @@ def nm_masks(model: nn.Module, n: int = 2, m: int = 4, scope: str = "auto",
     masks = {}
     for key, value in _scores(weights, score).items():
         groups = value.reshape(value.shape[0], -1, m)          # (out, reduction/m, m)
-        masks[key] = _keep_largest(groups, m - n, dim=-1).view(value.shape)
+        masks[key] = keep_largest(groups, m - n, dim=-1).view(value.shape)
     return _finish(masks, f"{n}:{m} pruning, scope {resolved}", weights.transposed)
 
 
@@ -232,7 +223,7 @@ def _mlp_neuron_masks(pairs, scores, sparsity: float, scope: str) -> dict[str, t
         if fc2_key not in scores:
             raise ValueError(f"structured mlp pruning needs {fc2_key} in the scope beside {fc1_key}")
         neuron_scores = scores[fc1_key].sum(1) + scores[fc2_key].sum(0)   # (hidden,): fc1 row + fc2 column
-        keep = _keep_largest(neuron_scores, round(sparsity * neuron_scores.numel()))
+        keep = keep_largest(neuron_scores, round(sparsity * neuron_scores.numel()))
         masks[fc1_key] = keep[:, None].expand_as(scores[fc1_key])          # (hidden, D)
         masks[fc2_key] = keep[None, :].expand_as(scores[fc2_key])          # (D, hidden)
     if not masks:
@@ -254,7 +245,7 @@ def _qk_masks(model: nn.Module, scores, sparsity: float, scope: str) -> dict[str
             raise ValueError(f"{key} {tuple(value.shape)}: rows are not [q | k | v] with {heads} equal heads")
         row_scores = value.sum(1)                                                 # (3 * inner,)
         pair_scores = (row_scores[:inner] + row_scores[inner:2 * inner]).view(heads, -1)  # (heads, head_dim)
-        keep = _keep_largest(pair_scores, round(sparsity * pair_scores.shape[1]), dim=1).flatten()  # (inner,)
+        keep = keep_largest(pair_scores, round(sparsity * pair_scores.shape[1]), dim=1).flatten()  # (inner,)
         rows = torch.cat([keep, keep, torch.ones_like(keep)])                    # (3 * inner,): v kept
         masks[key] = rows[:, None].expand_as(value)
     if not masks:
@@ -270,7 +261,7 @@ def _channel_masks(model: nn.Module, scores, sparsity: float, scope: str) -> dic
         if not isinstance(modules.get(key[:-len(".weight")]), nn.Conv2d):
             continue
         filter_scores = value.flatten(1).sum(1)                                   # (out_channels,)
-        keep = _keep_largest(filter_scores, round(sparsity * filter_scores.numel()))
+        keep = keep_largest(filter_scores, round(sparsity * filter_scores.numel()))
         masks[key] = keep.view(-1, 1, 1, 1).expand_as(value)                     # whole filters
     if not masks:
         raise ValueError(f"structured channel pruning needs convs in the prune scope; {scope!r} has none "

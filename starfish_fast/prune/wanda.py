@@ -23,7 +23,8 @@ from torch import nn
 
 from starfish_fast.data import as_batches
 from starfish_fast.calibration import evaluating, out_proj_as_module
-from starfish_fast.prune.makers import (ScoreFn, _check_nm_shapes, _finish, _keep_largest, _scope_weights, _scores,
+from starfish_fast.masks import keep_largest
+from starfish_fast.prune.makers import (ScoreFn, _check_nm_shapes, _finish, _scope_weights, _scores,
                                         check_nm, check_sparsity, nm_masks)
 
 log = logging.getLogger(__name__)
@@ -93,19 +94,19 @@ def layer_keep(scores: torch.Tensor, n_prune: int, per_row: bool) -> torch.Tenso
     """Keep-mask of one layer removing exactly ``n_prune`` lowest scores, over the whole tensor or per
     output row (each row loses ``n_prune // rows``, the first ``n_prune % rows`` rows one more)."""
     if not per_row:
-        return _keep_largest(scores, n_prune)
+        return keep_largest(scores, n_prune)
     rows = scores.reshape(scores.shape[0], -1)                               # (out, reduction)
     base, extra = divmod(n_prune, rows.shape[0])
-    keep = _keep_largest(rows, base, dim=1)
+    keep = keep_largest(rows, base, dim=1)
     if extra:
-        keep[:extra] = _keep_largest(rows[:extra], base + 1, dim=1)
+        keep[:extra] = keep_largest(rows[:extra], base + 1, dim=1)
     return keep.view(scores.shape)
 
 
 def _check_form(sparsity, n, m) -> float | None:
     """The sparsity to remove per row, or None for N:M (``ValueError`` on a mismatch)."""
     if (n is None) != (m is None):
-        raise ValueError(f"N:M Wanda needs both n and m (or neither), got n={n!r}, m={m!r}")
+        raise ValueError(f"N:M pruning needs both n and m (or neither), got n={n!r}, m={m!r}")
     if n is None:
         return check_sparsity(sparsity)
     check_nm(n, m)
