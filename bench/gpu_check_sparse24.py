@@ -266,13 +266,19 @@ def timings(rec, budget: Budget) -> None:
 def heal_decision(tokens: int) -> dict:
     import timm
 
+    from starfish_fast.calibration import capture_inputs
     from starfish_fast.prune import nm_masks
-    from starfish_fast.sparse24 import choose_semi_structured
+    from starfish_fast.sparse24 import block_step_timer, choose_semi_structured
 
     with torch.device("cuda"):
         model = timm.create_model(DEIT_B, pretrained=False)
-    decision = choose_semi_structured(model, nm_masks(model, scope="qkv_out_mlp"), "cuda", torch.bfloat16, "auto",
-                                      tokens=tokens, purpose="heal")
+    masks = nm_masks(model, scope="qkv_out_mlp")
+    images = torch.randn(max(1, tokens // 197), 3, 224, 224, device="cuda")          # DeiT-B: 197 tokens an image
+    with torch.no_grad():
+        inputs = capture_inputs(model.blocks[0], lambda: model(images))
+    step = block_step_timer(model, "blocks.0", inputs, masks, "cuda", torch.bfloat16)  # as the plan times it
+    decision = choose_semi_structured(model, masks, "cuda", torch.bfloat16, "auto", tokens=tokens, purpose="heal",
+                                      measure_step=step)
     return decision.record()
 
 
