@@ -1,6 +1,8 @@
 """Tiny models, masks and comparison helpers shared by the tests (random weights, nothing downloaded)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -52,3 +54,22 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(dispatch, "POISON", True)
 
+
+@contextlib.contextmanager
+def interrupted_at(step_class: type, at: int, seen: list | None = None):
+    """Within: ``step_class``'s step ``at`` raises KeyboardInterrupt (Ctrl-C) instead of running; ``seen``
+    collects the number of every step called."""
+    original = step_class.__call__
+
+    def interrupted(self, step, index):
+        if seen is not None:
+            seen.append(step)
+        if step == at:
+            raise KeyboardInterrupt
+        return original(self, step, index)
+
+    step_class.__call__ = interrupted
+    try:
+        yield
+    finally:
+        step_class.__call__ = original

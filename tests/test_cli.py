@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import interrupted_at
 from starfish_fast import cli, compat
 from starfish_fast.bundled import load_bundled_model
 from starfish_fast.data import FASHION_MNIST_DIR
@@ -184,24 +185,14 @@ def test_debug_shows_the_traceback(tmp_path, mask_file):
         cli.main(_recover_args(mask_file, tmp_path / "r.pt", "--epochs", "0", "--debug"))
 
 
-def test_ctrl_c_exits_130_keeps_the_resume_checkpoint_and_leaves_no_partial_output(tmp_path, mask_file, capsys,
-                                                                                    monkeypatch):
+def test_ctrl_c_exits_130_keeps_the_resume_checkpoint_and_leaves_no_partial_output(tmp_path, mask_file, capsys):
     import starfish_fast.steps as steps
 
-    original, calls = steps.ExactStep.__call__, []
-
-    def interrupted(self, step, index):
-        calls.append(step)
-        if step == 1:
-            raise KeyboardInterrupt
-        return original(self, step, index)
-
-    monkeypatch.setattr(steps.ExactStep, "__call__", interrupted)
     output = tmp_path / "out" / "recovered.pt"
-    assert cli.main(_recover_args(mask_file, output, "--checkpoint-every", "1", "--mode", "exact")) == 130
+    with interrupted_at(steps.ExactStep, 1):
+        assert cli.main(_recover_args(mask_file, output, "--checkpoint-every", "1", "--mode", "exact")) == 130
     assert _only_line(capsys.readouterr().err) == "starfish-fast recover: interrupted"
     assert sorted(p.name for p in output.parent.iterdir()) == ["recovered.pt.resume"]
-    monkeypatch.setattr(steps.ExactStep, "__call__", original)
     assert cli.main(_recover_args(mask_file, output, "--checkpoint-every", "1", "--resume", "--mode", "exact")) == 0
     assert output.exists() and not Path(f"{output}.resume").exists()     # a finished run leaves no resume file
 

@@ -18,6 +18,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import interrupted_at  # noqa: E402
 from starfish_fast import cli, commands, commands_lm  # noqa: E402
 
 TEXT = ["--calib-sequences", "16", "--seq-len", "32"]
@@ -169,25 +170,17 @@ def test_eval_random_init_and_blocks(lm, capsys):
     assert blocks["default_scope"] == "all" and set(blocks["scope_weights"]) == {"all", "attn", "mlp"}
 
 
-def test_ctrl_c_then_resume_gives_the_uninterrupted_run(lm, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_then_resume_gives_the_uninterrupted_run(lm, tmp_path, capsys):
     import starfish_fast.steps as steps
     from safetensors.torch import load_file
 
     every = ["--checkpoint-every", "1"]
     full = _run(capsys, *_recover(lm, tmp_path / "full" / "healed", *every))
-    original = steps.FastStep.__call__
-
-    def interrupted(self, step, index):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step, index)
-
-    monkeypatch.setattr(steps.FastStep, "__call__", interrupted)
     output = tmp_path / "run" / "healed"
-    assert cli.main([str(a) for a in _recover(lm, output, *every)]) == 130
+    with interrupted_at(steps.FastStep, 3):
+        assert cli.main([str(a) for a in _recover(lm, output, *every)]) == 130
     assert _only_line(capsys.readouterr().err) == "starfish-fast recover: interrupted"
     assert sorted(p.name for p in output.parent.iterdir()) == ["healed.resume"]
-    monkeypatch.setattr(steps.FastStep, "__call__", original)
     resumed = _run(capsys, *_recover(lm, output, *every, "--resume"))
     assert resumed["final_loss"] == full["final_loss"] and resumed["perplexity"] == full["perplexity"]
     assert {p.name for p in output.parent.iterdir()} == OUTPUTS            # the spent resume file removed

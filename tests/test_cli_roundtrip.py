@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from starfish_fast import cli
+from helpers import interrupted_at
+from starfish_fast import cli, steps
 from starfish_fast.data import FASHION_MNIST_DIR
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
@@ -43,22 +44,8 @@ def _json(capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def _interrupt_at_step_1(monkeypatch):
-    import starfish_fast.steps as steps
-
-    original = steps.FastStep.__call__
-
-    def interrupted(self, step, index):
-        if step == 1:
-            raise KeyboardInterrupt
-        return original(self, step, index)
-
-    monkeypatch.setattr(steps.FastStep, "__call__", interrupted)
-    return lambda: monkeypatch.setattr(steps.FastStep, "__call__", original)
-
-
 @pytest.mark.parametrize("name", ["fashion_vit", "regnetx_002"])
-def test_every_artifact_loads_in_every_command_that_takes_its_kind(tmp_path, capsys, monkeypatch, name):
+def test_every_artifact_loads_in_every_command_that_takes_its_kind(tmp_path, capsys, name):
     flags = _setup(name, tmp_path)
     model, dense = flags["model"], flags["model"] + flags["weights"]
     masks, masks_st = tmp_path / "masks.pt", tmp_path / "masks.safetensors"
@@ -70,10 +57,9 @@ def test_every_artifact_loads_in_every_command_that_takes_its_kind(tmp_path, cap
     recover = ["recover", *dense, "--mask-path", str(masks_st), *flags["calib"], "--calib-samples", "8",
                "--batch-size", "4", "--epochs", "1", *flags["eval"], "--eval-samples", flags["eval_samples"],
                "--output-path", str(output), "--export", str(export), "--checkpoint-every", "1", "--no-progress"]
-    restore = _interrupt_at_step_1(monkeypatch)
-    assert cli.main(recover) == 130                                      # Ctrl-C: the resume checkpoint stays
+    with interrupted_at(steps.FastStep, 1):
+        assert cli.main(recover) == 130                                  # Ctrl-C: the resume checkpoint stays
     assert sorted(p.name for p in output.parent.iterdir()) == ["recovered.pt.resume"]
-    restore()
     assert cli.main([*recover, "--resume"]) == 0                         # resume file -> --resume
     summary = _json(capsys)
     assert sorted(p.name for p in output.parent.iterdir()) == [             # the resume file is spent
@@ -118,8 +104,6 @@ def cli_random_init() -> str:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """The bundled ViT's masks, healed checkpoint, export and (an interrupted run's) resume checkpoint."""
-    import starfish_fast.steps as steps
-
     root = tmp_path_factory.mktemp("artifacts")
     base = ["--model-name", "fashion_vit", "--calib-source", "train", "--calib-samples", "8", "--epochs", "1",
             "--no-progress", "--mask-path", str(root / "masks.pt")]
@@ -127,19 +111,9 @@ def artifacts(tmp_path_factory):
                      str(root / "masks.pt")]) == 0
     assert cli.main(["recover", *base, "--output-path", str(root / "recovered.pt"), "--export",
                      str(root / "healed.safetensors")]) == 0
-    original = steps.FastStep.__call__
-
-    def interrupted(self, step, index):
-        if step == 1:
-            raise KeyboardInterrupt
-        return original(self, step, index)
-
-    steps.FastStep.__call__ = interrupted
-    try:
+    with interrupted_at(steps.FastStep, 1):
         assert cli.main(["recover", *base, "--output-path", str(root / "stopped.pt"), "--checkpoint-every", "1",
                          "--batch-size", "4"]) == 130
-    finally:
-        steps.FastStep.__call__ = original
     return root
 
 
