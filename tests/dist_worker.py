@@ -88,13 +88,19 @@ def main(spec_path: str) -> None:
             with open(f"{out}/{name}.rank{rank}.json", "w") as f:
                 json.dump({"error": str(error)}, f)
             continue
-        state = model.state_dict()
-        zero = all(bool((state[k][~m] == 0).all()) for k, m in masks.items())
-        with open(f"{out}/{name}.rank{rank}.json", "w") as f:
-            json.dump({"masked_zero": zero, "history": result.history, "world_size": result.plan.world_size}, f)
-        if rank == 0:
-            torch.save({"history": result.history, "state": state}, f"{out}/{name}.pt")
+        write_result(f"{out}/{name}", rank, model, result, masks)
 
+
+
+def write_result(stem: str, rank: int, model, result, masks) -> None:
+    """What the tests compare: every rank writes ``stem.rank<r>.json`` (its masked weights zero?, the history),
+    rank 0 also ``stem.pt`` (the history and the weights)."""
+    state = model.state_dict()
+    zero = all(bool((state[k][~m] == 0).all()) for k, m in masks.items())
+    with open(f"{stem}.rank{rank}.json", "w") as f:
+        json.dump({"masked_zero": zero, "history": result.history, "world_size": result.plan.world_size}, f)
+    if rank == 0:
+        torch.save({"history": result.history, "state": state}, f"{stem}.pt")
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

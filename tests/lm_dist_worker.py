@@ -45,14 +45,11 @@ def heal_case():
 
 
 def main(spec_path: str) -> None:
+    from dist_worker import write_result     # tests/ is the script's folder, first on sys.path
+
     out, rank = json.loads(open(spec_path).read())["out"], int(os.environ["RANK"])
     model, result, masks = heal_case()
-    state = model.state_dict()
-    zero = all(bool((state[k][~m] == 0).all()) for k, m in masks.items())
-    with open(f"{out}/lm.rank{rank}.json", "w") as f:
-        json.dump({"masked_zero": zero, "history": result.history, "world_size": result.plan.world_size}, f)
-    if rank == 0:
-        torch.save({"history": result.history, "state": state}, f"{out}/lm.pt")
+    write_result(f"{out}/lm", rank, model, result, masks)
 
 
 if __name__ == "__main__":
