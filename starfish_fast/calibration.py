@@ -11,7 +11,7 @@ input as rows of its reduction.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Collection
+from typing import Callable, Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -104,14 +104,20 @@ def capture(model: nn.Module, name: str, images: torch.Tensor, output: bool) -> 
     return seen[0]
 
 
+def cloned(inputs: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call with every tensor detached and cloned (a block may write into its input)."""
+    args, kwargs = inputs
+    copy = lambda value: value.detach().clone() if isinstance(value, torch.Tensor) else value   # noqa: E731
+    return tuple(copy(a) for a in args), {name: copy(value) for name, value in kwargs.items()}
+
+
 def capture_inputs(module: nn.Module, run: Callable[[], object]) -> tuple[tuple, dict]:
     """The positional and keyword inputs of ``module``'s first call during ``run()`` (which stops there),
     tensors cloned (a block may write into its input)."""
     seen = []
 
     def grab(_module, args, kwargs):
-        copy = lambda value: value.detach().clone() if isinstance(value, torch.Tensor) else value   # noqa: E731
-        seen.append((tuple(copy(a) for a in args), {name: copy(value) for name, value in kwargs.items()}))
+        seen.append(cloned((args, kwargs)))
         raise Stop
 
     handle = module.register_forward_pre_hook(grab, with_kwargs=True)
@@ -124,3 +130,40 @@ def capture_inputs(module: nn.Module, run: Callable[[], object]) -> tuple[tuple,
     if not seen:
         raise RuntimeError(f"{type(module).__name__} did not run in the forward")
     return seen[0]
+
+
+@torch.no_grad()
+def layer_input_sums(model: nn.Module, layers: Mapping[str, str], batches, statistic: Callable, device, *,
+                     stop: str | None = None, purpose: str) -> dict[str, torch.Tensor]:
+    """``{key: sum over the batches of statistic(key, module, x)}``, x the input of the module at
+    ``layers[key]`` (a MultiheadAttention's query) in forwards of ``model`` on ``device`` (already there, in
+    eval mode) that stop when module ``stop`` returns (None: whole forwards). torchvision's attention runs
+    with out_proj as a module meanwhile (stand-ins made anew per call: they copy the in-projection).
+    ``RuntimeError`` naming ``purpose`` when a layer never ran."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(key):
+        def pre_hook(module, args, kwargs):
+            x = args[0] if args else kwargs["query"]          # MultiheadAttention's query may be a keyword
+            value = statistic(key, module, x.detach())
+            sums[key] = sums[key] + value if key in sums else value
+        return pre_hook
+
+    attention = {path.rpartition(".")[0] for path in layers.values() if path.endswith(".out_proj")}
+    with out_proj_as_module(model, attention):
+        handles = [model.get_submodule(path).register_forward_pre_hook(hook(key), with_kwargs=True)
+                   for key, path in layers.items()]
+        try:
+            for images in batches:
+                try:
+                    with stop_after(model.get_submodule(stop)) if stop else contextlib.nullcontext():
+                        model(images.to(device))
+                except Stop:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+    missing = [key for key in layers if key not in sums]
+    if missing:
+        raise RuntimeError(f"layers {missing[:3]} did not run in the model's forward: {purpose} needs their inputs")
+    return sums

@@ -24,6 +24,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -552,23 +553,18 @@ def _prune_scope(args, model) -> str:
 
 
 def run_prune(args) -> int:
-    from starfish_fast.prune import format_summary, sparsity_summary
-
     checked, device = _check_prune(args)
     model = load_dense_model(args, device)
     scope = _prune_scope(args, model)
-    masks = _make_masks(args, checked.spec, model, scope, device)
-    summary = sparsity_summary(masks)
-    save_masks(masks, args.output, {"model_name": args.model_name, "method": args.method, "prune_scope": scope,
-                                    "sparsity": f"{summary['sparsity']:.6f}"})
-    log.info("per layer:\n%s", format_summary(summary))
-    print_json({"output": args.output, "method": args.method, "prune_scope": scope, "masks": len(masks),
-                "weights": summary["total"], "pruned": summary["pruned"], "sparsity": summary["sparsity"],
-                "dense_weights": weights_label(args)})
-    return 0
+    masks = make_masks(args, model, scope, device, lambda: recover_data(args, checked.spec, model)[0])
+    return write_masks(args, masks, scope, weights_label(args))
 
 
-def _make_masks(args, spec, model, scope: str, device):
+def make_masks(args, model, scope: str, device, calibration: Callable[[], object]) -> dict:
+    """The masks of ``args.method`` (the prune command's flags); ``calibration()`` gives the calibration data,
+    called only by the methods that read it (unlabeled images, as recover reads them; a language model's
+    token sequences). SparseGPT's updated weights stay in ``model``: a mask file holds masks, and recover's
+    ``--warm-start sparsegpt`` recomputes them from the dense model."""
     from starfish_fast import prune
 
     if args.method == "magnitude":
@@ -577,27 +573,34 @@ def _make_masks(args, spec, model, scope: str, device):
         return prune.nm_masks(model, n=args.n, m=args.m, scope=scope)
     if args.method == "structured":
         return prune.structured_masks(model, args.sparsity, scope, kind=args.kind)
-    calib, _ = recover_data(args, spec, model)              # unlabeled images, as recover reads them
+    calib = calibration()
     nm = dict(n=args.n, m=args.m) if args.sparsity is None else {}
     if args.method == "wanda":
         return prune.wanda_masks(model, args.sparsity, calib, scope, **nm, batch_size=args.batch_size, device=device)
     if args.method == "sparsegpt":
-        return sparsegpt_masks(model, args.sparsity, calib, scope, nm, args.batch_size, device)
+        masks = prune.sparsegpt_prune(model, args.sparsity, calib, scope, **nm, batch_size=args.batch_size,
+                                      device=device)
+        log.info("SparseGPT also updates the kept weights: heal with --warm-start sparsegpt to start from them "
+                 "(the same calibration flags give the same weights)")
+        return masks
     dense = copy.deepcopy(model) if args.gradual_steps else None
     return prune.representation_masks(model, args.sparsity, calib, scope, levels=tuple(args.levels), score=args.score,
                                       batch_size=args.batch_size, device=device, gradual_steps=args.gradual_steps,
                                       dense=dense)
 
 
-def sparsegpt_masks(model, sparsity, calib, scope: str, nm: dict, batch_size: int, device):
-    """SparseGPT's masks; the kept weights it updated are not written (a mask file holds masks): recover's
-    ``--warm-start sparsegpt`` recomputes them from the dense model."""
-    from starfish_fast import prune
+def write_masks(args, masks: dict, scope: str, dense_weights: str, **extra) -> int:
+    """Save the prune command's mask file, log its per-layer summary, print the JSON result."""
+    from starfish_fast.prune import format_summary, sparsity_summary
 
-    masks = prune.sparsegpt_prune(model, sparsity, calib, scope, **nm, batch_size=batch_size, device=device)
-    log.info("SparseGPT also updates the kept weights: heal with --warm-start sparsegpt to start from them "
-             "(the same calibration flags give the same weights)")
-    return masks
+    summary = sparsity_summary(masks)
+    save_masks(masks, args.output, {"model_name": args.model_name, "method": args.method, "prune_scope": scope,
+                                    "sparsity": f"{summary['sparsity']:.6f}"})
+    log.info("per layer:\n%s", format_summary(summary))
+    print_json({"output": args.output, "method": args.method, "prune_scope": scope, "masks": len(masks),
+                "weights": summary["total"], "pruned": summary["pruned"], "sparsity": summary["sparsity"],
+                "dense_weights": dense_weights, **extra})
+    return 0
 
 
 # ----------------------------------------------------------------------------- blocks

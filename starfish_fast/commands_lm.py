@@ -38,7 +38,7 @@ from torch import nn
 
 from starfish_fast import commands
 from starfish_fast.checkpoint import (MASKS_FILE, check_input_file, check_output_dir, check_output_path, error_line,
-                                      read_state_dict, save_json_atomic, save_masks, save_pretrained_with_masks,
+                                      read_state_dict, save_json_atomic, save_pretrained_with_masks,
                                       state_dict_mismatch, weight_shapes)
 from starfish_fast.commands import Checked, block_names, check_device, check_masks, print_json
 from starfish_fast.config import HealConfig
@@ -375,29 +375,11 @@ def _check_prune(args, lm: LanguageModel):
 
 
 def run_prune(args, lm: LanguageModel, defaults: dict) -> int:
-    from starfish_fast import prune
-
     scope, device = _check_prune(args, lm)
     model = load_lm(args, lm, device)
-    if args.method == "magnitude":
-        masks = prune.magnitude_masks(model, args.sparsity, scope, per=args.per)
-    elif args.method == "nm":
-        masks = prune.nm_masks(model, n=args.n, m=args.m, scope=scope)
-    elif args.method == "wanda":
-        nm = dict(n=args.n, m=args.m) if args.sparsity is None else {}
-        masks = prune.wanda_masks(model, args.sparsity, lm.calib, scope, **nm, batch_size=args.batch_size,
-                                  device=device)
-    else:
-        nm = dict(n=args.n, m=args.m) if args.sparsity is None else {}
-        masks = commands.sparsegpt_masks(model, args.sparsity, lm.calib, scope, nm, args.batch_size, device)
-    summary = prune.sparsity_summary(masks)
-    save_masks(masks, args.output, {"model_name": args.model_name, "method": args.method, "prune_scope": scope,
-                                    "sparsity": f"{summary['sparsity']:.6f}"})
-    log.info("per layer:\n%s", prune.format_summary(summary))
-    print_json({"output": args.output, "method": args.method, "prune_scope": scope, "masks": len(masks),
-                "weights": summary["total"], "pruned": summary["pruned"], "sparsity": summary["sparsity"],
-                "dense_weights": weights_label(args), **({"calibration": lm.text} if lm.calib is not None else {})})
-    return 0
+    masks = commands.make_masks(args, model, scope, device, lambda: lm.calib)
+    return commands.write_masks(args, masks, scope, weights_label(args),
+                                **({"calibration": lm.text} if lm.calib is not None else {}))
 
 
 # ----------------------------------------------------------------------------- recover

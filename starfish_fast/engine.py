@@ -215,7 +215,7 @@ def _start_run(student, dense, masks, batches, config: HealConfig, plan: Plan, l
     run = RunState(
         config=config, plan=plan, objective=spec, adapter=adapter, student=student,
         dense=dense, masks=masks, global_batches=batches, batches=distributed.shard_batches(batches, group),
-        labels=distributed.shard_batches(labels, group) if labels is not None else None,
+        labels=[y.to(device) for y in distributed.shard_batches(labels, group)] if labels is not None else None,
         keys=list(trainable), params=list(trainable.values()),
         lrs=lr_schedule_values(config.lr, config.min_lr, config.lr_schedule, config.epochs * len(batches)),
         group=group,

@@ -32,7 +32,6 @@ per layer in float64, and a column sweep of O(out * in * block_size) per layer.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Mapping
@@ -40,7 +39,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from starfish_fast.calibration import Stop, evaluating, input_rows, out_proj_as_module, stop_after
+from starfish_fast.calibration import evaluating, input_rows, layer_input_sums
 from starfish_fast.data import as_batches
 from starfish_fast.masks import keep_largest
 from starfish_fast.models import adapter_for
@@ -91,39 +90,19 @@ def _stages(model: nn.Module, adapter, layers: list[_Layer]) -> list[tuple[str |
     return stages + ([(None, left)] if left else [])
 
 
-@torch.no_grad()
 def _grams(model: nn.Module, layers: list[_Layer], batches, device, block: str | None) -> dict[str, torch.Tensor]:
     """``{key: (groups, k, k) float64}``: X^T X of each layer's input rows over the batches, from forwards
     that stop when ``block`` returns (None: whole forwards)."""
-    grams: dict[str, torch.Tensor] = {}
+    groups = {layer.key: (layer.module, layer.groups) for layer in layers}
 
-    def hook(layer: _Layer):
-        def pre_hook(module, args, kwargs):
-            x = args[0] if args else kwargs["query"]          # MultiheadAttention's query may be a keyword
-            rows = input_rows(layer.module, x.detach()).double()                   # (N, groups * k)
-            rows = rows.view(rows.shape[0], layer.groups, -1).transpose(0, 1)      # (groups, N, k)
-            gram = rows.transpose(1, 2) @ rows                                     # (groups, k, k)
-            grams[layer.key] = grams[layer.key] + gram if layer.key in grams else gram
-        return pre_hook
+    def gram(key, _module, x):
+        module, count = groups[key]
+        rows = input_rows(module, x).double()                                     # (N, groups * k)
+        rows = rows.view(rows.shape[0], count, -1).transpose(0, 1)                # (groups, N, k)
+        return rows.transpose(1, 2) @ rows                                        # (groups, k, k)
 
-    attention = {layer.path.rpartition(".")[0] for layer in layers if layer.path.endswith(".out_proj")}
-    with out_proj_as_module(model, attention):       # stand-ins copy the in-projection: made anew per pass
-        handles = [model.get_submodule(layer.path).register_forward_pre_hook(hook(layer), with_kwargs=True)
-                   for layer in layers]
-        try:
-            for images in batches:
-                try:
-                    with stop_after(model.get_submodule(block)) if block else contextlib.nullcontext():
-                        model(images.to(device))
-                except Stop:
-                    pass
-        finally:
-            for handle in handles:
-                handle.remove()
-    missing = [layer.key for layer in layers if layer.key not in grams]
-    if missing:
-        raise RuntimeError(f"layers {missing[:3]} did not run in the model's forward: SparseGPT needs their inputs")
-    return grams
+    return layer_input_sums(model, {layer.key: layer.path for layer in layers}, batches, gram, device, stop=block,
+                            purpose="SparseGPT")
 
 
 # ----------------------------------------------------------------------------- one layer

@@ -47,7 +47,7 @@ def student_loss(run, images: torch.Tensor, targets: list[torch.Tensor], index: 
         student_reps=reps, student_logits=logits,
         teacher_reps=targets[:blocks] if spec.needs_blocks else None,
         teacher_logits=targets[-1] if spec.needs_teacher_logits else None,
-        labels=run.labels[index].to(run.device) if run.labels is not None else None,
+        labels=run.labels[index] if run.labels is not None else None,   # on the device since the run began
         per=plan.cosine_per, block_weights=run.block_weights, fused=fused))
     if run.block_sums is not None:
         run.block_sums += per_block                    # adaptive weights: the blocks' losses, on the device

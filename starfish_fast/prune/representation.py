@@ -37,7 +37,7 @@ from starfish_fast.data import as_batches
 from starfish_fast.masks import apply_masks
 from starfish_fast.models.adapters import _block_output
 from starfish_fast.objectives import block_cosine_loss
-from starfish_fast.calibration import evaluating
+from starfish_fast.calibration import cloned, evaluating
 from starfish_fast.prune.makers import _finish, _scope_weights, _scores, check_sparsity, magnitude_score
 from starfish_fast.prune.wanda import input_norms, layer_keep, wanda_score
 
@@ -151,12 +151,6 @@ def _allocation_step(model: nn.Module, adapter, scope: str, batches: list[torch.
     return {key: layer_keep(scores[key], counts[key], per_row) for key in weights}
 
 
-def _cloned(inputs):
-    args, kwargs = inputs
-    copy = lambda value: value.clone() if isinstance(value, torch.Tensor) else value   # noqa: E731
-    return tuple(copy(a) for a in args), {name: copy(value) for name, value in kwargs.items()}
-
-
 @torch.no_grad()
 def _block_damage(model: nn.Module, adapter, block: str, level_masks: list[dict[str, torch.Tensor]],
                   batches: list[torch.Tensor]) -> list[float]:
@@ -172,7 +166,7 @@ def _block_damage(model: nn.Module, adapter, block: str, level_masks: list[dict[
         for images in batches:
             images = images.to(device)
             handle = module.register_forward_pre_hook(
-                lambda _module, args, kwargs: captured.update(inputs=_cloned((args, kwargs))), with_kwargs=True)
+                lambda _module, args, kwargs: captured.update(inputs=cloned((args, kwargs))), with_kwargs=True)
             try:
                 _, (reference,) = adapter.forward_blocks(model, images, [block], need_logits=False)
             finally:
@@ -180,7 +174,7 @@ def _block_damage(model: nn.Module, adapter, block: str, level_masks: list[dict[
             for i, masks in enumerate(level_masks):
                 for key, original in originals.items():
                     params[key].copy_(original * masks[key])
-                args, kwargs = _cloned(captured["inputs"])           # a block may write into its input
+                args, kwargs = cloned(captured["inputs"])           # a block may write into its input
                 output = _block_output(module(*args, **kwargs), images.shape[0], adapter.sequence_first)
                 loss = block_cosine_loss([output.float()], [reference.float()], per=adapter.cosine_per)
                 sums[i] += images.shape[0] * float(loss)

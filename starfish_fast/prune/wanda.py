@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from starfish_fast.data import as_batches
-from starfish_fast.calibration import evaluating, out_proj_as_module
+from starfish_fast.calibration import evaluating, layer_input_sums
 from starfish_fast.masks import keep_largest
 from starfish_fast.prune.makers import (ScoreFn, _check_nm_shapes, _finish, _scope_weights, _scores,
                                         check_nm, check_sparsity, nm_masks)
@@ -51,29 +51,10 @@ def input_norms(model: nn.Module, keys: Iterable[str], batches: list[torch.Tenso
                 device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """``wanda_input_norms`` over batches already made by ``as_batches`` (a list of 3-D batches would
     read as single images there a second time)."""
-    names = {key: key.rpartition(".")[0] for key in keys}
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(key):
-        def pre_hook(module, args, kwargs):
-            x = args[0] if args else kwargs["query"]          # MultiheadAttention's query may be a keyword
-            value = _feature_sums(module, x).double()
-            sums[key] = sums[key] + value if key in sums else value
-        return pre_hook
-
-    attention = {name.rpartition(".")[0] for name in names.values() if name.endswith(".out_proj")}
-    with evaluating(model, device) as target, out_proj_as_module(model, attention):
-        handles = [model.get_submodule(name).register_forward_pre_hook(hook(key), with_kwargs=True)
-                   for key, name in names.items()]
-        try:
-            for images in batches:
-                model(images.to(target))
-        finally:
-            for handle in handles:
-                handle.remove()
-    missing = [key for key in names if key not in sums]
-    if missing:
-        raise RuntimeError(f"layers {missing[:3]} did not run in the model's forward: Wanda needs their inputs")
+    layers = {key: key.rpartition(".")[0] for key in keys}
+    with evaluating(model, device) as target:
+        sums = layer_input_sums(model, layers, batches, lambda _key, module, x: _feature_sums(module, x).double(),
+                                target, purpose="Wanda")
     return {key: value.sqrt().float().cpu() for key, value in sums.items()}
 
 
