@@ -218,15 +218,23 @@ def _object_kind(value: Any) -> str:
 def check_input_file(path: str | os.PathLike, flag: str, wanted: str, allow_unsafe_pickle: bool = False) -> str:
     """The kind of file ``path`` holds (``file_kind``), or a one-line error naming ``flag``, the path and
     what it is, when it is missing, unreadable or not a kind ``wanted`` ("weights", "masks", "resume") takes."""
-    what = f"{flag} {path}" if flag else str(path)
+    return _accepted(_flagged(file_kind, path, flag, allow_unsafe_pickle), path, flag, wanted)
+
+
+def _flagged(read, path, flag: str, allow_unsafe_pickle: bool):
+    """``read(path, allow_unsafe_pickle)``, a missing file or a ``ValueError`` naming ``flag``."""
     if not os.path.lexists(path):
-        raise FileNotFoundError(f"{what}: no such file")
+        raise FileNotFoundError(f"{f'{flag} {path}' if flag else path}: no such file")
     try:
-        kind = file_kind(path, allow_unsafe_pickle)
+        return read(path, allow_unsafe_pickle)
     except ValueError as error:
         raise ValueError(f"{flag} {error}" if flag else str(error)) from None
+
+
+def _accepted(kind: str, path, flag: str, wanted: str) -> str:
     words, accepted = WANTED[wanted]
     if kind not in accepted:
+        what = f"{flag} {path}" if flag else str(path)
         raise ValueError(f"{what} is {KIND_WORDS[kind]}, not {words}{KIND_HINTS.get(kind, '')}")
     return kind
 
@@ -234,8 +242,13 @@ def check_input_file(path: str | os.PathLike, flag: str, wanted: str, allow_unsa
 def read_state_dict(path: str | os.PathLike, allow_unsafe_pickle: bool = False, flag: str = "") -> dict:
     """The model weights in ``path``: a state dict, ``{"state_dict": ...}`` (recover's checkpoint) or an
     ``export_dense`` file (a v1 export's mask tensors left out); a ``ValueError`` for any other kind."""
-    kind = check_input_file(path, flag, "weights", allow_unsafe_pickle)
-    state = extract_state_dict(load_tensor_file(path, allow_unsafe_pickle=allow_unsafe_pickle))
+    if Path(path).suffix == ".safetensors":          # the header tells the kind; then one load
+        kind = check_input_file(path, flag, "weights")
+        value = load_tensor_file(path)
+    else:                                             # a torch file is loaded once and judged by what it holds
+        value = _flagged(load_tensor_file, path, flag, allow_unsafe_pickle)
+        kind = _accepted(_object_kind(value), path, flag, "weights")
+    state = extract_state_dict(value)
     return {k: v for k, v in state.items() if not k.startswith(MASK_PREFIX)} if kind == "export" else state
 
 

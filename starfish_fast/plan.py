@@ -269,7 +269,10 @@ def _semi_structured(config: HealConfig, model, adapter, blocks, masks, calib, d
     """``semi_structured``: the 2:4-masked linears' backends, timed on this device for the healing step at this
     run's tokens per step, per layer shape and then the step of the block holding the most 2:4 linears with
     the choice against all dense (sparse24.choose_semi_structured, block_step_timer); nothing is timed when
-    off, on the CPU, or without 2:4 masks."""
+    off, in exact mode, on the CPU, or without 2:4 masks."""
+    if config.mode == "exact":
+        return dataclasses.replace(choose_semi_structured(model, masks, device, dtype, "off", purpose="heal"),
+                                   reason="exact mode: dense, as the reference")
     if config.semi_structured == "off" or device.type != "cuda" or not calib:
         return choose_semi_structured(model, masks, device, dtype, config.semi_structured, purpose="heal")
     home = next(model.parameters()).device
@@ -316,12 +319,12 @@ def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.devic
     trained = sum(w.numel() for w in prunable_weights(model, adapter.scope_predicate(scope)).values())
     compile_on, compile_reason = _compile(config, device, adapter.family, trained, images, cache)
     fast = config.mode == "fast"
-    two_four = _semi_structured(config if fast else dataclasses.replace(config, semi_structured="off"), model,
-                                adapter, blocks, masks or {}, calib, device, DTYPES[precision], world_size)
+    two_four = _semi_structured(config, model, adapter, blocks, masks or {}, calib, device, DTYPES[precision],
+                                world_size)
     reasons = {"precision": precision_reason, "teacher_store": store_reason, "compact": compact_reason,
                "compile": compile_reason,
                "kernels": "requested" if config.kernels != "auto" else "auto: kernels/_dispatch.py table",
-               "semi_structured": two_four.reason if fast else "exact mode: dense, as the reference"}
+               "semi_structured": two_four.reason}
     plan = Plan(device=str(device), mode=config.mode, family=adapter.family, scope=scope, blocks=blocks,
                 cosine_per=adapter.cosine_per if config.cosine_per == "auto" else config.cosine_per,
                 precision=precision, teacher_dtype=teacher_dtype, teacher_store=store, compile=compile_on,
