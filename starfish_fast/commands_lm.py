@@ -234,12 +234,12 @@ def _check_text(args, lm: LanguageModel, calibration: bool, evaluation: str) -> 
     lm.tokenizer = _tokenizer(args, lm)
     if dataset:
         try:
-            lm.calib, eval_ids = hf_text_data(lm.tokenizer, dataset, sequences=sequences, seq_len=lm.seq_len,
-                                              seed=getattr(args, "seed", 0),
-                                              eval_tokens=getattr(args, "eval_tokens", None))
+            lm.calib, lm.eval_ids = hf_text_data(lm.tokenizer, dataset, sequences=sequences, seq_len=lm.seq_len,
+                                                 seed=getattr(args, "seed", 0),
+                                                 eval_tokens=getattr(args, "eval_tokens", None),
+                                                 evaluation=evaluation != "none")
         except ValueError as error:
             raise ValueError(f"--hf-dataset {dataset}: {error}") from None
-        lm.eval_ids = eval_ids if evaluation != "none" else None
         lm.text = {"hf_dataset": dataset}
     else:
         _local_text(args, lm, calib_paths if calibration else None, eval_paths, sequences)

@@ -152,29 +152,33 @@ def _load_dataset(*args, **kwargs):
 
 
 def hf_text_data(tokenizer, name: str, *, sequences: int, seq_len: int, seed: int = 0,
-                 eval_tokens: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                 eval_tokens: int | None = None, evaluation: bool = True
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(calibration (sequences, seq_len), evaluation stream (N,)) with the usual conventions of the LLM
-    pruning papers; ``sequences=0``: no calibration (None; its split is not read). ``wikitext2``:
+    pruning papers; ``sequences=0``: no calibration, ``evaluation=False``: no evaluation (None; the split
+    is not read). ``wikitext2``:
     wikitext-2-raw-v1, the train split's texts joined by blank lines for calibration windows, the test
     split's for evaluation. ``c4``: allenai/c4's first train shard, each sequence a random window of a
     random document longer than ``seq_len``; the first validation shard's first 1,100 documents joined
     by spaces, cut to ``256 * seq_len`` tokens, for evaluation."""
     if name not in HF_TEXT_DATASETS:
         raise ValueError(f"unknown text dataset {name!r}; allowed: {', '.join(HF_TEXT_DATASETS)}")
-    calib = None
+    calib = eval_ids = None
     if name == "wikitext2":
         if sequences:
             train = _load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
             calib = sample_sequences(token_stream(tokenizer, ["\n\n".join(train["text"])]), sequences, seq_len, seed)
-        test = _load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
-        eval_ids = token_stream(tokenizer, ["\n\n".join(test["text"])])
+        if evaluation:
+            test = _load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+            eval_ids = token_stream(tokenizer, ["\n\n".join(test["text"])])
     else:
         if sequences:
             train = _load_dataset("allenai/c4", data_files={"train": C4_FILES["train"]}, split="train")
             calib = _c4_windows(tokenizer, train, sequences, seq_len, seed)
-        valid = _load_dataset("allenai/c4", data_files={"validation": C4_FILES["validation"]}, split="validation")
-        eval_ids = token_stream(tokenizer, [" ".join(valid[:1100]["text"])])[:256 * seq_len]
-    return calib, (eval_ids[:eval_tokens] if eval_tokens else eval_ids)
+        if evaluation:
+            valid = _load_dataset("allenai/c4", data_files={"validation": C4_FILES["validation"]}, split="validation")
+            eval_ids = token_stream(tokenizer, [" ".join(valid[:1100]["text"])])[:256 * seq_len]
+    return calib, (eval_ids[:eval_tokens] if eval_tokens and eval_ids is not None else eval_ids)
 
 
 def _c4_windows(tokenizer, rows, sequences: int, seq_len: int, seed: int, max_tries: int = 100_000) -> torch.Tensor:

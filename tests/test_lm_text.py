@@ -156,6 +156,10 @@ def test_hf_text_datasets_conventions(fake_datasets):
     assert "long text" in text or "text long" in text
     assert fake_datasets[2][3] == {"train": "en/c4-train.00000-of-01024.json.gz"}
     assert torch.equal(calib, hf_text_data(CharTokenizer(), "c4", sequences=4, seq_len=30, seed=1)[0])
+    fake_datasets.clear()
+    calib, eval_ids = hf_text_data(CharTokenizer(), "wikitext2", sequences=3, seq_len=20, evaluation=False)
+    assert calib.shape == (3, 20) and eval_ids is None
+    assert fake_datasets == [("wikitext", "wikitext-2-raw-v1", "train", None)]      # the test split not read
 
 
 def test_hf_text_dataset_errors(fake_datasets, monkeypatch):
