@@ -350,7 +350,8 @@ def layer_step(name: str, shape: Sequence[int], *, tokens: int, dtype: torch.dty
     """One call of a linear of ``shape`` (out, in) at ``tokens`` tokens on backend ``name`` ("dense" or a 2:4
     one), on random weights with a 2:4 mask. ``inference``: the forward with the weight packed once, in
     ``dtype``. ``heal``: the healing step under ``dtype`` autocast over fp32 weights (packing every call,
-    dense backward) against the dense masked ``F.linear`` forward and backward."""
+    dense backward) against the dense masked ``F.linear`` forward and backward; ``heal_forward``: its forward
+    alone."""
     device = torch.device(device)
     mask = _pattern_mask(shape, device)
     if purpose == "inference":
@@ -367,7 +368,13 @@ def layer_step(name: str, shape: Sequence[int], *, tokens: int, dtype: torch.dty
         forward = SemiStructuredLinear.from_linear(linear, mask, name)
         if forward.backend_for(device, dtype) is None:
             raise RuntimeError(f"the 2:4 path {name} cannot run here")
-    x = torch.randn(tokens, shape[1], device=device, requires_grad=True)              # (tokens, in)
+    x = torch.randn(tokens, shape[1], device=device, requires_grad=purpose == "heal")  # (tokens, in)
+    if purpose == "heal_forward":
+        @torch.no_grad()
+        def forward_only():
+            with torch.autocast(device.type, dtype=dtype):
+                return forward(x)
+        return forward_only
     grad_y = torch.randn(tokens, shape[0], device=device, dtype=dtype)                 # (tokens, out)
 
     def step():
@@ -422,30 +429,10 @@ def benchmark_layer(out_features: int, in_features: int, tokens: int, dtype: tor
         raise RuntimeError(f"the 2:4 path cannot run here: {reason}")
     timer = functools.partial(cuda_median_ms, iters=iters)
     purpose = "heal" if backward else "heal_forward"
-    times = {}
-    for name in ("dense", backend):
-        if backward:
-            times[name] = measure_layer(name, weight.shape, tokens=tokens, dtype=dtype, device=device,
-                                        purpose="heal", timer=timer)
-        else:
-            step = _heal_forward(name, weight.shape, tokens, dtype, device)
-            times[name] = timer(step)
+    times = {name: measure_layer(name, weight.shape, tokens=tokens, dtype=dtype, device=device, purpose=purpose,
+                                 timer=timer) for name in ("dense", backend)}
     return {"backend": backend, "purpose": purpose, "dense_ms": times["dense"], "sparse_ms": times[backend],
             "speedup": times["dense"] / times[backend]}
-
-
-def _heal_forward(name: str, shape, tokens: int, dtype: torch.dtype, device) -> Callable[[], object]:
-    """The healing forward alone (no backward): packing every call included."""
-    linear = nn.Linear(shape[1], shape[0], device=device)
-    mask = _pattern_mask(shape, device)
-    layer = None if name == "dense" else SemiStructuredLinear.from_linear(linear, mask, name)
-    x = torch.randn(tokens, shape[1], device=device)                                   # (tokens, in)
-
-    @torch.no_grad()
-    def step():
-        with torch.autocast(torch.device(device).type, dtype=dtype):
-            return F.linear(x, linear.weight * mask, linear.bias) if layer is None else layer(x)
-    return step
 
 
 # ----------------------------------------------------------------------------- the measured choice
