@@ -36,7 +36,6 @@ except Exception as exc:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
     log.debug("triton not importable (%s); kernels fall back to the torch references", exc)
 
-OPS = ("masked_linear", "cosine_loss", "masked_adam")
 CHOICES = {"auto": None, "triton": True, "torch": False, None: None, True: True, False: False}
 
 # kernels="auto" on CUDA, per op: the one H200 run so far (2026-12-04, torch 2.11, DeiT-B shapes, bf16;
@@ -53,6 +52,7 @@ AUTO_TRITON_ON_CUDA = {
     "cosine_loss": True,
     "masked_adam": False,
 }
+OPS = tuple(AUTO_TRITON_ON_CUDA)
 
 
 def runnable(device: torch.device | str) -> bool:
@@ -65,7 +65,8 @@ def choose(op: str, device: torch.device | str, kernels: str | bool | None = "au
     if op not in OPS:
         raise ValueError(f"unknown kernel op {op!r}; known: {', '.join(OPS)}")
     if kernels not in CHOICES:
-        raise ValueError(f"unknown kernels choice {kernels!r}; allowed: auto, triton, torch")
+        raise ValueError(f"unknown kernels choice {kernels!r}; allowed: "
+                         f"{', '.join(k for k in CHOICES if isinstance(k, str))}")
     wanted, device = CHOICES[kernels], torch.device(device)
     if wanted is False:
         return False

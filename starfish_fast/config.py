@@ -21,7 +21,6 @@ from starfish_fast.objectives import OBJECTIVES
 PRECISIONS = ("fp32", "bf16", "fp16")
 # device: kept on the compute device (the GPU's memory on CUDA, RAM on the CPU)
 STORE_KINDS = ("auto", "device", "pinned", "disk", "recompute")
-KERNEL_OPS = ("masked_linear", "cosine_loss", "masked_adam")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 AUTO_ON_OFF = ("auto", "on", "off")
 # the prune command's mask makers (starfish_fast.prune), and which of them read calibration data / take --n --m
