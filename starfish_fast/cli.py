@@ -21,6 +21,7 @@ import logging
 import sys
 
 from starfish_fast import __version__
+from starfish_fast.cli_wording import with_flags      # the library names arguments; the messages here, flags
 from starfish_fast.config import PRUNE_METHODS, config_fields, flag_name
 
 REFERENCE_FLAGS_NOTE = "the reference starfish.py's flags and defaults, plus local data and the engine's settings"
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if args.debug:
             raise
-        print(f"starfish-fast {args.command}: error: {error}", file=sys.stderr)
+        print(f"starfish-fast {args.command}: error: {with_flags(str(error))}", file=sys.stderr)
         return 2
     except RuntimeError as error:
         from starfish_fast.kernels import KernelError
