@@ -117,7 +117,7 @@ def load_tensor_file(path: str | os.PathLike, allow_unsafe_pickle: bool = False)
             reason = next((line.strip() for line in str(error).splitlines() if "Unsupported" in line), "")
             raise ValueError(f"{path} holds Python objects that weights_only=True refuses"
                              f"{f' ({reason})' if reason else ''}; if you trust this file, pass the unsafe-pickle "
-                             f"opt-in (allow_unsafe_pickle=True / --allow-unsafe-pickle)") from None
+                             f"opt-in (`allow_unsafe_pickle=True`)") from None
         raise ValueError(f"{path} is not a valid torch.save file ({error_line(error)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise ValueError(f"{path} is truncated or corrupt ({error_line(error)})") from None
@@ -172,16 +172,16 @@ def _is_state_dict(value: Any) -> bool:
 # ----------------------------------------------------------------------------- what a file holds
 # file kind -> how a message names it; what each reader accepts; the flag that takes each kind
 KIND_WORDS = {"resume": "a resume checkpoint", "recovered": "a healed checkpoint (recover's output)",
-              "export": "a weights export (recover --export)", "masks": "a mask file (every tensor bool)",
+              "export": "a weights export (recover's `export`)", "masks": "a mask file (every tensor bool)",
               "weights": "model weights", "module": "a pickled nn.Module (not a state dict)",
               "other": "neither weights nor masks"}
-WANTED = {"weights": ("model weights (a state dict, recover's checkpoint or its --export)",
+WANTED = {"weights": ("model weights (a state dict, recover's checkpoint or its `export`)",
                       ("weights", "recovered", "export")),
           "masks": ("a mask file (weight name -> 0/1 tensor, as `starfish-fast prune` writes)", ("masks", "weights")),
           "resume": ("a starfish_fast resume checkpoint", ("resume",))}
-KIND_HINTS = {"masks": "; give it as --mask-path", "resume": "; it continues its own run (recover --resume)",
-              "recovered": "; give it as --dense-path or --checkpoint", "export": "; give it as --dense-path or "
-                                                                                  "--checkpoint"}
+KIND_HINTS = {"masks": "; give it as `mask_path`", "resume": "; it continues its own run (recover's `resume`)",
+              "recovered": "; give it as `dense_path` or `checkpoint`",
+              "export": "; give it as `dense_path` or `checkpoint`"}
 
 
 def file_kind(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> str:
@@ -415,7 +415,7 @@ def load_resume(path: str | os.PathLike, fingerprints: Mapping[str, str], world_
                if state["fingerprints"].get(key) != value]
     if changed:
         raise ValueError(f"refusing to resume from {path}: {'; '.join(changed)}; rerun with the checkpoint's, or "
-                         f"without --resume (resume=False) to start afresh")
+                         f"without `resume` to start afresh")
     if state.get("world_size", 1) != world_size:
         raise ValueError(f"refusing to resume from {path}: it was written by {state.get('world_size', 1)} "
                          f"process(es), this run has {world_size}")

@@ -100,15 +100,15 @@ def check_split_counts(source: str, calib_samples: int, eval_samples: int,
     images remain for evaluation (``sizes``: images per split)."""
     pool = "train" if source == "train" else "test"
     if calib_samples > sizes[pool]:
-        raise ValueError(f"calibration set too small: --calib-samples {calib_samples} but only {sizes[pool]} images "
-                         f"in the Fashion-MNIST {pool} split (--calib-source {source})")
+        raise ValueError(f"calibration set too small: `calib_samples` {calib_samples} but only {sizes[pool]} "
+                         f"images in the Fashion-MNIST {pool} split (`source` {source})")
     if source == "train" and eval_samples > sizes["test"]:
-        raise ValueError(f"--eval-samples {eval_samples} but the Fashion-MNIST test split has only {sizes['test']} "
-                         f"images (--calib-source {source})")
+        raise ValueError(f"`eval_samples` {eval_samples} but the Fashion-MNIST test split has only {sizes['test']} "
+                         f"images (`source` {source})")
     remaining = sizes["test"] - calib_samples
     if source != "train" and eval_samples > remaining:
-        raise ValueError(f"--eval-samples {eval_samples} but only {remaining} test images remain after the "
-                         f"{calib_samples} calibration images (--calib-source {source})")
+        raise ValueError(f"`eval_samples` {eval_samples} but only {remaining} test images remain after the "
+                         f"{calib_samples} calibration images (`source` {source})")
 
 
 def fashion_mnist_split(directory: str | os.PathLike, source: str, calib_samples: int, eval_samples: int,
@@ -158,7 +158,7 @@ def fashion_mnist_eval(directory: str | os.PathLike = FASHION_MNIST_DIR, eval_sa
 def check_fashion_mnist_eval_samples(eval_samples: int | None) -> None:
     test_size = FASHION_MNIST_SIZES["test"]
     if eval_samples is not None and not 0 < eval_samples <= test_size:
-        raise ValueError(f"--eval-samples {eval_samples}: the Fashion-MNIST test split has {test_size} images "
+        raise ValueError(f"`eval_samples` {eval_samples}: the Fashion-MNIST test split has {test_size} images "
                          f"(ask for 1 to {test_size})")
 
 
@@ -234,7 +234,7 @@ def check_image_dir(directory: str | os.PathLike, flag: str, labeled: bool = Fal
     where = "in class folders (ImageFolder: DIR/CLASS/IMAGE)" if labeled else "at any depth"
     if found:
         raise ValueError(f"{flag} {directory}: calibration set too small: {found} images {where}, fewer than the "
-                         f"{at_least} asked for (--calib-samples)")
+                         f"{at_least} asked for (`calib_samples`)")
     raise ValueError(f"{flag} {directory}: holds no images {where} (looked for {' '.join(IMG_EXTENSIONS)})")
 
 
@@ -246,7 +246,7 @@ def check_hf_streaming(dataset_name: str, flag: str = "--hf-dataset") -> None:
 
     from starfish_fast.checkpoint import unreachable
 
-    local = "give local images instead (--calib-dir DIR, --eval-dir DIR)"
+    local = "give local images instead (`calib_dir=DIR`, `eval_dir=DIR`)"
     if "datasets" not in sys.modules and importlib.util.find_spec("datasets") is None:
         raise ValueError(f"{flag} {dataset_name}: streaming it needs the datasets package (pip install "
                          f"'starfish_fast[hf]'), or {local}")

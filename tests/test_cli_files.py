@@ -54,7 +54,7 @@ def test_every_kind_is_told_apart(files):
     ("masks", "weights", "is a mask file (every tensor bool), not model weights"),
     ("resume", "weights", "is a resume checkpoint, not model weights"),
     ("recovered", "masks", "is a healed checkpoint (recover's output), not a mask file"),
-    ("export", "masks", "is a weights export (recover --export), not a mask file"),
+    ("export", "masks", "is a weights export (recover's `export`), not a mask file"),
     ("masks", "resume", "is a mask file (every tensor bool), not a starfish_fast resume checkpoint"),
     ("text", "weights", "is not a torch.save or safetensors file"),
 ])
@@ -116,7 +116,7 @@ def test_resume_refusal_names_the_changed_settings(tmp_path):
         load_resume(path, now)
     assert str(error.value) == (f"refusing to resume from {path}: settings differ: batch_size 64 here, 32 in the "
                                 f"checkpoint, lr 0.001 here, 0.0006 in the checkpoint; rerun with the checkpoint's, "
-                                f"or without --resume (resume=False) to start afresh")
+                                f"or without `resume` to start afresh")
     with pytest.raises(ValueError, match="the masks differ from the checkpoint's"):
         load_resume(path, dict(saved, masks="bb"))
     assert load_resume(path, saved)["step"] == 3

@@ -122,7 +122,7 @@ def artifacts(tmp_path_factory):
     ("eval", "--checkpoint", "stopped.pt.resume", "is a resume checkpoint, not model weights"),
     ("recover", "--dense-path", "stopped.pt.resume", "is a resume checkpoint, not model weights"),
     ("recover", "--mask-path", "recovered.pt", "is a healed checkpoint (recover's output), not a mask file"),
-    ("recover", "--mask-path", "healed.safetensors", "is a weights export (recover --export), not a mask file"),
+    ("recover", "--mask-path", "healed.safetensors", "is a weights export (recover's --export), not a mask file"),
     ("prune", "--pretrained-file", "masks.pt", "is a mask file (every tensor bool), not model weights"),
 ])
 def test_a_file_of_another_kind_is_refused_in_one_line(artifacts, tmp_path, capsys, monkeypatch, command, flag, file,

@@ -169,16 +169,16 @@ def test_no_evaluation_reads_only_the_calibration_split(indexed_splits):
 
 
 @pytest.mark.parametrize("source,calib,evaluate,message", [
-    ("test", 1000, 9500, "--eval-samples 9500 but only 9000 test images remain after the 1000 calibration images "
-                         "(--calib-source test)"),
-    ("val", 10000, 1, "--eval-samples 1 but only 0 test images remain after the 10000 calibration images "
-                      "(--calib-source val)"),
-    ("train", 10, 10001, "--eval-samples 10001 but the Fashion-MNIST test split has only 10000 images "
-                         "(--calib-source train)"),
-    ("train", 70000, 0, "calibration set too small: --calib-samples 70000 but only 60000 images in the "
-                        "Fashion-MNIST train split (--calib-source train)"),
-    ("test", 10001, 0, "calibration set too small: --calib-samples 10001 but only 10000 images in the "
-                       "Fashion-MNIST test split (--calib-source test)"),
+    ("test", 1000, 9500, "`eval_samples` 9500 but only 9000 test images remain after the 1000 calibration images "
+                         "(`source` test)"),
+    ("val", 10000, 1, "`eval_samples` 1 but only 0 test images remain after the 10000 calibration images "
+                      "(`source` val)"),
+    ("train", 10, 10001, "`eval_samples` 10001 but the Fashion-MNIST test split has only 10000 images "
+                         "(`source` train)"),
+    ("train", 70000, 0, "calibration set too small: `calib_samples` 70000 but only 60000 images in the "
+                        "Fashion-MNIST train split (`source` train)"),
+    ("test", 10001, 0, "calibration set too small: `calib_samples` 10001 but only 10000 images in the "
+                       "Fashion-MNIST test split (`source` test)"),
     ("validation", 10, 0, "unknown calibration source 'validation'; allowed: train, val, test"),
     ("test", 0, 0, "need calib_samples > 0 and eval_samples >= 0, got 0 and 0"),
 ])
@@ -216,6 +216,6 @@ def test_fashion_mnist_eval_takes_the_first_test_images(indexed_splits, tmp_path
     images, labels = zip(*fashion_mnist_eval("any", 300, batch_size=128))
     assert [len(b) for b in images] == [128, 128, 44] and torch.cat(labels).tolist() == list(range(300))
     assert sum(len(b) for b, _ in fashion_mnist_eval("any")) == 10000          # None: the whole test split
-    with pytest.raises(ValueError, match="--eval-samples 10001: the Fashion-MNIST test split has 10000 images"):
+    with pytest.raises(ValueError, match="`eval_samples` 10001: the Fashion-MNIST test split has 10000 images"):
         fashion_mnist_eval(tmp_path / "nowhere", 10001)                        # before reading anything
     assert indexed_splits == ["test", "test"]

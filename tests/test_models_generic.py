@@ -143,6 +143,58 @@ def test_registry_names_prefixes_transforms_and_errors():
     assert model_spec("torchvision/resnet18").transform(None)(Image.new("RGB", (300, 260))).shape == (3, 224, 224)
 
 
+def test_a_new_source_is_one_registry_entry():
+    """A source registered in the table is asked in order, builds, loads and transforms through ModelSpec."""
+    from starfish_fast.models import sources
+
+    class TinySource(sources.ModelSource):
+        name = "tiny"
+        builder_kwargs = ("out",)                                   # its builder's, not nn.Linear's
+
+        def claim(self, name):
+            return name.removeprefix("tiny/") if name.startswith("tiny/") else None
+
+        def build(self, arch, **kwargs):
+            return nn.Linear(int(arch), kwargs.get("out", 2))
+
+        def pretrained(self, spec, pretrained_file=None, **kwargs):
+            model = self.build(spec.arch, **kwargs)
+            nn.init.ones_(model.weight)                             # its "trained" weights
+            return model
+
+        def transform(self, arch, model):
+            return torch.as_tensor
+
+    sources.register_source(TinySource)
+    try:
+        spec = model_spec("tiny/5")
+        assert (spec.source, spec.arch) == ("tiny", "5") and spec.model_source.name == "tiny"
+        assert spec.build(out=3).weight.shape == (3, 5) and spec.skeleton(out=3).weight.is_meta
+        assert spec.build_pretrained().weight.eq(1).all() and spec.transform(None) is torch.as_tensor
+        assert model_spec("resnet18").source == "timm"            # the others still answer in their turn
+        with pytest.raises(ValueError, match="unknown model name 'tiny5'"):
+            model_spec("tiny5")
+    finally:
+        sources.SOURCES.pop()
+
+
+def test_library_errors_name_the_argument_and_the_command_line_its_flag():
+    from starfish_fast.cli_wording import with_flags
+    from starfish_fast.models.registry import weights_argument
+
+    with pytest.raises(ValueError) as error:
+        weights_argument("resnet18", dense_path="d.pt", random_init=True)
+    assert str(error.value).startswith("`dense_path` and `random_init`: give one of `dense_path`")
+    assert with_flags(str(error.value)) == ("--dense-path and --random-init: give one of --dense-path, --pretrained, "
+                                            "--pretrained-file and --random-init")
+    with pytest.raises(ValueError) as error:
+        model_spec("resnet18").skeleton(num_clases=3)
+    assert with_flags(str(error.value)).startswith("--model-kwargs num_clases=3: resnet18 (ResNet) takes no argument")
+    assert with_flags("`pretrained=True`: give `dense_path=FILE` or `random_init=True`; `x` `block_names`") == \
+        "--pretrained: give --dense-path FILE or --random-init; `x` --blocks"
+    assert weights_argument("fashion_vit") == "bundled" and weights_argument("resnet18", pretrained=True) == "pretrained"
+
+
 def test_custom_block_names_for_a_generic_model():
     dense, images = build("resnet18")
     blocks = ["layer1", "layer2", "layer3", "layer4"]
@@ -156,5 +208,5 @@ def test_custom_block_names_for_a_generic_model():
 
 def test_a_model_without_blocks_is_a_clear_error():
     tiny = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
-    with pytest.raises(ValueError, match="found no blocks in Sequential: pass block_names"):
+    with pytest.raises(ValueError, match="found no blocks in Sequential: pass `block_names`"):
         adapter_for(tiny)

@@ -189,8 +189,8 @@ class GenericAdapter(ModelAdapter):
     def __init__(self, model: nn.Module, block_names: Sequence[str] | None = None):
         self.blocks = list(block_names) if block_names is not None else discover_blocks(model)
         if not self.blocks:
-            raise ValueError(f"found no blocks in {type(model).__name__}: pass block_names=[...] "
-                             f"(--blocks REGEX on the command line); `starfish-fast blocks` lists candidates")
+            raise ValueError(f"found no blocks in {type(model).__name__}: pass `block_names`; `starfish-fast blocks` "
+                             f"lists candidates")
         # channels-last maps (timm Swin) are compared per position, like tokens; otherwise by the
         # output's shape: (B, T, D) per token, (B, C, H, W) per image
         self.cosine_per = "token" if getattr(model, "output_fmt", "NCHW") == "NHWC" else "shape"
