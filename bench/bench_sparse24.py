@@ -30,7 +30,7 @@ import torch
 
 from devices import device_peaks, device_tag, environment, save_report  # bench/ is on sys.path
 from starfish_fast import cusparselt
-from starfish_fast.checkpoint import atomic_path
+from starfish_fast.checkpoint import atomic_path, error_line
 from starfish_fast.sparse24 import BACKENDS, backend_reason, layer_step, measure_layer
 from starfish_fast.timing import cuda_median_ms
 
@@ -79,7 +79,7 @@ def time_inference(out_features: int, in_features: int, tokens: int, iters: int,
             result[f"{name}_host_ms"] = host_ms(step)
             result[f"{name}_speedup"] = result["dense_ms"] / result[f"{name}_ms"]
         except Exception as error:  # record what the backend refused; never a number it did not produce
-            result[f"{name}_error"] = cusparselt._first_line(error)
+            result[f"{name}_error"] = error_line(error)
     return result
 
 
@@ -95,7 +95,7 @@ def time_heal(out_features: int, in_features: int, tokens: int, iters: int, dtyp
                                                  timer=lambda fn: cuda_median_ms(fn, iters))
             result[f"{name}_speedup"] = result["dense_ms"] / result[f"{name}_ms"]
         except Exception as error:  # as above: the refusal is the result
-            result[f"{name}_error"] = cusparselt._first_line(error)
+            result[f"{name}_error"] = error_line(error)
     return result
 
 
@@ -133,7 +133,7 @@ def time_model(model_name: str, batch: int, iters: int, dtype: torch.dtype = tor
                                  "max_abs_logit_difference": float((sparse(images).float() - reference).abs().max()),
                                  "sdpa": sdpa_kernels(sparse, images)}
             except Exception as error:  # a backend that cannot export this model: its refusal is the result
-                report[label] = {"error": cusparselt._first_line(error)}
+                report[label] = {"error": error_line(error)}
     return report
 
 

@@ -105,6 +105,7 @@ def checks(rec, rehearse: bool, seconds: float) -> None:
 
 def library_record(on_gpu: bool) -> dict:
     from starfish_fast import cusparselt
+    from starfish_fast.checkpoint import error_line
     from starfish_fast.sparse24 import BACKENDS, backend_reason
 
     record = {"library": cusparselt.library_info(), "torch": torch.__version__, "python": sys.version.split()[0]}
@@ -113,7 +114,7 @@ def library_record(on_gpu: bool) -> dict:
             imported = __import__(module, fromlist=["__version__"])
             record[module] = {"version": getattr(imported, "__version__", None), "file": imported.__file__}
         except Exception as error:  # recorded: which piece is missing is the finding
-            record[module] = cusparselt._first_line(error)
+            record[module] = error_line(error)
     if on_gpu:
         record["gpu"] = torch.cuda.get_device_name()
         record["backends"] = {name: backend_reason(name, torch.device("cuda"), torch.bfloat16) or "available"

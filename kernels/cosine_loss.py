@@ -11,8 +11,8 @@ Loss: for each block l, rows r of S_l and T_l (the teacher cast to the student's
 dtype first, as the reference does), with ``n(v) = max(||v||, 1e-12)`` as in
 ``F.normalize``:  ``loss = mean_l mean_r (1 - <s/n(s), t/n(t)>)``.
 Rows: ``per="token"`` flattens to ``(-1, D_last)`` (a (B, T, D) output gives B*T
-rows), ``per="sample"`` to ``(B, -1)``, ``per="auto"`` picks token for 3-D and
-sample otherwise (``_rows`` below).
+rows), ``per="sample"`` to ``(B, -1)``, ``per="shape"`` picks token for 3-D and
+sample otherwise (``_rows`` below; ``"auto"``, its former name, is still accepted).
 
 How (per (student dtype, teacher dtype) group, normally one: forward = 2 kernels + one
 tiny sum, backward = 1 kernel, whatever the number of blocks):
@@ -63,14 +63,16 @@ from ._dispatch import HAVE_TRITON, INTERPRET, choose, device_table, empty, laun
 log = logging.getLogger(__name__)
 
 EPS = 1e-12               # F.normalize's default
-PERS = ("token", "sample", "auto")
+PERS = ("token", "sample", "shape")
+FORMER_PERS = {"auto": "shape"}     # the former word, still accepted
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _TAB = 8                  # int64 fields per block in the launch table (see _group_table)
 
 
 # --------------------------------------------------------------------------- reference
 def _rows(x: torch.Tensor, per: str) -> torch.Tensor:
-    if per == "auto":
+    per = FORMER_PERS.get(per, per)
+    if per == "shape":
         per = "token" if x.dim() == 3 else "sample"
     if per == "token":
         return x.reshape(-1, x.shape[-1])                                         # (B*T, D)
@@ -462,6 +464,7 @@ def multi_block_cosine_loss(students: Sequence[torch.Tensor], teachers: Sequence
     if len(students) != len(teachers) or not students:
         raise ValueError(f"need the same non-zero number of student and teacher blocks, got "
                          f"{len(students)} and {len(teachers)}")
+    per = FORMER_PERS.get(per, per)
     if per not in PERS:
         raise ValueError(f"unknown per={per!r}; allowed: {', '.join(PERS)}")
     if block_weights is not None and len(block_weights) != len(students):

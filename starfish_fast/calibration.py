@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starfish_fast.compaction import TorchvisionCompactQkAttention, _unsupported_attention
+from starfish_fast.compaction import TorchvisionCompactQkAttention, unsupported_attention
 from starfish_fast.models import set_submodule
 
 
@@ -46,7 +46,7 @@ def out_proj_as_module(model: nn.Module, paths: Collection[str] | None = None):
     Yields the paths replaced."""
     swapped = [(name, module) for name, module in model.named_modules()
                if name and type(module) is nn.MultiheadAttention and (paths is None or name in paths)
-               and _unsupported_attention(module) is None]
+               and unsupported_attention(module) is None]
     for name, module in swapped:
         rows = torch.arange(module.in_proj_weight.shape[0])
         set_submodule(model, name, TorchvisionCompactQkAttention(module, rows, module.head_dim))

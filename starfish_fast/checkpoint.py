@@ -145,10 +145,20 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a valid safetensors file ({error_line(error)})") from None
 
 
-def error_line(error: BaseException) -> str:
-    """``Type: the first line of its message``: how a caught library error appears in a one-line message."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+def error_line(error: BaseException, root_cause: bool = False) -> str:
+    """``Type: the first line of its message``: how a caught library error appears in a one-line message.
+    With ``root_cause``, that of the error it wraps, innermost (dynamo's BackendCompilerFailed wraps the
+    compiler's), as ``Outer <- Root: first line``."""
+    root = error
+    while root_cause:
+        inner = getattr(root, "inner_exception", None) or root.__cause__ or \
+            (None if root.__suppress_context__ else root.__context__)
+        if inner is None or inner is root:
+            break
+        root = inner
+    text = str(root).strip().splitlines()
+    outer = "" if root is error else f"{type(error).__name__} <- "
+    return f"{outer}{type(root).__name__}: {text[0] if text else ''}"
 
 
 def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor] | None:

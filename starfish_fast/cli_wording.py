@@ -13,7 +13,8 @@ ARGUMENT_FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "allow_unsafe_pickle", "calib_dir", "calib_samples", "calib_source", "checkpoint", "dense_path", "eval_dir",
     "eval_samples", "export", "fashion_mnist", "hf_dataset", "mask_path", "model_kwargs", "model_name",
     "output_path", "pretrained", "pretrained_file", "random_init", "resume")}
-ARGUMENT_FLAGS.update(block_names="--blocks", source="--calib-source")   # `source`: the data module's calibration source
+# `source`: the data module's calibration source
+ARGUMENT_FLAGS.update(block_names="--blocks", source="--calib-source")
 
 _ARGUMENT = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")
 

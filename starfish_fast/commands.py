@@ -532,7 +532,7 @@ def _check_prune(args) -> tuple[Checked, str]:
     check_prune_values(args)
     checked = check_model(args, weights=True)
     if checked.skeleton is not None:
-        _prune_scope(args, checked.skeleton)
+        prune_scope(args, checked.skeleton)
     calibration = args.method in CALIBRATED_METHODS
     if calibration and args.calib_samples <= 0:
         raise ValueError(f"--calib-samples must be positive, got {args.calib_samples}")
@@ -544,7 +544,7 @@ def _check_prune(args) -> tuple[Checked, str]:
     return checked, device
 
 
-def _prune_scope(args, model) -> str:
+def prune_scope(args, model) -> str:
     adapter = adapter_for(model, block_names(args, model) if args.blocks else None)
     try:
         return adapter.check_scope(args.prune_scope)
@@ -555,7 +555,7 @@ def _prune_scope(args, model) -> str:
 def run_prune(args) -> int:
     checked, device = _check_prune(args)
     model = load_dense_model(args, device)
-    scope = _prune_scope(args, model)
+    scope = prune_scope(args, model)
     masks = make_masks(args, model, scope, device, lambda: recover_data(args, checked.spec, model)[0])
     return write_masks(args, masks, scope, weights_label(args))
 

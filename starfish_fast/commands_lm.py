@@ -342,18 +342,18 @@ def _perplexity(model, lm: LanguageModel, args, device, label: str, shown: bool,
 
 # ----------------------------------------------------------------------------- prune
 def _check_prune(args, lm: LanguageModel):
-    from starfish_fast.prune.makers import _check_nm_shapes, _scope_weights, check_nm
+    from starfish_fast.prune.makers import check_nm, check_nm_shapes, scope_weights
 
     if args.method not in LM_METHODS:
         raise ValueError(f"--method {args.method} is for image models; a language model takes "
                          f"{', '.join(LM_METHODS)}")
     commands.check_prune_values(args)
     _check_model(args, lm, weights=True)
-    scope = commands._prune_scope(args, lm.skeleton)
+    scope = commands.prune_scope(args, lm.skeleton)
     if args.method == "nm" or (args.method in LM_CALIBRATED and args.sparsity is None):
         check_nm(args.n, args.m)
         try:
-            _check_nm_shapes(_scope_weights(lm.skeleton, scope)[2], args.n, args.m, scope)
+            check_nm_shapes(scope_weights(lm.skeleton, scope)[2], args.n, args.m, scope)
         except ValueError as error:
             raise ValueError(f"--m {args.m}: {error}") from None
     _check_seq_len(args, lm)

@@ -138,7 +138,7 @@ def qk_compactions(model: nn.Module, masks: dict[str, torch.Tensor], adapter, ev
         qk_dim = min(head_dim, -(-live // QK_DIM_MULTIPLE) * QK_DIM_MULTIPLE)
         if qk_dim == head_dim and not every_layer:
             continue
-        reason = _unsupported_attention(attention)
+        reason = unsupported_attention(attention)
         if reason:
             if qk_dim < head_dim:
                 log.debug("%s: QK dims are pruned but not compacted (%s)", path, reason)
@@ -162,7 +162,7 @@ def find_compactions(model: nn.Module, masks: dict[str, torch.Tensor], adapter, 
     return found
 
 
-def _unsupported_attention(attention: nn.Module) -> str | None:
+def unsupported_attention(attention: nn.Module) -> str | None:
     """Why ``attention`` cannot be swapped for a compact one (None when it can)."""
     from timm.models.vision_transformer import Attention   # re-exported there by every timm 1.x
 

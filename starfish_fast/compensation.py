@@ -42,7 +42,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from starfish_fast.compaction import ATTENTION_LAYERS, _unsupported_attention
+from starfish_fast.compaction import ATTENTION_LAYERS, unsupported_attention
 from starfish_fast.data import as_batches
 from starfish_fast.masks import apply_masks
 from starfish_fast.models import adapter_for
@@ -127,7 +127,7 @@ def _qk_refits(model: nn.Module, adapter, masks, skipped: list[dict]) -> list[_R
         pairs = int((~alive[:inner] & ~alive[inner:2 * inner]).sum())
         attention = model.get_submodule(path)
         torchvision = isinstance(attention, nn.MultiheadAttention)
-        reason = _unsupported_attention(attention) if torchvision else None
+        reason = unsupported_attention(attention) if torchvision else None
         if pairs and reason:
             skipped.append({"name": path, "reason": f"its out_proj cannot be captured ({reason})"})
         elif pairs:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from starfish_fast.checkpoint import atomic_path
+from starfish_fast.checkpoint import atomic_path, error_line
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def load(path: str) -> bool:
     try:
         loaded, why = torch.compiler.load_cache_artifacts(Path(path).read_bytes()), "torch refused its contents"
     except Exception as error:  # a corrupt, truncated or foreign file must never stop a run
-        loaded, why = None, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+        loaded, why = None, error_line(error)[:200]
     finally:
         torch_log.setLevel(level)
     if loaded is None:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from starfish_fast import timing
+from starfish_fast.checkpoint import error_line
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,6 @@ def require():
     return cusparseLt
 
 
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-
-
 def library_info() -> dict:
     """The binding and the libcusparseLt it loaded (runtime version and path); ``error`` says why a
     field is missing (no extra, no driver). torch's build-time cuSPARSELt version beside it."""
@@ -94,7 +91,7 @@ def library_info() -> dict:
         info["path"] = load_nvidia_dynamic_lib("cusparseLt").abs_path
         info["cusparselt"] = ".".join(str(lib.get_property(part)) for part in nvmath.LibraryPropertyType)
     except Exception as error:  # a missing piece is recorded, never fatal: the caller falls back
-        info["error"] = _first_line(error)
+        info["error"] = error_line(error)
     return info
 
 
@@ -293,7 +290,7 @@ class CachedSparseLinear:
                 times[config] = timer(lambda: plan.run(self.packed, x, y))
                 return plan
             except Exception as error:  # a config this library/GPU refuses is skipped, and recorded
-                errors[config] = _first_line(error)
+                errors[config] = error_line(error)
                 return None
 
         first = attempt((0, 1, -1))
@@ -304,7 +301,7 @@ class CachedSparseLinear:
             probe.run(self.packed, x, y, search=True)
             attempt(probe.searched_config())
         except Exception as error:  # the library's search is one candidate among others
-            errors["search"] = _first_line(error)
+            errors["search"] = error_line(error)
         if not times:
             raise RuntimeError(f"cuSPARSELt ran no config for the {self.shape} weight at {tokens} tokens: "
                                f"{next(iter(errors.values()), 'no config')}")

@@ -156,7 +156,7 @@ def representation_diagnostics(dense: nn.Module, model: nn.Module, images, label
     device = torch.device(device) if device is not None else next(model.parameters()).device
     adapter = adapter_for(model, block_names)
     block_names = list(block_names) if block_names is not None else adapter.block_names(model)
-    per = "token" if adapter.cosine_per == "token" else "auto"
+    per = "token" if adapter.cosine_per == "token" else "shape"
     heads = classifier_head(dense), classifier_head(model)
     modes = dense.training, model.training
     dense.eval()

@@ -34,7 +34,7 @@ class LossInputs:
     student_logits: Any = None         # (B, classes)
     teacher_logits: Any = None
     labels: Any = None                 # (B,) class indices
-    per: str = "auto"                  # cosine rows: token | sample | auto (the plan's "shape" is auto)
+    per: str = "shape"                 # cosine rows: token | sample | shape (token for 3-D outputs, else sample)
     block_weights: Any = None          # (L,) weights of the mean over blocks; None: uniform
     fused: bool = False                # the plan's choice: the fused Triton cosine loss (else plain torch)
 
@@ -54,7 +54,7 @@ class Objective:
     fused_cosine: bool = False          # its block term is the cosine the fused kernel computes
 
 
-def block_cosine_loss(students, teachers, per: str = "auto", block_weights=None, fused: bool = False,
+def block_cosine_loss(students, teachers, per: str = "shape", block_weights=None, fused: bool = False,
                       per_block: bool = False):
     """STARFISH loss; the teacher is cast to the student's dtype first (reference rule). ``block_weights``
     weight the mean over blocks; ``per_block`` also returns each block's loss (L,), detached.
@@ -64,7 +64,6 @@ def block_cosine_loss(students, teachers, per: str = "auto", block_weights=None,
     if len(students) != len(teachers) or not students:
         raise ValueError(f"need the same non-zero number of student and teacher blocks, got "
                          f"{len(students)} and {len(teachers)}")
-    per = "auto" if per == "shape" else per           # the plan's "by shape" is the kernels' auto
     return multi_block_cosine_loss(list(students), list(teachers), per, block_weights=block_weights,
                                    per_block=per_block, kernel=fused)
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starfish_fast import cusparselt
+from starfish_fast.checkpoint import error_line
 from starfish_fast.timing import cuda_median_ms
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def _probe(device: torch.device, dtype: torch.dtype, name: str) -> str:
     try:
         sparse = pack(name, weight)(x)
     except Exception as error:  # any failure inside a backend means: use another one, or dense
-        return f"{name} failed on this GPU ({cusparselt._first_line(error)})"
+        return f"{name} failed on this GPU ({error_line(error)})"
     if not torch.allclose(sparse, F.linear(x, weight), rtol=2e-2, atol=2e-2):
         return f"{name} gave wrong results on this GPU"
     return ""
@@ -533,7 +534,7 @@ def _time_shapes(layers: Mapping[str, nn.Linear], candidates: Sequence[str], mea
                     raise ValueError(why)
                 ms[backend] = measure(backend, shape, bias=bias, **setting)
             except Exception as error:  # a backend that refuses or fails is recorded, and not chosen
-                errors[backend] = why or cusparselt._first_line(error)
+                errors[backend] = why or error_line(error)
         pick = _pick(ms, mode, margin)
         shapes[key] = {"layers": [name], "ms": ms, "errors": errors, "choice": pick,
                        "speedup": ms["dense"] / ms[pick]}

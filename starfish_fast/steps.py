@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from starfish_fast import compile_cache
+from starfish_fast.checkpoint import error_line
 from starfish_fast.masks import apply_masks, register_zero_freeze_hooks
 from starfish_fast.models import set_submodule
 from starfish_fast.objectives import LossInputs
@@ -280,25 +281,11 @@ def _probe(run, block: nn.Module, inputs: list[tuple[tuple, dict]], autocast_con
         return "compiled"
     except Exception as error:  # a compiler failure on this GPU/stack: this block runs eager
         block._compiled_call_impl = None
-        return f"eager ({_describe(error)[:300]})"
+        return f"eager ({error_line(error, root_cause=True)[:300]})"
     finally:
         state.restore()
         for parameter in run.params:
             parameter.grad = None
-
-
-def _describe(error: BaseException) -> str:
-    """The error and, when it wraps another (dynamo's BackendCompilerFailed does), its root cause."""
-    root = error
-    while True:
-        inner = getattr(root, "inner_exception", None) or root.__cause__ or \
-            (None if root.__suppress_context__ else root.__context__)
-        if inner is None or inner is root:
-            break
-        root = inner
-    text = (str(root).strip().splitlines() or [""])[0]
-    outer = "" if root is error else f"{type(error).__name__} <- "
-    return f"{outer}{type(root).__name__}: {text}"
 
 
 class _rng_and_buffers:

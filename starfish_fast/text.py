@@ -146,9 +146,9 @@ def _load_dataset(*args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as error:  # offline, not cached, or a wrong name: the library's many error types
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"cannot load dataset {args[0]!r} (offline runs read only the local cache): {first}") \
-            from None
+        from starfish_fast.checkpoint import error_line
+        raise ValueError(f"cannot load dataset {args[0]!r} (offline runs read only the local cache): "
+                         f"{error_line(error)}") from None
 
 
 def hf_text_data(tokenizer, name: str, *, sequences: int, seq_len: int, seed: int = 0,

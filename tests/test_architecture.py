@@ -52,3 +52,43 @@ def _record_line() -> int:
 def test_the_teacher_store_rule_lives_in_the_plan():
     assert not _calls("choose_store")
     assert set(_calls("_store_rule")) == {"starfish_fast/plan.py"}
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from <our module> import _name`` and ``<our module>._name`` in ``path``: a private name of one of
+    the package's modules used from another (third-party private names are the libraries' business)."""
+    tree = ast.parse(path.read_text())
+    ours = {}                       # local name -> our module it is bound to
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("starfish_fast")):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.name}:{node.lineno} imports {alias.name} from {node.module}")
+                ours[alias.asname or alias.name] = node.module
+        elif isinstance(node, ast.Import):
+            ours.update({alias.asname or alias.name: alias.name for alias in node.names
+                         if alias.name.startswith("starfish_fast")})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ours \
+                and node.attr.startswith("_") and not node.attr.startswith("__"):
+            found.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_name_is_used_across_modules():
+    found = [line for path in SOURCES for line in _private_imports(path)]
+    assert not found, found
+
+
+def test_the_private_import_scan_finds_one(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("from starfish_fast.prune.makers import _hidden, public\nfrom starfish_fast import masks\n"
+                      "from torch import _C\nmasks._helper(public)\n")
+    assert _private_imports(sample) == ["sample.py:1 imports _hidden from starfish_fast.prune.makers",
+                                        "sample.py:4 uses masks._helper"]
+
+
+def test_module_file_names_are_distinct():
+    names = [path.name for path in SOURCES if path.name != "__init__.py"]
+    assert sorted(names) == sorted(set(names)), sorted(name for name in set(names) if names.count(name) > 1)

@@ -11,7 +11,7 @@ from helpers import TOL, poison, rel_err  # noqa: F401  (poison: autouse below)
 from starfish_fast.kernels import multi_block_cosine_loss, multi_block_cosine_loss_reference
 
 def as_rows(x: torch.Tensor, per: str) -> torch.Tensor:
-    per = ("token" if x.dim() == 3 else "sample") if per == "auto" else per
+    per = ("token" if x.dim() == 3 else "sample") if per in ("shape", "auto") else per
     return x.reshape(-1, x.shape[-1]) if per == "token" else x.reshape(x.shape[0], -1)
 
 
@@ -91,8 +91,9 @@ def test_per_sample(name, s_dtype):
     check(SAMPLE_SETS[name], "sample", s_dtype, torch.float16)
 
 
-def test_per_auto_and_grad_scale():
-    check([(2, 5, 40), (2, 4, 3, 3)], "auto", grad_scale=3.5)
+@pytest.mark.parametrize("per", ["shape", "auto"])      # "auto": the former word for "shape", still accepted
+def test_per_shape_and_grad_scale(per):
+    check([(2, 5, 40), (2, 4, 3, 3)], per, grad_scale=3.5)
 
 
 def test_mixed_dtype_groups_in_one_call():
@@ -174,11 +175,11 @@ def test_block_weights_and_per_block_losses(dtype, shapes):
     weights = torch.tensor([0.5, 2.0, 1.25])
     students = [torch.randn(*sh).to(dtype).requires_grad_() for sh in shapes]
     teachers = [(s.detach().float() + 0.7 * torch.randn(s.shape)).to(dtype) for s in students]
-    loss, blocks = multi_block_cosine_loss(students, teachers, "auto", block_weights=weights, per_block=True,
+    loss, blocks = multi_block_cosine_loss(students, teachers, "shape", block_weights=weights, per_block=True,
                                            kernel=True)
     (2.0 * loss).backward()
     s64 = [s.detach().double().requires_grad_() for s in students]
-    ref, ref_blocks = multi_block_cosine_loss_reference(s64, [t.double() for t in teachers], "auto",
+    ref, ref_blocks = multi_block_cosine_loss_reference(s64, [t.double() for t in teachers], "shape",
                                                         block_weights=weights.double(), per_block=True)
     (2.0 * ref).backward()
     tol = TOL[dtype]
@@ -186,7 +187,7 @@ def test_block_weights_and_per_block_losses(dtype, shapes):
     torch.testing.assert_close(blocks, ref_blocks.float(), rtol=tol, atol=tol)
     assert ref.item() == pytest.approx(float((ref_blocks * weights).sum() / weights.sum()), rel=1e-6)
     for s, r in zip(students, s64):
-        assert grad_err(s.grad, r.grad, r, "auto", len(students)) <= tol
+        assert grad_err(s.grad, r.grad, r, "shape", len(students)) <= tol
     with pytest.raises(ValueError, match="2 block weights for 3 blocks"):
         multi_block_cosine_loss(students, teachers, block_weights=[1.0, 2.0], kernel=True)
 

@@ -241,7 +241,7 @@ class GenericAdapter(ModelAdapter):
         with (contextlib.nullcontext() if ready else self.prepared(model, block_names)):
             for name, block in zip(block_names, blocks):
                 block._starfish_sink = lambda output, name=name: outputs.__setitem__(
-                    name, _block_output(output, images.shape[0]))
+                    name, block_output(output, images.shape[0]))
             try:
                 logits = self._run(model, images, need_logits)
             finally:
@@ -323,7 +323,7 @@ def _outermost(names: list[str]) -> list[str]:
     return [n for n in names if not any(n.startswith(m + ".") for m in names if m != n)]
 
 
-def _block_output(output, batch_size: int, sequence_first: bool = False) -> torch.Tensor:
+def block_output(output, batch_size: int, sequence_first: bool = False) -> torch.Tensor:
     """A tuple output takes its first element; with ``sequence_first`` a (T, B, D) output is made batch-first."""
     if isinstance(output, (tuple, list)):
         output = output[0]
@@ -342,7 +342,7 @@ def forward_with_hooks(model: nn.Module, images: torch.Tensor, block_names: Sequ
     captured: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_hook(
         lambda _module, _inputs, output, name=name: captured.__setitem__(
-            name, _block_output(output, images.shape[0], sequence_first)))
+            name, block_output(output, images.shape[0], sequence_first)))
         for name in block_names]
     try:
         logits = model(images)

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from starfish_fast.checkpoint import error_line
 from starfish_fast.models import scopes
 from starfish_fast.models.adapters import GenericAdapter
 
@@ -80,10 +81,10 @@ def _from_pretrained(auto_class, name: str, what: str, **kwargs):
     try:
         return auto_class.from_pretrained(source, local_files_only=True, **kwargs)
     except ImportError as error:           # GGUF files need the gguf package
-        raise ValueError(f"{name}: {str(error).strip().splitlines()[0]} (pip install starfish_fast[lm])") from None
+        raise ValueError(f"{name}: {error_line(error)} (pip install starfish_fast[lm])") from None
     except (OSError, ValueError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{name}: cannot load the {what} from local files (nothing is downloaded): {first}") from None
+        raise ValueError(f"{name}: cannot load the {what} from local files (nothing is downloaded): "
+                         f"{error_line(error)}") from None
 
 
 def _auto_class(name: str, task: str, config=None):

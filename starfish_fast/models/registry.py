@@ -51,7 +51,7 @@ class CheckpointMismatchError(ValueError, RuntimeError):
 @dataclass(frozen=True)
 class ModelSpec:
     name: str                  # as given
-    source: str                # the name of its entry in models.sources.SOURCES: hf | reference | bundled | timm | torchvision
+    source: str                # its entry in models.sources.SOURCES: hf, reference, bundled, timm, torchvision
     arch: str                  # the library's own name
 
     @property

@@ -245,7 +245,8 @@ class TimmSource(LibrarySource):
         return PretrainedWeights(f"{cfg.hf_hub_id} on the Hugging Face hub", f"{constants.ENDPOINT}/{repo}",
                                  next((path for path in found if isinstance(path, str)), None),
                                  str(constants.HF_HUB_CACHE),
-                                 "the hub's offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else None)
+                                 "the hub's offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
+                                 else None)
 
 
 @register_source

@@ -21,7 +21,7 @@ from starfish_fast.prune.makers import (QKV_SUFFIXES, STRUCTURED_KINDS, VIT_FAMI
                                         check_sparsity, format_summary, magnitude_masks, magnitude_score, nm_masks,
                                         sparsity_summary, structured_masks)
 from starfish_fast.prune.representation import SCORES, allocate_sparsities, representation_masks
-from starfish_fast.prune.sparsegpt import sparsegpt_prune
+from starfish_fast.prune.sparsegpt_masks import sparsegpt_prune
 from starfish_fast.prune.wanda import layer_keep, wanda_input_norms, wanda_masks, wanda_score
 
 __all__ = ["QKV_SUFFIXES", "STRUCTURED_KINDS", "VIT_FAMILIES", "ScoreFn", "check_nm", "check_sparsity",

@@ -71,7 +71,20 @@ def check_nm(n, m) -> None:
         raise ValueError(f"N:M needs integers 1 <= n < m, got n={n!r}, m={m!r}")
 
 
-def _check_nm_shapes(weights: Mapping[str, torch.Tensor], n: int, m: int, scope: str) -> None:
+def check_sparsity_form(sparsity, n, m) -> float | None:
+    """The sparsity to remove per row, or None for N:M (``ValueError`` on a mismatch)."""
+    if (n is None) != (m is None):
+        raise ValueError(f"N:M pruning needs both n and m (or neither), got n={n!r}, m={m!r}")
+    if n is None:
+        return check_sparsity(sparsity)
+    check_nm(n, m)
+    if sparsity is not None and abs(check_sparsity(sparsity) - (1 - n / m)) > 1e-9:
+        raise ValueError(f"sparsity {sparsity!r} does not match {n}:{m}, which removes 1 - n/m = {1 - n / m:g}; "
+                         f"pass sparsity=None (or {1 - n / m:g})")
+    return None
+
+
+def check_nm_shapes(weights: Mapping[str, torch.Tensor], n: int, m: int, scope: str) -> None:
     """Refuse weights whose reduction size is not a multiple of ``m`` (groups would straddle filters)."""
     misfits = [f"{key} {tuple(weight.shape)} (reduction size {weight[0].numel()})"
                for key, weight in weights.items() if weight[0].numel() % m]
@@ -83,14 +96,14 @@ def _check_nm_shapes(weights: Mapping[str, torch.Tensor], n: int, m: int, scope:
 
 class ScopeWeights(dict):
     """``{key: weight}`` of a scope, each viewed (out, reduction...): transformers ``Conv1D`` weights, stored
-    (in, out), are transposed views; ``transposed`` names them, so ``_finish`` turns their masks back."""
+    (in, out), are transposed views; ``transposed`` names them, so ``finish_masks`` turns their masks back."""
 
     def __init__(self, weights: Mapping[str, torch.Tensor], transposed: frozenset[str]):
         super().__init__({key: w.t() if key in transposed else w for key, w in weights.items()})
         self.transposed = transposed
 
 
-def _scope_weights(model: nn.Module, scope: str):
+def scope_weights(model: nn.Module, scope: str):
     """The adapter, the resolved scope name and the scope's ``ScopeWeights`` (``ValueError`` if empty)."""
     adapter = adapter_for(model)
     resolved = adapter.check_scope(scope)
@@ -102,7 +115,7 @@ def _scope_weights(model: nn.Module, scope: str):
     return adapter, resolved, ScopeWeights(weights, transposed)
 
 
-def _scores(weights: Mapping[str, torch.Tensor], score: ScoreFn) -> dict[str, torch.Tensor]:
+def checked_scores(weights: Mapping[str, torch.Tensor], score: ScoreFn) -> dict[str, torch.Tensor]:
     scores = {}
     for key, weight in weights.items():
         value = score(key, weight)
@@ -116,7 +129,7 @@ def _scores(weights: Mapping[str, torch.Tensor], score: ScoreFn) -> dict[str, to
     return scores
 
 
-def _finish(masks: dict[str, torch.Tensor], title: str, transposed: frozenset[str] = frozenset()
+def finish_masks(masks: dict[str, torch.Tensor], title: str, transposed: frozenset[str] = frozenset()
             ) -> dict[str, torch.Tensor]:
     """Bool CPU masks in the weights' own layout (``transposed``: the ``ScopeWeights`` views to turn back)."""
     masks = {key: (mask.t() if key in transposed else mask).to("cpu", torch.bool).contiguous()
@@ -135,13 +148,13 @@ def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "auto", per:
     sparsity = check_sparsity(sparsity)
     if per not in ("layer", "global"):
         raise ValueError(f"per must be 'layer' or 'global', got {per!r}")
-    _, resolved, weights = _scope_weights(model, scope)
-    scores = _scores(weights, score)
+    _, resolved, weights = scope_weights(model, scope)
+    scores = checked_scores(weights, score)
     if per == "layer":
         masks = {key: _threshold_masks({key: value}, sparsity)[key] for key, value in scores.items()}
     else:
         masks = _threshold_masks(scores, sparsity)
-    return _finish(masks, f"magnitude pruning, {per}, sparsity {sparsity:g}, scope {resolved}", weights.transposed)
+    return finish_masks(masks, f"magnitude pruning, {per}, sparsity {sparsity:g}, scope {resolved}", weights.transposed)
 
 
 def _threshold_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
@@ -172,13 +185,13 @@ def nm_masks(model: nn.Module, n: int = 2, m: int = 4, scope: str = "auto",
     """N:M masks: in every group of ``m`` consecutive entries along each weight's reduction
     dimension, exactly ``n`` (the highest-scoring) are kept."""
     check_nm(n, m)
-    _, resolved, weights = _scope_weights(model, scope)
-    _check_nm_shapes(weights, n, m, resolved)
+    _, resolved, weights = scope_weights(model, scope)
+    check_nm_shapes(weights, n, m, resolved)
     masks = {}
-    for key, value in _scores(weights, score).items():
+    for key, value in checked_scores(weights, score).items():
         groups = value.reshape(value.shape[0], -1, m)          # (out, reduction/m, m)
         masks[key] = keep_largest(groups, m - n, dim=-1).view(value.shape)
-    return _finish(masks, f"{n}:{m} pruning, scope {resolved}", weights.transposed)
+    return finish_masks(masks, f"{n}:{m} pruning, scope {resolved}", weights.transposed)
 
 
 # ----------------------------------------------------------------------------- structured
@@ -191,7 +204,7 @@ def structured_masks(model: nn.Module, sparsity: float, scope: str = "auto", kin
     models with timm ``Mlp`` blocks, ``mlp`` with the linear and mlp scopes.
     Weights of the scope that the kind does not touch get all-True masks."""
     sparsity = check_sparsity(sparsity)
-    adapter, resolved, weights = _scope_weights(model, scope)
+    adapter, resolved, weights = scope_weights(model, scope)
     pairs = adapter.mlp_pairs(model)
     kind = kind if kind is not None else _default_kind(adapter.family, resolved, bool(pairs))
     if kind not in STRUCTURED_KINDS:
@@ -200,7 +213,7 @@ def structured_masks(model: nn.Module, sparsity: float, scope: str = "auto", kin
     if kind not in allowed:
         raise ValueError(f"structured kind {kind!r} does not apply to {adapter.family} models; allowed: "
                          f"{', '.join(allowed)}")
-    scores = _scores(weights, score)
+    scores = checked_scores(weights, score)
     masks = {key: torch.ones_like(value, dtype=torch.bool) for key, value in scores.items()}
     if kind in ("mlp", "qk_mlp"):
         masks.update(_mlp_neuron_masks(pairs, scores, sparsity, resolved))
@@ -208,7 +221,8 @@ def structured_masks(model: nn.Module, sparsity: float, scope: str = "auto", kin
         masks.update(_qk_masks(model, scores, sparsity, resolved))
     if kind == "channel":
         masks.update(_channel_masks(model, scores, sparsity, resolved))
-    return _finish(masks, f"structured {kind} pruning, sparsity {sparsity:g}, scope {resolved}", weights.transposed)
+    return finish_masks(masks, f"structured {kind} pruning, sparsity {sparsity:g}, scope {resolved}",
+                        weights.transposed)
 
 
 def _default_kind(family: str, scope: str, has_mlp: bool) -> str:

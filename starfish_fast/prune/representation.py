@@ -35,10 +35,10 @@ from torch import nn
 from starfish_fast.config import HealConfig
 from starfish_fast.data import as_batches
 from starfish_fast.masks import apply_masks
-from starfish_fast.models.adapters import _block_output
+from starfish_fast.models.adapters import block_output
 from starfish_fast.objectives import block_cosine_loss
 from starfish_fast.calibration import cloned, evaluating
-from starfish_fast.prune.makers import _finish, _scope_weights, _scores, check_sparsity, magnitude_score
+from starfish_fast.prune.makers import check_sparsity, checked_scores, finish_masks, magnitude_score, scope_weights
 from starfish_fast.prune.wanda import input_norms, layer_keep, wanda_score
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,13 @@ def representation_masks(model: nn.Module, sparsity: float, calib, scope: str = 
     sparsity = check_sparsity(sparsity)
     levels = _check_levels(levels, sparsity)
     _check_options(score, gradual_steps, dense)
-    adapter, resolved, weights = _scope_weights(model, scope)
+    adapter, resolved, weights = scope_weights(model, scope)
     batches = as_batches(calib, batch_size)
     title = f"representation pruning ({score} within layers), sparsity {sparsity:g}, scope {resolved}"
     if not gradual_steps:
         with evaluating(model, device):
             masks = _allocation_step(model, adapter, resolved, batches, sparsity, levels, score, None)
-        return _finish(masks, title, weights.transposed)
+        return finish_masks(masks, title, weights.transposed)
     from starfish_fast.engine import heal            # the engine is heavy: only gradual pruning needs it
 
     config = _heal_config(heal_config, resolved, device or next(model.parameters()).device)
@@ -84,7 +84,7 @@ def representation_masks(model: nn.Module, sparsity: float, calib, scope: str = 
                                      score, masks)
         apply_masks(model, masks)
         heal(model, dense, masks, batches, config)
-    return _finish(masks, f"{title}, {gradual_steps} prune-and-heal steps", weights.transposed)
+    return finish_masks(masks, f"{title}, {gradual_steps} prune-and-heal steps", weights.transposed)
 
 
 def _check_levels(levels, sparsity: float) -> tuple[float, ...]:
@@ -120,8 +120,8 @@ def _allocation_step(model: nn.Module, adapter, scope: str, batches: list[torch.
                      levels: tuple[float, ...], score: str, pruned: Mapping[str, torch.Tensor] | None
                      ) -> dict[str, torch.Tensor]:
     """Masks at ``target`` with damage-allocated block sparsities, containing ``pruned`` (None: none)."""
-    _, _, weights = _scope_weights(model, scope)
-    scores = _scores(weights, wanda_score(input_norms(model, weights, batches)) if score == "wanda"
+    _, _, weights = scope_weights(model, scope)
+    scores = checked_scores(weights, wanda_score(input_norms(model, weights, batches)) if score == "wanda"
                      else magnitude_score)
     sizes = {key: weight.numel() for key, weight in weights.items()}
     done = dict.fromkeys(weights, 0)
@@ -175,7 +175,7 @@ def _block_damage(model: nn.Module, adapter, block: str, level_masks: list[dict[
                 for key, original in originals.items():
                     params[key].copy_(original * masks[key])
                 args, kwargs = cloned(captured["inputs"])           # a block may write into its input
-                output = _block_output(module(*args, **kwargs), images.shape[0], adapter.sequence_first)
+                output = block_output(module(*args, **kwargs), images.shape[0], adapter.sequence_first)
                 loss = block_cosine_loss([output.float()], [reference.float()], per=adapter.cosine_per)
                 sums[i] += images.shape[0] * float(loss)
             seen += images.shape[0]

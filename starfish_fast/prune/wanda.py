@@ -24,8 +24,8 @@ from torch import nn
 from starfish_fast.data import as_batches
 from starfish_fast.calibration import evaluating, layer_input_sums
 from starfish_fast.masks import keep_largest
-from starfish_fast.prune.makers import (ScoreFn, _check_nm_shapes, _finish, _scope_weights, _scores,
-                                        check_nm, check_sparsity, nm_masks)
+from starfish_fast.prune.makers import (ScoreFn, check_nm_shapes, check_sparsity_form, checked_scores, finish_masks,
+                                        nm_masks, scope_weights)
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +84,6 @@ def layer_keep(scores: torch.Tensor, n_prune: int, per_row: bool) -> torch.Tenso
     return keep.view(scores.shape)
 
 
-def _check_form(sparsity, n, m) -> float | None:
-    """The sparsity to remove per row, or None for N:M (``ValueError`` on a mismatch)."""
-    if (n is None) != (m is None):
-        raise ValueError(f"N:M pruning needs both n and m (or neither), got n={n!r}, m={m!r}")
-    if n is None:
-        return check_sparsity(sparsity)
-    check_nm(n, m)
-    if sparsity is not None and abs(check_sparsity(sparsity) - (1 - n / m)) > 1e-9:
-        raise ValueError(f"sparsity {sparsity!r} does not match {n}:{m}, which removes 1 - n/m = {1 - n / m:g}; "
-                         f"pass sparsity=None (or {1 - n / m:g})")
-    return None
-
-
 def wanda_masks(model: nn.Module, sparsity: float | None, calib, scope: str = "auto", n: int | None = None,
                 m: int | None = None, *, batch_size: int = 32,
                 device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -105,14 +92,15 @@ def wanda_masks(model: nn.Module, sparsity: float | None, calib, scope: str = "a
     along the reduction dim (``sparsity`` then None or 1 - n/m). ``calib``: what ``data.as_batches``
     takes; the model runs once over it without gradients in eval mode on ``device`` (default: the
     model's), its mode and device restored. Bool CPU masks for every weight of the scope."""
-    sparsity = _check_form(sparsity, n, m)
-    _, resolved, weights = _scope_weights(model, scope)
+    sparsity = check_sparsity_form(sparsity, n, m)
+    _, resolved, weights = scope_weights(model, scope)
     if n is not None:
-        _check_nm_shapes(weights, n, m, resolved)        # before the calibration pass, not after
+        check_nm_shapes(weights, n, m, resolved)        # before the calibration pass, not after
     score = wanda_score(wanda_input_norms(model, weights, calib, batch_size=batch_size, device=device))
     if n is not None:
         log.info("Wanda scores for %d:%d pruning", n, m)
         return nm_masks(model, n, m, resolved, score=score)
     masks = {key: layer_keep(value, value.shape[0] * round(sparsity * value[0].numel()), per_row=True)
-             for key, value in _scores(weights, score).items()}
-    return _finish(masks, f"Wanda pruning, sparsity {sparsity:g} per output row, scope {resolved}", weights.transposed)
+             for key, value in checked_scores(weights, score).items()}
+    return finish_masks(masks, f"Wanda pruning, sparsity {sparsity:g} per output row, scope {resolved}",
+                        weights.transposed)

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from starfish_fast.data import as_batches
-from starfish_fast.prune.makers import _check_nm_shapes, _finish, _scope_weights
-from starfish_fast.prune.wanda import _check_form
+from starfish_fast.prune.makers import check_nm_shapes, check_sparsity_form, finish_masks, scope_weights
 from starfish_fast.sparsegpt import check_sweep, sweep_layers, sweep_model
 
 log = logging.getLogger(__name__)
@@ -28,11 +27,11 @@ def sparsegpt_prune(model: nn.Module, sparsity: float | None, calib, scope: str 
     then None or 1 - n/m); the kept weights updated, the pruned ones exactly zero. ``calib``: what
     ``data.as_batches`` takes. Runs without gradients in eval mode on ``device`` (default: the model's),
     mode and device restored. Returns bool CPU masks (True = keep) for every weight of the scope."""
-    sparsity = _check_form(sparsity, n, m)
+    sparsity = check_sparsity_form(sparsity, n, m)
     check_sweep(block_size, damp)
-    _, resolved, weights = _scope_weights(model, scope)
+    _, resolved, weights = scope_weights(model, scope)
     if n is not None:
-        _check_nm_shapes(weights, n, m, resolved)
+        check_nm_shapes(weights, n, m, resolved)
         block_size = max(m, block_size // m * m)               # groups of m never straddle two blocks
     layers = sweep_layers(model, weights)
     rule = (n, m) if n is not None else sparsity
@@ -42,4 +41,4 @@ def sparsegpt_prune(model: nn.Module, sparsity: float | None, calib, scope: str 
     form = f"{n}:{m}" if n is not None else f"sparsity {sparsity:g}"
     log.info("SparseGPT output error over %d layers: mean %.4g", len(report),
              sum(item["error_after"] for item in report) / len(report))
-    return _finish(masks, f"SparseGPT pruning, {form}, scope {resolved}", weights.transposed)
+    return finish_masks(masks, f"SparseGPT pruning, {form}, scope {resolved}", weights.transposed)
