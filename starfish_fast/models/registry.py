@@ -29,10 +29,11 @@ from torch import nn
 
 from starfish_fast.checkpoint import error_line, read_state_dict, state_dict_mismatch, weight_shapes
 from starfish_fast.models.adapters import ADAPTERS, GenericAdapter, ModelAdapter
+# the reference's names and helpers, and input_channels, lived here: still importable from here
 from starfish_fast.models.reference import (MOBILENET_MODEL, MOBILENET_MODELS, REFERENCE_MODELS,  # noqa: F401
-                                            SUPPORTED_VIT_MODELS, TIMM_VIT_MODELS, TORCHVISION_MODELS,
-                                            default_prune_scope, infer_model_kind, is_prunable_weight,
-                                            reference_kind, supported_model_names)
+                                            SUPPORTED_VIT_MODELS, TIMM_VIT_MODELS, TORCHVISION_MODELS,  # noqa: F401
+                                            default_prune_scope, infer_model_kind, is_prunable_weight,  # noqa: F401
+                                            reference_kind, supported_model_names)  # noqa: F401
 from starfish_fast.models.sources import (SOURCES, TIMM_BUILDER_KWARGS, ModelSource, input_channels,  # noqa: F401
                                           source_named)
 from starfish_fast.models.str_format import force_mobilenet_str_runtime, is_str_checkpoint, str_to_timm_mobilenet
