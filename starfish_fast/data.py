@@ -162,7 +162,7 @@ def check_fashion_mnist_eval_samples(eval_samples: int | None) -> None:
                          f"(ask for 1 to {test_size})")
 
 
-def check_fashion_mnist(directory: str | os.PathLike, splits=("train", "test"), flag: str = "--fashion-mnist") -> None:
+def check_fashion_mnist(directory: str | os.PathLike, splits=("train", "test"), flag: str = "`fashion_mnist`") -> None:
     """A one-line error unless ``directory`` holds the IDX files of ``splits`` (``.gz`` or not)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -238,7 +238,7 @@ def check_image_dir(directory: str | os.PathLike, flag: str, labeled: bool = Fal
     raise ValueError(f"{flag} {directory}: holds no images {where} (looked for {' '.join(IMG_EXTENSIONS)})")
 
 
-def check_hf_streaming(dataset_name: str, flag: str = "--hf-dataset") -> None:
+def check_hf_streaming(dataset_name: str, flag: str = "`hf_dataset`") -> None:
     """A one-line error unless ``dataset_name`` can be streamed now: the ``datasets`` package is installed,
     the hub's offline mode is off and its host answers (checked in seconds, before any work)."""
     import importlib.util

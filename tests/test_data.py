@@ -95,7 +95,7 @@ def test_check_image_dir_before_any_work(tmp_path):
 
 
 def test_check_fashion_mnist_names_the_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--fashion-mnist .*nowhere: no such directory \\(install it with"):
+    with pytest.raises(FileNotFoundError, match="`fashion_mnist` .*nowhere: no such directory \\(install it with"):
         data.check_fashion_mnist(tmp_path / "nowhere")
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte"):
         (tmp_path / name).write_bytes(b"")
