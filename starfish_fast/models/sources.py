@@ -79,7 +79,10 @@ def register_source(cls: type[ModelSource]) -> type[ModelSource]:
 
 
 def source_named(name: str) -> ModelSource:
-    return next(source for source in SOURCES if source.name == name)
+    found = [source for source in SOURCES if source.name == name]
+    if not found:
+        raise ValueError(f"unknown model source {name!r}; registered: {', '.join(s.name for s in SOURCES)}")
+    return found[0]
 
 
 class LibrarySource(ModelSource):
