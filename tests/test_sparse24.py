@@ -14,12 +14,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
 
-from starfish_fast import sparse24
+from starfish_fast import probe_sparse24, sparse24
 from starfish_fast.masks import apply_masks
+from starfish_fast.probe_sparse24 import benchmark_layer, choose_semi_structured
 from starfish_fast.prune import nm_masks
-from starfish_fast.sparse24 import (BACKENDS, SemiStructuredLinear, backend_reason, benchmark_layer,
-                                    choose_semi_structured, convert_linears, is_two_four, restore_linears,
-                                    save_decision, semi_structured_supported)
+from starfish_fast.sparse24 import (BACKENDS, SemiStructuredLinear, backend_reason, convert_linears, is_two_four,
+                                    restore_linears, semi_structured_supported)
+from starfish_fast.sparse24_export import save_decision
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -410,7 +411,7 @@ def test_block_step_timer_times_a_copy_of_the_block_with_the_choice(monkeypatch)
     inputs = capture_inputs(model.blocks[1], lambda: model(x))
     assert inputs[0][0].shape == (3, 17, 64) and inputs[1] == {}
     converted, steps = [], []
-    real_convert = sparse24.convert_linears
+    real_convert = probe_sparse24.convert_linears
 
     def convert(block, block_masks, compute_dtype=None, choice=None):
         converted.append((sorted(block_masks), dict(choice)))
@@ -421,30 +422,30 @@ def test_block_step_timer_times_a_copy_of_the_block_with_the_choice(monkeypatch)
         steps.append(True)
         return 2.5
 
-    monkeypatch.setattr(sparse24, "convert_linears", convert)
-    measure = sparse24.block_step_timer(model, "blocks.1", inputs, masks, "cpu", torch.bfloat16, timer=timer)
+    monkeypatch.setattr(probe_sparse24, "convert_linears", convert)
+    measure = probe_sparse24.block_step_timer(model, "blocks.1", inputs, masks, "cpu", torch.bfloat16, timer=timer)
     assert measure({"blocks.1.mlp.fc1": "torch_cutlass", "blocks.0.mlp.fc1": "torch_cutlass"}) == 2.5
     assert converted == [(["attn.proj.weight", "attn.qkv.weight", "mlp.fc1.weight", "mlp.fc2.weight"],
                           {"mlp.fc1": "torch_cutlass"})]
     assert steps == [True] and all(p.grad is None for p in model.parameters())
 
 
-def test_plan_times_the_block_with_the_most_2to4_linears(monkeypatch):
-    """On CUDA the plan hands choose_semi_structured a step timer of the busiest block at one process's batch
+def test_the_probe_times_the_block_with_the_most_2to4_linears(monkeypatch):
+    """On CUDA the probe times the busiest block's step at one process's batch, per shape at its tokens
     (faked here: no GPU is needed to check the wiring)."""
-    from starfish_fast import plan
+    from starfish_fast import probe
     from starfish_fast.config import HealConfig
     from starfish_fast.models import adapter_for
 
     model, masks = small_vit()
     masks = {key: value for key, value in masks.items() if not key.startswith("blocks.0.mlp")}
     seen = {}
-    monkeypatch.setattr(plan, "block_step_timer", lambda model, block, inputs, masks, device, dtype:
+    monkeypatch.setattr(probe, "block_step_timer", lambda model, block, inputs, masks, device, dtype:
                         seen.update(block=block, batch=inputs[0][0].shape[0]) or "timer")
-    monkeypatch.setattr(plan, "choose_semi_structured", lambda *args, **kwargs: seen.update(kwargs) or "decision")
+    monkeypatch.setattr(probe, "time_two_four", lambda *args, **kwargs: seen.update(kwargs) or "timings")
     adapter = adapter_for(model)
     calib = [torch.randn(8, 3, 32, 32)]
-    result = plan._semi_structured(HealConfig(batch_size=8), model, adapter, adapter.block_names(model), masks, calib,
-                                   torch.device("cuda"), torch.bfloat16, world_size=2)
-    assert result == "decision" and seen["block"] == "blocks.1" and seen["batch"] == 4
+    result = probe._two_four_facts(HealConfig(batch_size=8), model, adapter, adapter.block_names(model), masks,
+                                   calib, torch.device("cuda"), torch.bfloat16, world_size=2, tokens_per_sample=17)
+    assert result == "timings" and seen["block"] == "blocks.1" and seen["batch"] == 4
     assert seen["measure_step"] == "timer" and seen["tokens"] == 4 * 17 and seen["purpose"] == "heal"
