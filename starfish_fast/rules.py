@@ -34,8 +34,8 @@ class DeviceKind(NamedTuple):
 # "sm" + compute capability -> the card the plan assumes for it (sm90: an H100; an H200 is
 # Facts.for_device_kind("sm90", memory_total=141 * GB, memory_free=141 * GB)).
 DEVICE_KINDS = {
-    "sm86": DeviceKind("NVIDIA A10", 24 * GB),
     "sm80": DeviceKind("NVIDIA A100 80GB", 80 * GB),
+    "sm86": DeviceKind("NVIDIA A10", 24 * GB),
     "sm90": DeviceKind("NVIDIA H100 80GB", 80 * GB),
 }
 H200_MEMORY = 141 * GB
