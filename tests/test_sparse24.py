@@ -449,3 +449,46 @@ def test_the_probe_times_the_block_with_the_most_2to4_linears(monkeypatch):
                                    calib, torch.device("cuda"), torch.bfloat16, world_size=2, tokens_per_sample=17)
     assert result == "timings" and seen["block"] == "blocks.1" and seen["batch"] == 4
     assert seen["measure_step"] == "timer" and seen["tokens"] == 4 * 17 and seen["purpose"] == "heal"
+
+
+# ----------------------------------------------------------------------------- the op in a compiled block
+@pytest.mark.parametrize("stand_in", [False, True])
+def test_a_compiled_block_with_2to4_layers_is_one_graph(monkeypatch, stand_in):
+    """torch.compile(fullgraph=True) of a block whose linears are 2:4 layers: one graph holding the op (the
+    dense masked product on the CPU, or a stand-in backend's pack), outputs and gradients equal to the plain
+    block with masked weights."""
+    import copy
+
+    if stand_in:
+        monkeypatch.setattr(sparse24, "choose_backend", lambda weight, mask, dtype=None, name=None: ("stand_in", ""))
+        monkeypatch.setitem(sparse24.PACKERS, "stand_in", StandInPack)
+    model, masks = small_vit()
+    apply_masks(model, masks)
+    reference = copy.deepcopy(model.blocks[0])
+    block = model.blocks[0]
+    local = {key[len("blocks.0."):]: value for key, value in masks.items() if key.startswith("blocks.0.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)          # the CPU's dense path warns once
+        assert len(convert_linears(block, local, compute_dtype=torch.float32)) == 4
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=counting, fullgraph=True)
+    x = torch.randn(3, 17, 64)
+    y = compiled(x)
+    expected = reference(x)
+    assert len(graphs) == 1
+    ops = [node for node in graphs[0].graph.nodes if node.target is torch.ops.starfish_fast.sparse24_linear.default]
+    assert len(ops) == 4
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected.backward(grad)
+    for (name, ours), theirs in zip(block.named_parameters(), reference.parameters()):
+        mask = local.get(name, torch.ones((), dtype=torch.bool))   # the plain block's gradient is dense
+        torch.testing.assert_close(ours.grad, theirs.grad * mask, rtol=1e-4, atol=1e-5, msg=name)
+        assert (ours.grad[~mask.expand_as(ours)] == 0).all(), name
