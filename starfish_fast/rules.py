@@ -140,7 +140,8 @@ COMPILE_MEASURED = {
                                       "bench/results/gpu_check_h200_2026-12-04/reference_vs_fast_and_compile.jsonl"),
     # This 2-core CPU, the bundled ViT, 4,096 images x 2 epochs at batch 64 (bench/bench_compile.py): compiled
     # blocks ran slower than eager (1,111 against 1,467 img/s) after 17.6 s (cold) / 16.1 s (warm) of compile.
-    ("cpu", "timm_vit"): CompileCost(1467.0, 1111.0, 17.6, 16.1, 294912.0, "bench/results/compile_fashion_vit_cpu.json"),
+    ("cpu", "timm_vit"): CompileCost(1467.0, 1111.0, 17.6, 16.1, 294912.0,
+                                     "bench/results/compile_fashion_vit_cpu.json"),
 }
 
 

@@ -492,3 +492,20 @@ def test_a_compiled_block_with_2to4_layers_is_one_graph(monkeypatch, stand_in):
         mask = local.get(name, torch.ones((), dtype=torch.bool))   # the plain block's gradient is dense
         torch.testing.assert_close(ours.grad, theirs.grad * mask, rtol=1e-4, atol=1e-5, msg=name)
         assert (ours.grad[~mask.expand_as(ours)] == 0).all(), name
+
+
+def test_a_copied_layer_packs_its_own_weight(monkeypatch):
+    """The op finds a layer's packs by its key: a deepcopy gets its own key and no packs of the original's."""
+    import copy
+
+    monkeypatch.setattr(sparse24, "choose_backend", lambda weight, mask, dtype=None, name=None: ("stand_in", ""))
+    monkeypatch.setitem(sparse24.PACKERS, "stand_in", StandInPack)
+    layer = SemiStructuredLinear.from_linear(nn.Linear(32, 16), two_four_mask(16, 32))
+    x = torch.randn(5, 32)
+    layer(x)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.mul_(3)
+    assert twin._key != layer._key and not twin._packs
+    torch.testing.assert_close(twin(x), F.linear(x, twin.weight * twin.mask, twin.bias))
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * layer.mask, layer.bias))
