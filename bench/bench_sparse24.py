@@ -5,13 +5,13 @@
     python bench/bench_sparse24.py --models deit_base_patch16_224 --skip-models --dtypes bfloat16
 
 Per model linear (qkv, proj, fc1, fc2), token count (batch x tokens per image) and dtype (bf16, fp16), for
-dense and each 2:4 backend this GPU has (``starfish_fast.sparse24.BACKENDS``):
+dense and each 2:4 backend this GPU has (``starfish_fast.sparse24_backends.BACKENDS``):
 - ``inference``: the forward with the weight packed once. ``<backend>_ms`` is the kernel time (CUDA-event
   median of one call), ``<backend>_host_ms`` the host time of the Python call alone (perf_counter around
   single calls with a short GPU queue, no sync inside), so a backend that loses to dense shows whether the
   kernel or the per-call host work (descriptor and plan set-up) is why;
 - ``heal``: the healing step (bf16/fp16 autocast over fp32 weights, packing every call, dense backward)
-  against the dense masked linear, via ``starfish_fast.sparse24.measure_layer``.
+  against the dense masked linear, via ``starfish_fast.probe_sparse24.measure_layer``.
 Then each whole model (random weights, 2:4 masks on qkv/proj/fc1/fc2) dense against
 ``export_semi_structured`` with each backend forced and with ``auto``, the largest logit difference beside.
 A plot of the inference speedup per layer and backend is written beside the JSON.
@@ -31,7 +31,8 @@ import torch
 from devices import device_peaks, device_tag, environment, save_report  # bench/ is on sys.path
 from starfish_fast import cusparselt
 from starfish_fast.checkpoint import atomic_path, error_line
-from starfish_fast.sparse24 import BACKENDS, backend_reason, layer_step, measure_layer
+from starfish_fast.probe_sparse24 import layer_step, measure_layer
+from starfish_fast.sparse24_backends import BACKENDS, backend_reason
 from starfish_fast.timing import cuda_median_ms
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -106,7 +107,7 @@ def time_model(model_name: str, batch: int, iters: int, dtype: torch.dtype = tor
 
     from starfish_fast.masks import apply_masks
     from starfish_fast.prune import nm_masks
-    from starfish_fast.sparse24 import export_semi_structured
+    from starfish_fast.sparse24_export import export_semi_structured
 
     with torch.device("cuda"):
         dense = timm.create_model(model_name, pretrained=False).eval()

@@ -16,7 +16,7 @@
    weight against ``torch._cslt_compress``; ``sparse24:graph_replay``: the cached path captured in a CUDA
    graph, replayed on new inputs and after a re-pack.
 4. ``sparse24:linear:<layer>``: DeiT-B's four linears at 25,216 tokens (batch 128) in bf16, per backend: kernel
-   ms, host ms per call, speedup; dense timed twice (the spread of two medians, for ``sparse24.MARGIN``) and
+   ms, host ms per call, speedup; dense timed twice (the spread of two medians, for ``rules.MARGIN``) and
    the alg id / split-k the cached path's timing picked. ``sparse24:heal:<layer>``: the healing step per backend.
 5. ``sparse24:model:deit_base_patch16_224``: the whole 2:4 DeiT-B inference at batch 128 in bf16, each backend
    forced and ``auto``, against dense, logits compared; ``sparse24:decision:heal``: ``auto``'s healing choice.
@@ -106,7 +106,7 @@ def checks(rec, rehearse: bool, seconds: float) -> None:
 def library_record(on_gpu: bool) -> dict:
     from starfish_fast import cusparselt
     from starfish_fast.checkpoint import error_line
-    from starfish_fast.sparse24 import BACKENDS, backend_reason
+    from starfish_fast.sparse24_backends import BACKENDS, backend_reason
 
     record = {"library": cusparselt.library_info(), "torch": torch.__version__, "python": sys.version.split()[0]}
     for module in ("nvmath", "cuda.bindings", "cuda.core", "cuda.pathfinder"):
@@ -127,7 +127,7 @@ def decision_on_cpu(rec) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
     from starfish_fast.prune import nm_masks
-    from starfish_fast.sparse24 import choose_semi_structured
+    from starfish_fast.probe_sparse24 import choose_semi_structured
 
     with rec.check("sparse24:decision:cpu") as numbers:
         model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=10)
@@ -158,7 +158,7 @@ def correctness(rec, budget: Budget) -> None:
     import torch.nn.functional as F
 
     from starfish_fast import cusparselt
-    from starfish_fast.sparse24 import BACKENDS, backend_reason, pack
+    from starfish_fast.sparse24_backends import BACKENDS, backend_reason, pack
 
     for name in BACKENDS:
         for dtype in (torch.bfloat16, torch.float16):
@@ -230,7 +230,7 @@ def timings(rec, budget: Budget) -> None:
     import bench_sparse24
 
     from starfish_fast import cusparselt
-    from starfish_fast.sparse24 import layer_step
+    from starfish_fast.probe_sparse24 import layer_step
     from starfish_fast.timing import cuda_median_ms
 
     spec = bench_sparse24.MODELS[DEIT_B]
@@ -269,7 +269,7 @@ def heal_decision(tokens: int) -> dict:
 
     from starfish_fast.calibration import capture_inputs
     from starfish_fast.prune import nm_masks
-    from starfish_fast.sparse24 import block_step_timer, choose_semi_structured
+    from starfish_fast.probe_sparse24 import block_step_timer, choose_semi_structured
 
     with torch.device("cuda"):
         model = timm.create_model(DEIT_B, pretrained=False)

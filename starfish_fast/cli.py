@@ -5,6 +5,7 @@
     starfish-fast recover --model-name fashion_vit --mask-path masks.pt --calib-source train --eval-samples 10000
     starfish-fast eval --model-name fashion_vit --checkpoint outputs/recovered.pt --diagnostics --mask-path masks.pt
     starfish-fast blocks --model-name resnet18           # the blocks and prune scopes any model would heal with
+    starfish-fast plan --model-name deit_base_patch16_224 --device-kind sm86   # what an A10 would run, and why
     starfish-fast recover --model-name my_llama_dir --mask-path lm.pt --calib-text docs/ --eval-text held_out/
 
 Nothing heavy is imported before the arguments are parsed (``--help`` answers at once): the commands
@@ -286,6 +287,26 @@ def build_blocks_parser(subparsers) -> None:
     _common(parser)
 
 
+def build_plan_parser(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="show the plan a healing run would follow, and why, without healing",
+                                   description="The plan recover would follow (precision, teacher store, compile, "
+                                               "kernels, 2:4, ...) and the reason for each decision, for this "
+                                               "machine (probed) or, from the measured tables, for a named GPU kind "
+                                               "(see what an A10 or an A100 would run before renting one). The "
+                                               "model is built with random weights; nothing is healed or written.",
+                                   formatter_class=_Formatter)
+    add_model_flags(parser, dense=False)
+    parser.add_argument("--device-kind", default=None, metavar="KIND",
+                        help="plan for this kind instead of this machine: cpu, sm80 (A100 80 GB), sm86 (A10 24 GB) "
+                             "or sm90 (H100 80 GB)")
+    parser.add_argument("--mask-path", default=None, help="masks (their 2:4 layers are planned; optional)")
+    parser.add_argument("--calib-samples", type=int, default=5000, help="calibration samples the run would heal on")
+    parser.add_argument("--seq-len", type=int, default=None, metavar="T",
+                        help="a language model's tokens per calibration sequence (default 512)")
+    add_config_flags(parser)
+    _common(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="starfish-fast", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -295,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           and line.startswith("    ")))
     parser.add_argument("--version", action="version", version=f"starfish-fast {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for build in (build_demo_parser, build_recover_parser, build_eval_parser, build_prune_parser, build_blocks_parser):
+    for build in (build_demo_parser, build_recover_parser, build_eval_parser, build_prune_parser, build_blocks_parser,
+                  build_plan_parser):
         build(subparsers)
     return parser
 
@@ -312,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: "
                                                                                        "%(message)s")
     try:
+        if args.command == "plan":
+            from starfish_fast.commands_plan import run_plan
+
+            return run_plan(args)
         from starfish_fast import commands_lm      # a language model's commands, else the image ones
 
         return commands_lm.run_command(args, command_defaults(parser, args.command))

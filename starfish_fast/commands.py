@@ -39,7 +39,7 @@ from starfish_fast.evaluate import evaluate_top1
 from starfish_fast.masks import apply_masks, load_masks, mask_density
 from starfish_fast.models import CheckpointMismatchError, ModelSpec, adapter_for, load_dense, model_spec
 from starfish_fast.models.registry import check_checkpoint_fits, input_channels, weights_source
-from starfish_fast.plan import process_device, resolve_device
+from starfish_fast.probe import process_device, resolve_device
 
 log = logging.getLogger("starfish_fast")
 MASK_SUFFIXES = (".pt", ".pth", ".safetensors")

@@ -21,9 +21,9 @@ def _calls(name: str) -> dict[str, int]:
 
 def test_the_kernel_choice_is_made_by_the_plan_and_the_kernels_dispatch_only():
     callers = set(_calls("choose"))
-    assert callers <= {"starfish_fast/plan.py", "kernels/cosine_loss.py", "kernels/masked_adam.py",
+    assert callers <= {"starfish_fast/rules.py", "kernels/cosine_loss.py", "kernels/masked_adam.py",
                        "kernels/masked_linear.py"}, callers
-    assert "starfish_fast/plan.py" in callers
+    assert "starfish_fast/rules.py" in callers
 
 
 def test_what_ran_is_written_only_through_run_record():
@@ -49,9 +49,9 @@ def _record_line() -> int:
     return next(node.lineno for node in ast.walk(record) if isinstance(node, ast.Call))
 
 
-def test_the_teacher_store_rule_lives_in_the_plan():
+def test_the_teacher_store_rule_lives_in_the_rules_and_only_the_plan_applies_it():
     assert not _calls("choose_store")
-    assert set(_calls("_store_rule")) == {"starfish_fast/plan.py"}
+    assert set(_calls("store_rule")) == {"starfish_fast/plan.py"}
 
 
 def _private_imports(path: Path) -> list[str]:
@@ -92,3 +92,24 @@ def test_the_private_import_scan_finds_one(tmp_path):
 def test_module_file_names_are_distinct():
     names = [path.name for path in SOURCES if path.name != "__init__.py"]
     assert sorted(names) == sorted(set(names)), sorted(name for name in set(names) if names.count(name) > 1)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, and every ``module.name`` it imports from one."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.update({node.module, *(f"{node.module}.{alias.name}" for alias in node.names)})
+    return names
+
+
+def test_the_plan_and_its_rules_reach_no_side_effect():
+    """Process groups, forwards, timings and device queries are the probe's: the plan and the rules import
+    none of the modules (or names) that do them."""
+    effects = {"starfish_fast.distributed", "starfish_fast.timing", "starfish_fast.calibration",
+               "starfish_fast.teacher", "starfish_fast.compile_cache", "starfish_fast.probe_sparse24",
+               "starfish_fast.probe.process_device", "starfish_fast.probe.machine_facts", "torch.distributed"}
+    for name in ("plan.py", "rules.py"):
+        assert not _imports(ROOT / "starfish_fast" / name) & effects, name

@@ -12,42 +12,38 @@ import pytest
 import torch
 
 from helpers import images, random_masks, tiny_vit
-from starfish_fast import HealConfig, heal
-from starfish_fast import plan as plan_module
+from starfish_fast import HealConfig, heal, rules
 
 ROOT = Path(__file__).resolve().parents[1]
 DEIT_B_WEIGHTS = 84_934_656         # DeiT-B's qkv, proj, fc1 and fc2 weights: the measured model
 
 
-def _decide(images_seen, cache=None, kind="sm90", family="timm_vit", monkeypatch=None, **config):
-    monkeypatch.setattr(plan_module, "device_kind", lambda device: kind)
-    return plan_module._compile(HealConfig(progress=False, **config), torch.device("cpu"), family, DEIT_B_WEIGHTS,
-                                images_seen, cache)
+def _decide(images_seen, warm=False, kind="sm90", family="timm_vit", **config):
+    config = HealConfig(progress=False, **config)
+    return rules.compile_rule(config.mode, config.compile, kind, family, DEIT_B_WEIGHTS, images_seen, warm)
 
 
-def test_short_jobs_run_eager_and_long_jobs_compile(monkeypatch, tmp_path):
-    measured = plan_module.COMPILE_MEASURED[("sm90", "timm_vit")]
+def test_short_jobs_run_eager_and_long_jobs_compile():
+    measured = rules.COMPILE_MEASURED[("sm90", "timm_vit")]
     per_image = 1 / measured.eager - 1 / measured.compiled
     break_even = measured.cold / per_image                       # about 219,000 images at DeiT-B's size
-    short, reason = _decide(int(break_even * 0.5), monkeypatch=monkeypatch)
+    short, reason = _decide(int(break_even * 0.5))
     assert not short and "eager" in reason and f"{measured.cold:.1f} s cold" in reason and measured.source in reason
-    long, reason = _decide(int(break_even * 2), monkeypatch=monkeypatch)
+    long, reason = _decide(int(break_even * 2))
     assert long and reason.startswith("auto: compiled")
-    cache = tmp_path / "cache.bin"                               # a warm cache makes the paper's job pay
-    cache.write_bytes(b"x")
-    assert not _decide(50_000, str(cache) + ".absent", monkeypatch=monkeypatch)[0]
-    warm, reason = _decide(50_000, str(cache), monkeypatch=monkeypatch)
+    assert not _decide(50_000)[0]                                # a warm cache makes the paper's job pay
+    warm, reason = _decide(50_000, warm=True)
     assert warm and "warm (cache on disk)" in reason
-    unmeasured, reason = _decide(10**9, kind="sm80", monkeypatch=monkeypatch)
+    unmeasured, reason = _decide(10**9, kind="sm80")
     assert not unmeasured and "unmeasured for timm_vit models on sm80" in reason
-    slower, reason = _decide(10**9, kind="cpu", monkeypatch=monkeypatch)      # this CPU: compiled ran slower
+    slower, reason = _decide(10**9, kind="cpu")      # this CPU: compiled ran slower
     assert not slower and "ran no faster" in reason
-    assert _decide(10, compile="on", monkeypatch=monkeypatch) == (True, "requested")
-    assert _decide(10**9, mode="exact", monkeypatch=monkeypatch)[0] is False
+    assert _decide(10, compile="on") == (True, "requested")
+    assert _decide(10**9, mode="exact")[0] is False
 
 
 def test_every_measured_entry_points_at_a_committed_file():
-    for (kind, family), cost in plan_module.COMPILE_MEASURED.items():
+    for (kind, family), cost in rules.COMPILE_MEASURED.items():
         assert (ROOT / cost.source).is_file(), (kind, family, cost.source)
         assert cost.eager > 0 and cost.compiled > 0 and cost.cold >= cost.warm >= 0 and cost.weights > 0
 

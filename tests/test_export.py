@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from starfish_fast.checkpoint import export_dense, load_exported
 from starfish_fast.masks import apply_masks
 from starfish_fast.prune import magnitude_masks, nm_masks
-from starfish_fast.sparse24 import export_semi_structured
+from starfish_fast.sparse24_export import export_semi_structured
 
 
 def tiny_vit(embed_dim=32, seed=0):

@@ -120,6 +120,7 @@ def test_cpu_low_precision_tracks_fp32(precision):
 
 def test_auto_precision_rule(monkeypatch):
     import starfish_fast.plan as plan_module
+    import starfish_fast.probe as probe_module
 
     def decided(config, device, model):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
@@ -130,10 +131,10 @@ def test_auto_precision_rule(monkeypatch):
 
     config = HealConfig(progress=False, teacher_store="device")
     vit, cnn = tiny_vit(), tiny_mobilenet()
-    monkeypatch.setattr(plan_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(probe_module, "cpu_has_native_bf16", lambda: True)
     assert decided(config, "cpu", vit) == ("bf16", "bf16")
     assert decided(config, "cpu", cnn) == ("fp32", "fp16")
-    monkeypatch.setattr(plan_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(probe_module, "cpu_has_native_bf16", lambda: False)
     assert decided(config, "cpu", vit) == ("fp32", "fp16")
     exact = HealConfig(mode="exact", progress=False, teacher_store="device")
     assert decided(exact, "cpu", vit) == ("fp32", "fp16")
@@ -173,10 +174,13 @@ def test_teacher_stores_match_direct_forward(tmp_path, kind, dtype):
 
 
 def test_store_auto_and_errors():
-    from starfish_fast.plan import _store_rule
+    from starfish_fast.rules import store_rule
 
-    assert _store_rule(1 << 20, torch.device("cpu"))[0] == "device"
-    assert _store_rule(1 << 60, torch.device("cpu"))[0] == "disk"
+    assert store_rule(1 << 20, cuda=False, gpu_free=0, host_free=8 << 30)[0] == "device"
+    assert store_rule(1 << 60, cuda=False, gpu_free=0, host_free=8 << 30)[0] == "disk"
+    assert store_rule(1 << 30, cuda=True, gpu_free=8 << 30, host_free=0)[0] == "device"
+    assert store_rule(6 << 30, cuda=True, gpu_free=8 << 30, host_free=64 << 30)[0] == "pinned"
+    assert store_rule(6 << 30, cuda=True, gpu_free=8 << 30, host_free=0)[0] == "disk"
     with pytest.raises(ValueError, match="is called 'device' since 0.3"):
         HealConfig(teacher_store="memory")
     dense = tiny_vit()

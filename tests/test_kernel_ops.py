@@ -1,4 +1,4 @@
-"""The kernels as torch custom ops: torch.library.opcheck (schema, fake implementation, autograd
+"""The kernels (and the 2:4 linear) as torch custom ops: torch.library.opcheck (schema, fake implementation, autograd
 registration), torch.compile(fullgraph=True) through every public kernel (no graph break), and the ops'
 plain-torch CPU implementation against the references."""
 import importlib
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import rel_err
 from starfish_fast.kernels import (mask_layout, masked_adam_step, masked_adam_step_reference, masked_linear,
                                    masked_linear_reference, multi_block_cosine_loss,
-                                   multi_block_cosine_loss_reference)
+                                   multi_block_cosine_loss_reference, sparse24_linear, sparse24_linear_reference)
 
 OPS = torch.ops.starfish_fast
 # by module path: the package's function masked_linear shadows its module of the same name as an attribute
@@ -57,6 +57,8 @@ def test_opcheck_every_op():
     torch.library.opcheck(OPS.masked_linear_backward.default,
                           (dy, x.detach(), w.detach(), mask, layout.occ, layout.dx_count, layout.dx_index,
                            layout.occupancy, True, True))
+    torch.library.opcheck(OPS.sparse24_linear.default, (x, w, mask, b, 0))      # layer 0: the plain-torch product
+    torch.library.opcheck(OPS.sparse24_linear.default, (x, w, mask, None, 0))
     params, grads, exp_avgs, exp_avg_sqs, masks = _adam_inputs()
     torch.library.opcheck(OPS.masked_adam_step.default, (params, grads, exp_avgs, exp_avg_sqs, masks, 1e-3, None,
                                                          0.9, 0.999, 1e-8, 0.05, 1, True),
@@ -118,6 +120,13 @@ def test_the_ops_plain_torch_implementation_matches_the_references(monkeypatch):
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     masked_linear_reference(x64, w64, mask, b64).square().sum().backward()
     assert rel_err(y, F.linear(x64, w64 * mask, b64)) <= 1e-5
+    for ours, theirs in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert rel_err(ours, theirs) <= 1e-5
+    assert (w.grad[~mask] == 0).all()
+    x, w, mask, b, _ = _linear_inputs(seed=1)
+    sparse24_linear(x.view(7, 1, 40), w, mask, b).square().sum().backward()      # (..., K) in, (..., N) out
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    sparse24_linear_reference(x64, w64, mask, b64).square().sum().backward()
     for ours, theirs in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
         assert rel_err(ours, theirs) <= 1e-5
     assert (w.grad[~mask] == 0).all()

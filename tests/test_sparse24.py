@@ -14,12 +14,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
 
-from starfish_fast import sparse24
+from starfish_fast import probe_sparse24, sparse24
 from starfish_fast.masks import apply_masks
+from starfish_fast.probe_sparse24 import benchmark_layer, choose_semi_structured
 from starfish_fast.prune import nm_masks
-from starfish_fast.sparse24 import (BACKENDS, SemiStructuredLinear, backend_reason, benchmark_layer,
-                                    choose_semi_structured, convert_linears, is_two_four, restore_linears,
-                                    save_decision, semi_structured_supported)
+from starfish_fast.sparse24 import (BACKENDS, SemiStructuredLinear, backend_reason, convert_linears, is_two_four,
+                                    restore_linears, semi_structured_supported)
+from starfish_fast.sparse24_export import save_decision
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -410,7 +411,7 @@ def test_block_step_timer_times_a_copy_of_the_block_with_the_choice(monkeypatch)
     inputs = capture_inputs(model.blocks[1], lambda: model(x))
     assert inputs[0][0].shape == (3, 17, 64) and inputs[1] == {}
     converted, steps = [], []
-    real_convert = sparse24.convert_linears
+    real_convert = probe_sparse24.convert_linears
 
     def convert(block, block_masks, compute_dtype=None, choice=None):
         converted.append((sorted(block_masks), dict(choice)))
@@ -421,30 +422,90 @@ def test_block_step_timer_times_a_copy_of_the_block_with_the_choice(monkeypatch)
         steps.append(True)
         return 2.5
 
-    monkeypatch.setattr(sparse24, "convert_linears", convert)
-    measure = sparse24.block_step_timer(model, "blocks.1", inputs, masks, "cpu", torch.bfloat16, timer=timer)
+    monkeypatch.setattr(probe_sparse24, "convert_linears", convert)
+    measure = probe_sparse24.block_step_timer(model, "blocks.1", inputs, masks, "cpu", torch.bfloat16, timer=timer)
     assert measure({"blocks.1.mlp.fc1": "torch_cutlass", "blocks.0.mlp.fc1": "torch_cutlass"}) == 2.5
     assert converted == [(["attn.proj.weight", "attn.qkv.weight", "mlp.fc1.weight", "mlp.fc2.weight"],
                           {"mlp.fc1": "torch_cutlass"})]
     assert steps == [True] and all(p.grad is None for p in model.parameters())
 
 
-def test_plan_times_the_block_with_the_most_2to4_linears(monkeypatch):
-    """On CUDA the plan hands choose_semi_structured a step timer of the busiest block at one process's batch
+def test_the_probe_times_the_block_with_the_most_2to4_linears(monkeypatch):
+    """On CUDA the probe times the busiest block's step at one process's batch, per shape at its tokens
     (faked here: no GPU is needed to check the wiring)."""
-    from starfish_fast import plan
+    from starfish_fast import probe
     from starfish_fast.config import HealConfig
     from starfish_fast.models import adapter_for
 
     model, masks = small_vit()
     masks = {key: value for key, value in masks.items() if not key.startswith("blocks.0.mlp")}
     seen = {}
-    monkeypatch.setattr(plan, "block_step_timer", lambda model, block, inputs, masks, device, dtype:
+    monkeypatch.setattr(probe, "block_step_timer", lambda model, block, inputs, masks, device, dtype:
                         seen.update(block=block, batch=inputs[0][0].shape[0]) or "timer")
-    monkeypatch.setattr(plan, "choose_semi_structured", lambda *args, **kwargs: seen.update(kwargs) or "decision")
+    monkeypatch.setattr(probe, "time_two_four", lambda *args, **kwargs: seen.update(kwargs) or "timings")
     adapter = adapter_for(model)
     calib = [torch.randn(8, 3, 32, 32)]
-    result = plan._semi_structured(HealConfig(batch_size=8), model, adapter, adapter.block_names(model), masks, calib,
-                                   torch.device("cuda"), torch.bfloat16, world_size=2)
-    assert result == "decision" and seen["block"] == "blocks.1" and seen["batch"] == 4
+    result = probe._two_four_facts(HealConfig(batch_size=8), model, adapter, adapter.block_names(model), masks,
+                                   calib, torch.device("cuda"), torch.bfloat16, world_size=2, tokens_per_sample=17)
+    assert result == "timings" and seen["block"] == "blocks.1" and seen["batch"] == 4
     assert seen["measure_step"] == "timer" and seen["tokens"] == 4 * 17 and seen["purpose"] == "heal"
+
+
+# ----------------------------------------------------------------------------- the op in a compiled block
+@pytest.mark.parametrize("stand_in", [False, True])
+def test_a_compiled_block_with_2to4_layers_is_one_graph(monkeypatch, stand_in):
+    """torch.compile(fullgraph=True) of a block whose linears are 2:4 layers: one graph holding the op (the
+    dense masked product on the CPU, or a stand-in backend's pack), outputs and gradients equal to the plain
+    block with masked weights."""
+    import copy
+
+    if stand_in:
+        monkeypatch.setattr(sparse24, "choose_backend", lambda weight, mask, dtype=None, name=None: ("stand_in", ""))
+        monkeypatch.setitem(sparse24.PACKERS, "stand_in", StandInPack)
+    model, masks = small_vit()
+    apply_masks(model, masks)
+    reference = copy.deepcopy(model.blocks[0])
+    block = model.blocks[0]
+    local = {key[len("blocks.0."):]: value for key, value in masks.items() if key.startswith("blocks.0.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)          # the CPU's dense path warns once
+        assert len(convert_linears(block, local, compute_dtype=torch.float32)) == 4
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=counting, fullgraph=True)
+    x = torch.randn(3, 17, 64)
+    y = compiled(x)
+    expected = reference(x)
+    assert len(graphs) == 1
+    ops = [node for node in graphs[0].graph.nodes if node.target is torch.ops.starfish_fast.sparse24_linear.default]
+    assert len(ops) == 4
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected.backward(grad)
+    for (name, ours), theirs in zip(block.named_parameters(), reference.parameters()):
+        mask = local.get(name, torch.ones((), dtype=torch.bool))   # the plain block's gradient is dense
+        torch.testing.assert_close(ours.grad, theirs.grad * mask, rtol=1e-4, atol=1e-5, msg=name)
+        assert (ours.grad[~mask.expand_as(ours)] == 0).all(), name
+
+
+def test_a_copied_layer_packs_its_own_weight(monkeypatch):
+    """The op finds a layer's packs by its key: a deepcopy gets its own key and no packs of the original's."""
+    import copy
+
+    monkeypatch.setattr(sparse24, "choose_backend", lambda weight, mask, dtype=None, name=None: ("stand_in", ""))
+    monkeypatch.setitem(sparse24.PACKERS, "stand_in", StandInPack)
+    layer = SemiStructuredLinear.from_linear(nn.Linear(32, 16), two_four_mask(16, 32))
+    x = torch.randn(5, 32)
+    layer(x)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.mul_(3)
+    assert twin._key != layer._key and not twin._packs
+    torch.testing.assert_close(twin(x), F.linear(x, twin.weight * twin.mask, twin.bias))
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * layer.mask, layer.bias))

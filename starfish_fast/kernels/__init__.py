@@ -7,7 +7,9 @@
 Every public function takes ``kernel=``: True (or "triton") runs the kernel, False ("torch") the
 plain-torch reference, None ("auto") follows :func:`choose` in ``_dispatch.py``: the per-op table
 ``AUTO_TRITON_ON_CUDA`` (set from a GPU run committed under ``bench/results/``) on CUDA, plain torch on
-the CPU. The engine resolves its ``kernels=`` option with the same rule, once, in its plan.
+the CPU. The engine resolves its ``kernels=`` option with the same rule, once, in its plan. The 2:4
+linear (``sparse24_linear``) is an op of the same kind that runs a 2:4 backend's packed weight instead
+of a Triton kernel (which backend: the plan's 2:4 rule).
 Each kernel is a torch custom op (``torch.ops.starfish_fast.*``) with a fake implementation, so
 ``torch.compile`` traces through it without a graph break; on CPU tensors the ops run the same math
 in plain torch, or the kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
@@ -29,10 +31,12 @@ from ._dispatch import AUTO_TRITON_ON_CUDA, HAVE_TRITON, INTERPRET, KernelError,
 from .cosine_loss import multi_block_cosine_loss, multi_block_cosine_loss_reference
 from .masked_adam import masked_adam_step, masked_adam_step_reference
 from .masked_linear import MaskedLinear, MaskLayout, mask_layout, masked_linear, masked_linear_reference
+from .sparse24_linear import register_layer, sparse24_linear, sparse24_linear_reference
 
 __all__ = [
     "masked_linear", "masked_linear_reference", "MaskedLinear", "MaskLayout", "mask_layout",
     "multi_block_cosine_loss", "multi_block_cosine_loss_reference",
     "masked_adam_step", "masked_adam_step_reference",
+    "sparse24_linear", "sparse24_linear_reference", "register_layer",
     "choose", "runnable", "KernelError", "AUTO_TRITON_ON_CUDA", "HAVE_TRITON", "INTERPRET",
 ]
