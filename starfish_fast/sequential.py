@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import inspect
 import logging
 import time
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -130,10 +131,7 @@ class ModelBlockSource(BlockSource):
         first = self.student.get_submodule(self.blocks[0])
         args, kwargs = capture_inputs(first, lambda: self.adapter.forward_blocks(
             self.student, batch.to(self.device), self.blocks[:1], need_logits=False))
-        if len(args) != 1:
-            raise ValueError(f"sequential order: {self.blocks[0]} takes {len(args)} positional inputs; it needs one "
-                             f"(the hidden states), others by keyword")
-        return args[0], kwargs
+        return _as_keywords(first, args, kwargs)
 
     def open(self, i):
         name, prefix = self.blocks[i], self.blocks[i] + "."
@@ -154,6 +152,25 @@ class ModelBlockSource(BlockSource):
     def finish(self):
         for model in (self.student, self.dense):
             _move_outside(model, self.blocks, self.home)
+
+
+def _as_keywords(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """A block call's (first input, every other input by keyword), whatever the model passed positionally
+    (GPT-2 hands its blocks the cache and mask by position)."""
+    bound = inspect.signature(block.forward).bind(*args, **kwargs)
+    parameters = inspect.signature(block.forward).parameters
+    (first, hidden), *rest = bound.arguments.items()
+    extra = {}
+    for name, value in rest:
+        if parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            extra.update(value)
+        elif parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ValueError(f"sequential order: {type(block).__name__}.forward takes *{name}; its inputs cannot "
+                                 f"be passed by keyword")
+        else:
+            extra[name] = value
+    return hidden, extra
 
 
 def _move_outside(model: nn.Module, blocks: Sequence[str], device: torch.device, prefix: str = "") -> None:
