@@ -103,9 +103,10 @@ class BlockSource(abc.ABC):
 
 class ModelBlockSource(BlockSource):
     """The blocks of a student and a dense model held in memory (where they are, usually host memory): block i
-    goes to the compute device when opened and back when closed; the stem (everything before the blocks)
-    stays on the device for the run. The stem is the adapter's forward stopped at block 0: the patch
-    embedding, or a language model's token embeddings with its rotary embeddings and causal mask."""
+    goes to the compute device when opened and back when closed; the student's parts outside the blocks stay on
+    the device for the run (both streams start at the student's stem). The stem is the adapter's forward
+    stopped at block 0: the patch embedding, or a language model's token embeddings with its rotary embeddings
+    and causal mask."""
 
     def __init__(self, student: nn.Module, dense: nn.Module, masks: Mapping[str, torch.Tensor], blocks: Sequence[str],
                  device: torch.device, sample: torch.Tensor | None = None):
@@ -117,8 +118,7 @@ class ModelBlockSource(BlockSource):
         _check_chain(dense, self.adapter, self.blocks, sample)
         freeze_all(student)
         apply_masks(student, masks)
-        for model in (student, dense):
-            _move_outside(model, self.blocks, device)
+        _move_outside(student, self.blocks, device)          # the dense model's stem is never run: it stays
 
     def __len__(self):
         return len(self.blocks)
@@ -150,8 +150,7 @@ class ModelBlockSource(BlockSource):
             model.get_submodule(self.blocks[i]).to(self.home)
 
     def finish(self):
-        for model in (self.student, self.dense):
-            _move_outside(model, self.blocks, self.home)
+        _move_outside(self.student, self.blocks, self.home)
 
 
 def _as_keywords(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:

@@ -90,8 +90,8 @@ def vit_case():
 
 def llama_case():
     dense = tiny_lm("llama")
-    return dense, magnitude_masks(dense, 0.5), torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(3)), \
-        llama_stem, [f"model.layers.{i}" for i in range(3)], False
+    tokens = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(3))
+    return dense, magnitude_masks(dense, 0.5), tokens, llama_stem, [f"model.layers.{i}" for i in range(3)], False
 
 
 CASES = {"vit": vit_case, "llama": llama_case}
@@ -206,8 +206,8 @@ def test_the_order_rule_and_the_estimate():
 
 def test_objectives_that_are_not_block_local_are_refused():
     for name in ("kl", "ce", "starfish+kl"):
-        with pytest.raises(ValueError, match=rf"HealConfig.objective='{re.escape(name)}' cannot heal in order='sequential'.*"
-                                             r"allowed: starfish, mse"):
+        with pytest.raises(ValueError, match=rf"HealConfig.objective='{re.escape(name)}' cannot heal in "
+                                             r"order='sequential'.*allowed: starfish, mse"):
             HealConfig(order="sequential", objective=name)
     with pytest.raises(ValueError, match="HealConfig.order='backwards'; allowed: joint, sequential, auto"):
         HealConfig(order="backwards")
