@@ -59,6 +59,7 @@ class Plan:
     world_size: int = 1               # torchrun processes (1: none)
     rank: int = 0
     sync_bn: bool = False
+    order: str = "joint"              # joint | sequential (block after block: sequential.py)
     compile_cache: str | None = None  # torch.compile's saved artifacts for this model, device and dtype
     reasons: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()    # what the run warns about once (a forced 2:4 choice slower than dense)
@@ -82,6 +83,7 @@ class Plan:
                 f"compile {'on' if self.compile else 'off'}, compact {compact}, kernels {kernels}, "
                 f"2:4 {'on' if self.semi_structured else 'off'}, scope {self.scope}, {len(self.blocks)} blocks "
                 f"({self.family}, cosine per {self.cosine_per})" +
+                (", sequential order" if self.order == "sequential" else "") +
                 (f", {self.world_size} processes{' with SyncBatchNorm' if self.sync_bn else ''}"
                  if self.world_size > 1 else ""))
 
@@ -98,12 +100,29 @@ def _teacher_store(config: HealConfig, spec: Objective, facts: Facts, teacher_dt
         if config.teacher_store == "pinned" and not facts.cuda:
             raise ValueError(f"teacher_store 'pinned' needs a CUDA device, got {facts.device}")
         return config.teacher_store, "requested"
-    if facts.calib_images is None or facts.teacher_block_elements is None:
+    cache_bytes = _cache_bytes(spec, facts, teacher_dtype)
+    if cache_bytes is None:
         return "device", "auto without calibration data: size unknown"
-    per_sample = (facts.teacher_block_elements if spec.needs_blocks else 0) + \
-        (facts.teacher_logit_elements if spec.needs_teacher_logits else 0)
-    cache_bytes = per_sample * rules.DTYPE_BYTES[teacher_dtype] * (facts.calib_images // facts.world_size)
     return rules.store_rule(cache_bytes, cuda=facts.cuda, gpu_free=facts.memory_free, host_free=facts.host_free)
+
+
+def _cache_bytes(spec: Objective, facts: Facts, teacher_dtype: str) -> int | None:
+    """This process's teacher targets in bytes (None: not probed)."""
+    if facts.calib_images is None or facts.teacher_block_elements is None:
+        return None
+    per_sample = (facts.teacher_block_elements if spec.needs_blocks else 0) + \
+        ((facts.teacher_logit_elements or 0) if spec.needs_teacher_logits else 0)
+    return per_sample * rules.DTYPE_BYTES[teacher_dtype] * (facts.calib_images // facts.world_size)
+
+
+def _order(config: HealConfig, spec: Objective, facts: Facts, store: str, teacher_dtype: str) -> tuple[str, str]:
+    """``order``: the joint run's size (weights, gradients, moments, and the targets where the plan keeps them
+    on the device) against the device memory free for it (what the two models already hold there counts)."""
+    teacher = (_cache_bytes(spec, facts, teacher_dtype) or 0) if store == "device" else 0
+    moments = rules.DTYPE_BYTES["bf16" if config.moments_dtype == "bf16" and config.mode == "fast" else "fp32"]
+    estimate = rules.joint_bytes(facts.weight_bytes, facts.trained_weights, teacher, moment_bytes=moments)
+    return rules.order_rule(config.order, config.objective, spec.block_local, estimate,
+                            facts.memory_free + facts.resident_bytes)
 
 
 def _two_four(config: HealConfig, facts: Facts) -> rules.Decision:
@@ -140,7 +159,8 @@ def decide(config: HealConfig, adapter, facts: Facts) -> Plan:
                                                     facts.trained_weights, images,
                                                     facts.compile_cache_warm.get(precision, False))
     two_four = _two_four(config, facts)
-    reasons = {"precision": precision_reason, "teacher_store": store_reason, "compact": compact_reason,
+    order, order_reason = _order(config, spec, facts, store, teacher_dtype)
+    reasons = {"order": order_reason, "precision": precision_reason, "teacher_store": store_reason, "compact": compact_reason,
                "compile": compile_reason,
                "kernels": "requested" if config.kernels != "auto" else "auto: kernels/_dispatch.py table",
                "semi_structured": two_four.reason}
@@ -153,7 +173,8 @@ def decide(config: HealConfig, adapter, facts: Facts) -> Plan:
                 semi_structured=two_four.semi_structured, semi_structured_choice=dict(two_four.choice),
                 semi_structured_timings=two_four.record() if two_four.shapes else {}, world_size=facts.world_size,
                 rank=facts.rank, sync_bn=config.sync_bn and facts.world_size > 1,
-                compile_cache=facts.compile_cache.get(precision) if compile_on and fast else None, reasons=reasons,
+                compile_cache=facts.compile_cache.get(precision) if compile_on and fast else None, order=order,
+                reasons=reasons,
                 warnings=(two_four.warning,) if two_four.warning else ())
 
 

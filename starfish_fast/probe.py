@@ -55,6 +55,8 @@ class Facts:
     blocks: tuple[str, ...] = ()
     has_mlp: bool = False
     trained_weights: int = 0
+    weight_bytes: int = 0             # the model's parameters, in bytes
+    resident_bytes: int = 0           # what the student and its dense twin already hold on the compute device
     calib_images: int | None = None
     tokens_per_sample: int | None = None
     teacher_block_elements: int | None = None
@@ -176,6 +178,15 @@ def _two_four_facts(config: HealConfig, model: nn.Module, adapter, blocks, masks
                          tokens=batch.shape[0] * (tokens_per_sample or 1), measure_step=measure_step)
 
 
+def _weight_facts(model: nn.Module, device: torch.device | None) -> dict:
+    """The model's parameter bytes, and what the student and its dense twin (taken as the same size) already
+    hold on ``device`` (None: a named kind, nothing resident): a joint run's estimate counts them as free."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    resident = 0 if device is None else 2 * sum(p.numel() * p.element_size() for p in model.parameters()
+                                                 if p.device.type == device.type)
+    return {"weight_bytes": weights, "resident_bytes": resident}
+
+
 def probe(config: HealConfig, model: nn.Module, device: str | torch.device | None = None, *,
           calib: Sequence[torch.Tensor] | None = None, block_names: Sequence[str] | None = None,
           masks: Mapping[str, torch.Tensor] | None = None, device_kind: str | None = None) -> Facts:
@@ -194,8 +205,10 @@ def probe(config: HealConfig, model: nn.Module, device: str | torch.device | Non
     predicate = adapter.scope_predicate(adapter.check_scope(config.scope))
     facts = {"blocks": blocks, "has_mlp": bool(adapter.mlp_pairs(model)),
              "trained_weights": sum(w.numel() for w in prunable_weights(model, predicate).values()),
-             "calib_images": sum(b.shape[0] for b in calib) if calib is not None else None}
-    wants_store = config.teacher_store == "auto" and (spec.needs_teacher_logits or spec.needs_blocks)
+             "calib_images": sum(b.shape[0] for b in calib) if calib is not None else None,
+             **_weight_facts(model, device if device_kind is None else None)}
+    wants_store = (config.teacher_store == "auto" or config.order == "auto") and \
+        (spec.needs_teacher_logits or spec.needs_blocks)
     two_four_timed = device_kind is None and device.type == "cuda" and config.mode == "fast"
     if calib and (wants_store or two_four_timed):
         facts.update(_teacher_facts(model, adapter, blocks if spec.needs_blocks else (), calib[0]))

@@ -119,6 +119,31 @@ def store_rule(cache_bytes: int, *, cuda: bool, gpu_free: int, host_free: int) -
     return "disk", f"{size} exceeds GPU and host memory: memory-mapped file"
 
 
+# ----------------------------------------------------------------------------- order
+def joint_bytes(weight_bytes: int, trained: int, teacher_bytes: int, *, grad_bytes: int = 4,
+                moment_bytes: int = 4) -> int:
+    """Device bytes a joint run needs beyond its activations: the student's and the dense model's weights
+    (``weight_bytes`` each), a gradient and two Adam moments per trained weight, and the teacher targets
+    kept on the device (``teacher_bytes``; 0 where they would live on the host)."""
+    return 2 * weight_bytes + trained * (grad_bytes + 2 * moment_bytes) + teacher_bytes
+
+
+def order_rule(order: str, objective: str, block_local: bool, estimate_bytes: int,
+               free_bytes: int) -> tuple[str, str]:
+    """``order``: as asked; ``auto``: sequential only when the estimate of a joint run (``joint_bytes``)
+    exceeds the device memory free for it, and only for a block-local objective (the others need the whole
+    model at once)."""
+    if order != "auto":
+        return order, "requested"
+    if not block_local:
+        return "joint", f"auto: joint: objective {objective!r} needs the whole model at once"
+    sizes = (f"a joint run needs about {estimate_bytes / 2**30:.2f} GiB (weights, gradients, Adam moments, teacher "
+             f"targets), {free_bytes / 2**30:.2f} GiB free")
+    if estimate_bytes > free_bytes:
+        return "sequential", f"auto: sequential: {sizes}"
+    return "joint", f"auto: joint: {sizes}"
+
+
 # ----------------------------------------------------------------------------- compile
 class CompileCost(NamedTuple):
     """What compile bought and cost in one measured setting: steady-state images/s eager and compiled,
