@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import warnings
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from starfish_fast import distributed
-from starfish_fast.checkpoint import load_resume, save_resume, tensor_fingerprint
+from starfish_fast.checkpoint import load_resume, save_resume, settings_fingerprint, tensor_fingerprint
 from starfish_fast.compaction import compact_model, expand_into, find_compactions
 from starfish_fast.compensation import compensate
 from starfish_fast.config import HealConfig
@@ -184,13 +183,10 @@ class RunState:
         return self.adapter.forward_blocks(self.student, images, self.plan.blocks, need_logits=need_logits)
 
     def fingerprints(self) -> dict[str, str]:
-        settings = ("epochs", "lr", "min_lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size", "mode",
-                    "objective", "precision", "moments_dtype", "block_weights", "warm_start")
         return {"masks": tensor_fingerprint(self.masks),
                 "dense_model": tensor_fingerprint(self.dense.state_dict()),
                 "calibration": tensor_fingerprint({str(i): b for i, b in enumerate(self.global_batches)}),
-                "config": json.dumps({k: v for k, v in dataclasses.asdict(self.config).items() if k in settings},
-                                     sort_keys=True)}
+                "config": settings_fingerprint(self.config)}
 
 
 def _start_run(student, dense, masks, batches, config: HealConfig, plan: Plan, labels, predicate) -> RunState:
