@@ -190,7 +190,7 @@ def _config(values: dict, flag: str | None, value) -> None:
 
 def check_sparsity(flag: str, value) -> None:
     if value is not None and not 0 <= value < 1:
-        raise ValueError(f"{flag} {value}: a fraction of the weights in [0, 1), e.g. 0.5 for half of them")
+        raise ValueError(f"{flag} must be a fraction of the weights in [0, 1) (0.5 prunes half of them), got {value}")
 
 
 def _prune_values(args, mistakes: Mistakes) -> None:

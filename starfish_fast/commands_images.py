@@ -69,7 +69,7 @@ class Images(Modality):
         with mistakes.check():
             self.check_model(args, weights=command != "eval" or args.diagnostics or not args.checkpoint)
         model_ok = len(mistakes.lines) == seen
-        if args.mask_path and model_ok:
+        if getattr(args, "mask_path", None) and model_ok:
             with mistakes.check():
                 check_input_file(args.mask_path, "--mask-path", "masks", args.allow_unsafe_pickle)
                 if self.skeleton is not None:
