@@ -117,8 +117,8 @@ def check_calibration_batch(args, kind: Modality, config: HealConfig) -> HealCon
 
 # ----------------------------------------------------------------------------- recover
 def _check_recover(args, kind: Modality):
-    """Every mistake of ``recover`` at once: the outputs, the model and its files, the device, the masks, a
-    refused resume, then the data (the text is read and tokenized here)."""
+    """Every mistake of ``recover`` at once: the outputs, the model and its files, the masks, the device, a
+    refused resume; then, once those are right, the text (read and tokenized here)."""
     config = recover_config(args, args.output_path)
     mistakes = Mistakes()
     kind.check(args, mistakes, "recover", scope=config.scope)
@@ -126,6 +126,8 @@ def _check_recover(args, kind: Modality):
         device, group = check_device(config)
     with mistakes.check():
         check_resume(args, config)
+    mistakes.done()
+    kind.read_inputs(args, mistakes, "recover")
     mistakes.done()
     return check_calibration_batch(args, kind, config), device, group is None or group.main
 
@@ -198,6 +200,8 @@ def _check_eval(args, kind: Modality):
     with mistakes.check():
         device, group = check_device(HealConfig(device=args.device))     # under torchrun: evaluation split
     mistakes.done()
+    kind.read_inputs(args, mistakes, "eval")
+    mistakes.done()
     return device, group is None or group.main
 
 
@@ -225,6 +229,8 @@ def _check_prune(args, kind: Modality) -> tuple[str, str]:
             scope = prune_scope(args, kind.skeleton)
     with mistakes.check():
         device = resolve_device(args.device) if kind.calibrated(args) else "cpu"
+    mistakes.done()
+    kind.read_inputs(args, mistakes, "prune")
     mistakes.done()
     return scope, device
 

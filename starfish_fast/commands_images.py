@@ -30,6 +30,7 @@ from starfish_fast.config import CALIBRATED_METHODS
 from starfish_fast.evaluate import evaluate_top1
 from starfish_fast.masks import apply_masks, load_masks, mask_density
 from starfish_fast.modality import Modality, block_names, model_kwargs
+from starfish_fast.text import HF_TEXT_DATASETS
 from starfish_fast.models import CheckpointMismatchError, adapter_for, load_dense
 from starfish_fast.models.registry import check_checkpoint_fits, input_channels, weights_source
 
@@ -47,6 +48,13 @@ class Images(Modality):
     def __init__(self, spec, skeleton=None):
         super().__init__(spec, skeleton)
         self.kwargs: dict = {}
+
+    def foreign_flags(self, args, flags: dict) -> list[str]:
+        lines = super().foreign_flags(args, flags)
+        if getattr(args, "hf_dataset", None) in HF_TEXT_DATASETS:
+            lines.append(f"--hf-dataset {args.hf_dataset} is for language models; {args.model_name} is an image "
+                         f"model{self.data_hint}")
+        return lines
 
     def resolve_defaults(self, args, flags: dict) -> None:
         if "hf_dataset" in flags and args.hf_dataset is None:

@@ -101,7 +101,7 @@ class Text(Modality):
 
     # ------------------------------------------------------------------------- the validation pass
     def check(self, args, mistakes, command: str, scope: str | None = None) -> None:
-        """Everything ``command`` reads, against the model; the text last (it is read and tokenized now)."""
+        """Everything ``command`` reads, against the model, but the text (``read_inputs``)."""
         calibration = command == "recover" or (command == "prune" and args.method in LM_CALIBRATED)
         if command == "recover":
             with mistakes.check():
@@ -120,7 +120,11 @@ class Text(Modality):
         if getattr(args, "mask_path", None) and model_ok:
             with mistakes.check():
                 self.masks = self.read_masks(args, scope)
-        if model_ok and (calibration or command in ("recover", "eval")):
+
+    def read_inputs(self, args, mistakes, command: str) -> None:
+        """The text, read and tokenized now: the heavy part of the validation, once the rest is right."""
+        calibration = command == "recover" or (command == "prune" and args.method in LM_CALIBRATED)
+        if calibration or command in ("recover", "eval"):
             with mistakes.check():
                 self.check_text(args, calibration, {"eval": "required", "recover": "optional"}.get(command, "none"))
 

@@ -63,6 +63,9 @@ class Modality:
         """The second validation pass of ``command``: every mistake into ``mistakes`` (checks.Mistakes)."""
         raise NotImplementedError
 
+    def read_inputs(self, args, mistakes, command: str) -> None:
+        """The heavy part of the validation (reading the data now), run once every other check passed."""
+
     def score(self, model, evaluation, label: str, shown: bool, device) -> float | None:
         """The metric of ``model`` on ``evaluation`` (None: nothing to evaluate on)."""
         raise NotImplementedError
