@@ -7,12 +7,15 @@
     starfish-fast blocks --model-name resnet18           # the blocks and prune scopes any model would heal with
     starfish-fast recover --model-name my_llama_dir --mask-path lm.pt --calib-text docs/ --eval-text held_out/
 
-Nothing heavy is imported before the arguments are parsed (``--help`` answers at once): the commands
-live in ``starfish_fast.commands``. The healing flags are ``HealConfig``'s fields (help, allowed values
-and defaults from ``starfish_fast.config``). ``prune``, ``recover`` and ``eval`` also take Hugging Face
-causal language models (``starfish_fast.commands_lm``: text instead of images, perplexity instead of
-top-1). A user's mistake is one line on stderr and exit code 2, before any work and with nothing
-written (``--debug`` shows the traceback); Ctrl-C exits 130.
+Nothing heavy is imported before the arguments are parsed and their values checked (``--help`` and a bad
+value answer at once): ``starfish_fast.checks`` checks every value and path without torch, then
+``starfish_fast.commands`` runs the command once for images or text (the model's modality object:
+``commands_images.Images``, ``commands_lm.Text``). Every flag declares the modality it belongs to in its
+metadata (``Parser.flag``, as ``HealConfig``'s fields carry theirs), so a flag of the other modality is
+refused from it. The healing flags are ``HealConfig``'s fields (help, allowed values and defaults from
+``starfish_fast.config``). Every mistake found is one line on stderr, all reported at once, exit code 2,
+before any work and with nothing written (``--debug`` shows the traceback); an argparse error is one line
+naming the flag, the value and what is allowed; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
