@@ -154,7 +154,7 @@ def _ranges(args, mistakes: Mistakes) -> None:
         _at_least(args, mistakes, dest, low, words)
     if args.command != "prune" or args.method in ("wanda", "representation", "sparsegpt"):
         _at_least(args, mistakes, "calib_samples", 1, "must be positive")
-    if args.command != "demo":                # demo's --batch-size is the healing batch (HealConfig)
+    if args.command in ("eval", "prune"):     # recover's and demo's --batch-size is HealConfig's, checked there
         _at_least(args, mistakes, "batch_size", 1, "must be positive")
 
 

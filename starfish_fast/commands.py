@@ -165,7 +165,8 @@ def recover_summary(kind: Modality, scores: dict, result, output: Path) -> str:
         hint = "--eval-samples N" if kind.metric == "top1" else "--eval-text PATH"
         return f"{done} (not evaluated: {hint} measures it)"
     dense, pruned, healed = scores["dense"], scores["pruned"], scores["healed"]
-    gap = f", {(healed - pruned) / (dense - pruned):.0%} of the gap closed" if dense != pruned else ""
+    gap = (f", {(healed - pruned) / (dense - pruned):.0%} of the gap closed"
+           if abs(dense - pruned) > 1e-3 * abs(dense) else "")              # no gap to speak of: no share
     unit = "%" if kind.metric == "top1" else ""
     return (f"{METRIC_WORDS[kind.metric]}: dense {dense:.2f}{unit} -> pruned {pruned:.2f}{unit} -> healed "
             f"{healed:.2f}{unit}{gap}; {done}")

@@ -253,9 +253,11 @@ def test_10_recover_and_eval_end_with_a_line_a_person_reads(lm, tmp_path, capsys
     captured = capsys.readouterr()
     report, last = json.loads(captured.out), captured.err.strip().splitlines()[-1]
     ppl = report["perplexity"]
-    share = (ppl["healed"] - ppl["pruned"]) / (ppl["dense"] - ppl["pruned"])
     assert last.startswith(f"perplexity: dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f} -> healed "
-                           f"{ppl['healed']:.2f}, {share:.0%} of the gap closed") and str(tmp_path / "healed") in last
+                           f"{ppl['healed']:.2f}") and f"written to {tmp_path / 'healed'}" in last
+    if abs(ppl["dense"] - ppl["pruned"]) > 1e-3 * ppl["dense"]:     # a gap to close (random tiny models: barely)
+        share = (ppl["healed"] - ppl["pruned"]) / (ppl["dense"] - ppl["pruned"])
+        assert f", {share:.0%} of the gap closed" in last
     assert cli.main(["eval", "--model-name", str(tmp_path / "healed"), "--eval-text", lm["eval"], "--seq-len", "32",
                      "--no-progress"]) == 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
