@@ -26,12 +26,13 @@ import math
 import os
 import pickle
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from starfish_fast.checks import MASKS_FILE, check_output_dir, check_output_path  # noqa: F401 (their home: torch-free)
 
 log = logging.getLogger(__name__)
 
@@ -296,39 +297,6 @@ def weight_shapes(path: str | os.PathLike, allow_unsafe_pickle: bool = False) ->
                 if not (export and key.startswith(MASK_PREFIX))}
 
 
-# ----------------------------------------------------------------------------- paths, before any work
-def check_output_path(path: str | os.PathLike, flag: str) -> None:
-    """A one-line error naming ``flag`` unless ``path`` can be written as a file: it is not a directory and
-    its nearest existing ancestor is a writable directory (missing parents are created when writing)."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{flag} {path}: is a directory; give a file path (inside it, say)")
-    _check_writable(path.parent, f"{flag} {path}")
-
-
-def check_output_dir(path: str | os.PathLike, flag: str) -> None:
-    """As ``check_output_path`` for a directory that is written into (created if missing)."""
-    path = Path(path)
-    if os.path.lexists(path) and not path.is_dir():
-        raise NotADirectoryError(f"{flag} {path}: is a file, not a directory")
-    _check_writable(path, f"{flag} {path}")
-
-
-def _check_writable(directory: Path, what: str) -> None:
-    """The nearest existing ancestor of ``directory`` (itself included) is a directory we can create a file
-    in: tried with a hidden probe file, removed at once (permissions, read-only mounts, root alike)."""
-    while not os.path.lexists(directory) and directory != directory.parent:
-        directory = directory.parent
-    if not directory.is_dir():
-        raise NotADirectoryError(f"{what}: {directory} is a file, not a directory")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".starfish_fast.", suffix=".probe", dir=directory)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise PermissionError(f"{what}: cannot write in {directory} ({error.strerror or error})") from None
-
-
 # ----------------------------------------------------------------------------- fetching
 def unreachable(url: str, timeout: float = 3.0) -> str | None:
     """Why the host of ``url`` (or the proxy for it) cannot be reached now, or None when a TCP connection
@@ -404,6 +372,25 @@ def tensor_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
         digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+RESUME_SETTINGS = ("epochs", "lr", "min_lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size", "mode",
+                   "objective", "precision", "moments_dtype", "block_weights", "warm_start")
+
+
+def settings_fingerprint(config) -> str:
+    """The healing settings a resume checkpoint must share with the run that continues it (JSON)."""
+    return json.dumps({key: getattr(config, key) for key in RESUME_SETTINGS}, sort_keys=True, default=list)
+
+
+def resume_settings_differ(path: str | os.PathLike, config) -> dict[str, tuple]:
+    """``{setting: (the checkpoint's value, config's)}`` for each setting that differs from the resume
+    checkpoint at ``path`` (read memory-mapped: its tensors stay on disk); checked before any work."""
+    state = load_tensor_file(path)
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise ValueError(f"{path} is not a starfish_fast resume checkpoint (format {RESUME_FORMAT})")
+    saved, now = json.loads(state["fingerprints"].get("config", "{}")), json.loads(settings_fingerprint(config))
+    return {key: (saved.get(key), now[key]) for key in now if saved.get(key) != now[key]}
 
 
 def save_resume(path: str | os.PathLike, state: dict) -> None:
@@ -487,7 +474,6 @@ def export_dense(model: nn.Module, masks: Mapping[str, torch.Tensor], path: str 
 
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
-MASKS_FILE = "masks.safetensors"
 
 
 def save_pretrained_with_masks(model: nn.Module, directory: str | os.PathLike, masks: Mapping[str, torch.Tensor],

@@ -8,20 +8,27 @@
     starfish-fast plan --model-name deit_base_patch16_224 --device-kind sm86   # what an A10 would run, and why
     starfish-fast recover --model-name my_llama_dir --mask-path lm.pt --calib-text docs/ --eval-text held_out/
 
-Nothing heavy is imported before the arguments are parsed (``--help`` answers at once): the commands
-live in ``starfish_fast.commands``. The healing flags are ``HealConfig``'s fields (help, allowed values
-and defaults from ``starfish_fast.config``). ``prune``, ``recover`` and ``eval`` also take Hugging Face
-causal language models (``starfish_fast.commands_lm``: text instead of images, perplexity instead of
-top-1). A user's mistake is one line on stderr and exit code 2, before any work and with nothing
-written (``--debug`` shows the traceback); Ctrl-C exits 130.
+Nothing heavy is imported before the arguments are parsed and their values checked (``--help`` and a bad
+value answer at once): ``starfish_fast.checks`` checks every value and path without torch, then
+``starfish_fast.commands`` runs the command once for images or text (the model's modality object:
+``commands_images.Images``, ``commands_lm.Text``). Every flag declares the modality it belongs to in its
+metadata (``Parser.flag``, as ``HealConfig``'s fields carry theirs), so a flag of the other modality is
+refused from it. The healing flags are ``HealConfig``'s fields (help, allowed values and defaults from
+``starfish_fast.config``). Every mistake found is one line on stderr, all reported at once, exit code 2,
+before any work and with nothing written (``--debug`` shows the traceback); an argparse error is one line
+naming the flag, the value and what is allowed; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
-from starfish_fast import __version__
+from typing import NamedTuple
+
+from starfish_fast import __version__, checks
+from starfish_fast.checks import IMAGES, TEXT, USER_ERRORS
 from starfish_fast.cli_wording import with_flags      # the library names arguments; the messages here, flags
 from starfish_fast.config import PRUNE_METHODS, config_fields, flag_name
 
@@ -36,10 +43,16 @@ FASHION_MNIST_HELP = ("Fashion-MNIST IDX files (bare: the system copy from `apt-
                       "dataset-fashion-mnist`; the bundled models' data and default). 1-channel models get the "
                       "images as stored (28x28, Fashion-MNIST's mean/std); any other model each image through its "
                       "own transform (3 channels, its input size and mean/std)")
-HF_DATASET_HELP = ("Hugging Face dataset (streamed; needs the hf extra); for a language model wikitext2 or c4, "
-                   "read with the LLM pruning papers' conventions (calibration windows from the train split, "
-                   "perplexity on the test / validation split)")
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+HF_DATASET_HELP = ("Hugging Face dataset (needs the hf extra): images, streamed (default ILSVRC/imagenet-1k); a "
+                   "language model, wikitext2 or c4, read with the LLM pruning papers' conventions (calibration "
+                   "windows from the train split, perplexity on the test / validation split)")
+CALIB_HINT = checks.CALIB_HINT
+EVAL_HINT = "give --eval-text PATH... (--eval-tokens N)"
+MODEL_TITLE = "model (images and language models)"
+SHARED_TITLE = "images and language models"
+IMAGE_TITLE = "image models only"
+TEXT_TITLE = "language models only"
+TEXT_NOTE = "text instead of images (--hf-dataset wikitext2|c4 too)"
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -53,10 +66,49 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-# ----------------------------------------------------------------------------- shared flags
-def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = None, skip: tuple = ()) -> None:
-    """One flag per ``HealConfig`` field (help, choices and default from the field)."""
-    group = parser.add_argument_group("healing (HealConfig: every key is in the README)")
+# ----------------------------------------------------------------------------- flags and their modality
+class Flag(NamedTuple):
+    """A flag's metadata: its option, default and the models it applies to (``modality``: IMAGES, TEXT or
+    None for both), and for a flag of one modality what the other takes ``instead``."""
+    option: str
+    default: object
+    modality: str | None
+    instead: str | None
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose flags keep their metadata (``flags``: dest -> Flag, as ``HealConfig``'s
+    fields keep theirs) and whose errors are one line naming the flag, the value and what is allowed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flags: dict[str, Flag] = {}
+        self.commands: dict[str, Parser] = {}
+        self.groups: dict[str, object] = {}          # title -> argparse group
+
+    def group(self, title: str, description: str | None = None):
+        """The help section ``title`` (created on first use)."""
+        if title not in self.groups:
+            self.groups[title] = self.add_argument_group(title, description)
+        return self.groups[title]
+
+    def flag(self, group, *names, modality: str | None = None, instead: str | None = None, **options):
+        action = group.add_argument(*names, **options)
+        self.flags[action.dest] = Flag(action.option_strings[0], action.default, modality, instead)
+        return action
+
+    def error(self, message: str):
+        for kind, allowed in (("int", "a whole number"), ("float", "a number")):
+            message = re.sub(rf"(invalid {kind} value: '[^']*')", rf"\1 (allowed: {allowed})", message)
+        if self.commands and "required: COMMAND" in message:
+            message += f" (one of {', '.join(self.commands)})"
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def add_config_flags(parser: Parser, defaults: dict | None = None, skip: tuple = ()) -> None:
+    """One flag per ``HealConfig`` field (help, choices and default from the field), for both modalities."""
+    group = parser.add_argument_group("healing, images and language models alike (HealConfig: every key is in "
+                                      "the README)")
     for item in config_fields():
         if item.name in skip:
             continue
@@ -68,81 +120,91 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = No
             options["type"] = type(item.default) if isinstance(item.default, (int, float)) else str
             if item.metadata["choices"]:
                 options["choices"] = item.metadata["choices"]
-        group.add_argument(flag_name(item), **options)
+        parser.flag(group, flag_name(item), **options)
 
 
-def add_model_flags(parser: argparse.ArgumentParser, dense: bool = True) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model-name", required=True, metavar="NAME", help=MODEL_HELP)
-    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="arguments of timm.create_model / torchvision get_model, e.g. num_classes=10 in_chans=1")
-    group.add_argument("--blocks", default=None, metavar="REGEX",
-                       help="the blocks to align: module names matching REGEX (default: found in the model; "
-                            "`starfish-fast blocks` lists them)")
+def add_model_flags(parser: Parser, dense: bool = True) -> None:
+    group = parser.group(MODEL_TITLE)
+    parser.flag(group, "--model-name", required=True, metavar="NAME", help=MODEL_HELP)
+    parser.flag(group, "--blocks", default=None, metavar="REGEX",
+                help="the blocks to align: module names matching REGEX (default: found in the model; "
+                     "`starfish-fast blocks` lists them)")
     if dense:
-        group.add_argument("--dense-path", default=None,
-                           help="dense weights: a state dict or {'state_dict': ...} (.pt or .safetensors), recover's "
-                                "checkpoint or its --export; not needed for the bundled models")
-        group.add_argument("--pretrained", action="store_true",
-                           help="the library's pretrained weights (timm / torchvision): from its local cache, else "
-                                "downloaded; offline, one line at once naming the alternatives")
-        group.add_argument("--pretrained-file", default=None, metavar="FILE",
-                           help="timm weights from a local file (timm's pretrained_cfg_overlay=dict(file=...))")
-        group.add_argument("--random-init", action="store_true",
-                           help="DRY RUN: the architecture's own random initialisation (seeded, the same in every "
-                                "command), no trained weights: for trying the pipeline on a timm or torchvision "
-                                "model; its accuracies mean nothing (the JSON result says so)")
-    group.add_argument("--allow-unsafe-pickle", action="store_true",
-                       help="load pickled files with weights_only=False (only files you trust: it can run code)")
+        parser.flag(group, "--dense-path", default=None,
+                    help="dense weights: a state dict or {'state_dict': ...} (.pt or .safetensors), recover's "
+                         "checkpoint or its --export, a language model's directory; not needed for the bundled "
+                         "models nor a language model's own weights")
+        parser.flag(group, "--pretrained", action="store_true",
+                    help="the library's pretrained weights (timm / torchvision): from its local cache, else "
+                         "downloaded; offline, one line at once naming the alternatives")
+        parser.flag(group, "--random-init", action="store_true",
+                    help="DRY RUN: the architecture's own random initialisation (seeded, the same in every "
+                         "command), no trained weights: for trying the pipeline; its accuracies or perplexities "
+                         "mean nothing (the JSON result says so)")
+    parser.flag(group, "--allow-unsafe-pickle", action="store_true",
+                help="load pickled files with weights_only=False (only files you trust: it can run code)")
+    images = parser.group(IMAGE_TITLE)
+    parser.flag(images, "--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", modality=IMAGES,
+                instead="its architecture is its config.json",
+                help="arguments of timm.create_model / torchvision get_model, e.g. num_classes=10 in_chans=1")
+    if dense:
+        parser.flag(images, "--pretrained-file", default=None, metavar="FILE", modality=IMAGES,
+                    instead="its own files are its weights (others: --dense-path)",
+                    help="timm weights from a local file (timm's pretrained_cfg_overlay=dict(file=...))")
 
 
-def add_data_flags(parser: argparse.ArgumentParser, calibration: bool = True, evaluation: bool = True) -> None:
-    group = parser.add_argument_group("local data (instead of Hugging Face streaming)")
-    group.add_argument("--fashion-mnist", metavar="DIR", nargs="?", const="", default=None, help=FASHION_MNIST_HELP)
+def add_image_data_flags(parser: Parser, calibration: bool = True, evaluation: bool = True,
+                         samples: int = 1000, source: str = "train") -> None:
+    """Where the images come from (local files, or --hf-dataset streamed) and how many."""
+    group = parser.group(IMAGE_TITLE)
+    parser.flag(group, "--fashion-mnist", metavar="DIR", nargs="?", const="", default=None, modality=IMAGES,
+                instead=CALIB_HINT, help=FASHION_MNIST_HELP)
     if calibration:
-        group.add_argument("--calib-dir", metavar="DIR", default=None,
-                           help="calibration images: a folder of image files at any depth, unlabeled")
+        parser.flag(group, "--calib-dir", metavar="DIR", default=None, modality=IMAGES, instead=CALIB_HINT,
+                    help="calibration images: a folder of image files at any depth, unlabeled")
+        parser.flag(group, "--calib-samples", type=int, default=samples, modality=IMAGES, instead=CALIB_HINT,
+                    help="unlabeled calibration images")
+        parser.flag(group, "--calib-source", choices=("test", "train", "val"), default=source, modality=IMAGES,
+                    instead=CALIB_HINT, help="split the calibration images come from; evaluation never sees them")
+        parser.flag(group, "--shuffle-buffer", type=int, default=5000, modality=IMAGES, instead=CALIB_HINT,
+                    help="Hugging Face streaming shuffle buffer")
     if evaluation:
-        group.add_argument("--eval-dir", metavar="DIR", default=None,
-                           help="labeled evaluation images: an ImageFolder tree (one folder per class)")
+        parser.flag(group, "--eval-dir", metavar="DIR", default=None, modality=IMAGES, instead="give --eval-text "
+                    "PATH...", help="labeled evaluation images: an ImageFolder tree (one folder per class)")
 
 
-def add_text_flags(parser: argparse.ArgumentParser, calibration: bool = True, evaluation: bool = True) -> None:
+def add_text_flags(parser: Parser, calibration: bool = True, evaluation: bool = True) -> None:
     """Text for a Hugging Face causal language model (image flags do not apply to one, nor these to images)."""
-    group = parser.add_argument_group("language models (text instead of images; --hf-dataset wikitext2|c4 too)")
+    group = parser.group(TEXT_TITLE, TEXT_NOTE)
     if calibration:
-        group.add_argument("--calib-text", nargs="+", metavar="PATH", default=None,
-                           help="calibration text: files or folders (recursively, sorted; .gz read, binary files "
-                                "skipped; the first 4,000,000 characters), tokenized with the model's tokenizer")
-        group.add_argument("--calib-sequences", type=int, default=None, metavar="N",
-                           help="calibration sequences: distinct windows of --seq-len tokens drawn with --seed "
-                                "(default 128)")
-    group.add_argument("--seq-len", type=int, default=None, metavar="T",
-                       help="tokens per calibration sequence and perplexity window (default 512, or the model's "
-                            "context when shorter; the LLM pruning papers use 2048)")
+        parser.flag(group, "--calib-text", nargs="+", metavar="PATH", default=None, modality=TEXT,
+                    help="calibration text: files or folders (recursively, sorted; .gz read, binary files "
+                         "skipped; the first 4,000,000 characters), tokenized with the model's tokenizer")
+        parser.flag(group, "--calib-sequences", type=int, default=None, metavar="N", modality=TEXT,
+                    help="calibration sequences: distinct windows of --seq-len tokens drawn with --seed "
+                         "(default 128)")
+    parser.flag(group, "--seq-len", type=int, default=None, metavar="T", modality=TEXT,
+                help="tokens per calibration sequence and perplexity window (default 512, or the model's "
+                     "context when shorter; the LLM pruning papers use 2048)")
     if evaluation:
-        group.add_argument("--eval-text", nargs="+", metavar="PATH", default=None,
-                           help="evaluation text (files or folders, as --calib-text, sharing no file with it: "
-                                "checked): strided perplexity")
-        group.add_argument("--eval-tokens", type=int, default=None, metavar="N",
-                           help="evaluate on the first N tokens of the evaluation text (default: all of it)")
-        group.add_argument("--stride", type=int, default=None, metavar="S",
-                           help="perplexity windows start every S tokens (default --seq-len: non-overlapping, as "
-                                "the LLM pruning papers; smaller gives each window more context)")
+        parser.flag(group, "--eval-text", nargs="+", metavar="PATH", default=None, modality=TEXT,
+                    help="evaluation text (files or folders, as --calib-text, sharing no file with it: "
+                         "checked): strided perplexity")
+        parser.flag(group, "--eval-tokens", type=int, default=None, metavar="N", modality=TEXT,
+                    help="evaluate on the first N tokens of the evaluation text (default: all of it)")
+        parser.flag(group, "--stride", type=int, default=None, metavar="S", modality=TEXT,
+                    help="perplexity windows start every S tokens (default --seq-len: non-overlapping, as "
+                         "the LLM pruning papers; smaller gives each window more context)")
 
 
-def add_calibration_flags(parser: argparse.ArgumentParser, samples: int, source: str) -> None:
-    parser.add_argument("--calib-samples", type=int, default=samples, help="unlabeled calibration images")
-    parser.add_argument("--calib-source", choices=("test", "train", "val"), default=source,
-                        help="split the calibration images come from; evaluation never sees them")
-    parser.add_argument("--hf-dataset", default="ILSVRC/imagenet-1k", help=HF_DATASET_HELP)
-    parser.add_argument("--shuffle-buffer", type=int, default=5000, help="Hugging Face streaming shuffle buffer")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+def add_shared_data_flags(parser: Parser, group) -> None:
+    parser.flag(group, "--hf-dataset", default=None, help=HF_DATASET_HELP)
+    parser.flag(group, "--seed", type=int, default=0, help="calibration sampling seed (images or text windows)")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+def _common(parser: Parser) -> None:
+    parser.flag(parser, "-v", "--verbose", action="store_true", help="debug logging")
+    parser.flag(parser, "--debug", action="store_true", help="show the traceback of an error")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -158,24 +220,30 @@ def build_recover_parser(subparsers) -> None:
                                                "reports dense / pruned / healed perplexity on --eval-text.",
                                    formatter_class=_Formatter)
     add_model_flags(parser)
-    parser.add_argument("--mask-path", required=True, help="mask file: dict weight name -> 0/1 tensor (.pt or "
-                                                           ".safetensors)")
-    parser.add_argument("--output-path", default="outputs/recovered.pt",
-                        help="the healed checkpoint (default: outputs/recovered.pt); missing parent folders are "
-                             "created; also writes <output>.json, .metrics.jsonl and .loss.png; with "
-                             "--checkpoint-every, <output>.resume, removed once the run finishes. A language "
-                             "model's is a directory (default outputs/healed): a Hugging Face checkpoint "
-                             "(save_pretrained: the pruned weights zero in place, the tokenizer) with its masks in "
-                             "masks.safetensors")
-    parser.add_argument("--export", default=None, metavar="PATH.safetensors",
-                        help="also write the healed state dict (masked weights zero, nothing else: it loads as "
-                             "--dense-path or --checkpoint, or in any strict load_state_dict) with JSON metadata")
-    add_calibration_flags(parser, samples=5000, source="test")
-    parser.add_argument("--eval-samples", type=int, default=0, help="images for top-1 before and after (0: none)")
-    parser.add_argument("--store-dense-float32", action="store_true", help="the reference's flag: --teacher-dtype fp32")
-    parser.add_argument("--no-dense-cache", action="store_true", help="the reference's flag: --teacher-store recompute")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_data_flags(parser)
+    shared = parser.group(SHARED_TITLE)
+    parser.flag(shared, "--mask-path", required=True,
+                help="mask file: dict weight name -> 0/1 tensor (.pt or .safetensors); for a language model also "
+                     "recover's output directory (its masks.safetensors)")
+    parser.flag(shared, "--output-path", default="outputs/recovered.pt",
+                help="the healed checkpoint (default: outputs/recovered.pt); missing parent folders are "
+                     "created; also writes <output>.json, .metrics.jsonl and .loss.png; with "
+                     "--checkpoint-every, <output>.resume, removed once the run finishes. A language "
+                     "model's is a directory (default outputs/healed): a Hugging Face checkpoint "
+                     "(save_pretrained: the pruned weights zero in place, the tokenizer) with its masks in "
+                     "masks.safetensors")
+    add_shared_data_flags(parser, shared)
+    parser.flag(shared, "--store-dense-float32", action="store_true",
+                help="the reference's flag: --teacher-dtype fp32")
+    parser.flag(shared, "--no-dense-cache", action="store_true", help="the reference's flag: --teacher-store recompute")
+    parser.flag(shared, "--no-progress", action="store_true", help="no progress bars")
+    images = parser.group(IMAGE_TITLE)
+    parser.flag(images, "--export", default=None, metavar="PATH.safetensors", modality=IMAGES,
+                instead="its --output-path directory already holds the weights, pruned ones zero in place",
+                help="also write the healed state dict (masked weights zero, nothing else: it loads as "
+                     "--dense-path or --checkpoint, or in any strict load_state_dict) with JSON metadata")
+    add_image_data_flags(parser, samples=5000, source="test")
+    parser.flag(images, "--eval-samples", type=int, default=0, modality=IMAGES, instead=EVAL_HINT,
+                help="images for top-1 before and after (0: none)")
     add_text_flags(parser)
     add_config_flags(parser)
     _common(parser)
@@ -192,23 +260,27 @@ def build_eval_parser(subparsers) -> None:
                                                "model's (dense weights x masks).",
                                    formatter_class=_Formatter)
     add_model_flags(parser)
-    parser.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (default: the dense model); for a "
-                                                           "language model also recover's output directory")
-    parser.add_argument("--eval-samples", type=int, default=0, help="images to evaluate (0: the whole split)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="evaluation images per forward pass (default: 256; a language model's perplexity "
-                             "windows, default 4)")
-    parser.add_argument("--hf-dataset", default="ILSVRC/imagenet-1k", help=HF_DATASET_HELP)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group = parser.add_argument_group("diagnostics (the paper's Theorem 1)")
-    group.add_argument("--diagnostics", action="store_true", help="KL, its bounds and per-block cosine; writes "
-                                                                  "<checkpoint>.diagnostics.json and PNG plots "
-                                                                  "(outputs/<model>.* without --checkpoint)")
-    group.add_argument("--mask-path", default=None, help="masks: adds the pruned model (dense weights x masks); for "
-                                                         "a language model without --diagnostics")
-    group.add_argument("--prune-scope", default="auto", help="the masks' scope (auto: the model's default)")
-    add_data_flags(parser, calibration=False)
+    shared = parser.group(SHARED_TITLE)
+    parser.flag(shared, "--checkpoint", default=None,
+                help="checkpoint to evaluate (default: the dense model); for a language model also recover's "
+                     "output directory")
+    parser.flag(shared, "--mask-path", default=None,
+                help="masks: adds the pruned model (dense weights x masks); images: with --diagnostics; a language "
+                     "model: a mask file or recover's output directory")
+    parser.flag(shared, "--prune-scope", default="auto", help="the masks' scope (auto: the model's default)")
+    parser.flag(shared, "--batch-size", type=int, default=None,
+                help="per forward pass: evaluation images (default 256), or a language model's perplexity "
+                     "windows (default 4)")
+    add_shared_data_flags(parser, shared)
+    parser.flag(shared, "--device", default=None, help="default: cuda if available, else cpu")
+    parser.flag(shared, "--no-progress", action="store_true", help="no progress bars")
+    images = parser.group(IMAGE_TITLE)
+    parser.flag(images, "--eval-samples", type=int, default=0, modality=IMAGES, instead=EVAL_HINT,
+                help="images to evaluate (0: the whole split)")
+    parser.flag(images, "--diagnostics", action="store_true", modality=IMAGES, instead="eval reports its perplexity",
+                help="the paper's Theorem 1: KL, its bounds and per-block cosine; writes "
+                     "<checkpoint>.diagnostics.json and PNG plots (outputs/<model>.* without --checkpoint)")
+    add_image_data_flags(parser, calibration=False)
     add_text_flags(parser, calibration=False)
     _common(parser)
 
@@ -219,17 +291,18 @@ def build_demo_parser(subparsers) -> None:
                                                "MLP weights by magnitude, heal with STARFISH on unlabeled train "
                                                "images, and report dense / pruned / healed test top-1.",
                                    formatter_class=_Formatter)
-    parser.add_argument("--fashion-mnist", metavar="DIR", default=None,
-                        help="Fashion-MNIST IDX files (default: the system copy from `apt-get install "
-                             "dataset-fashion-mnist`)")
-    parser.add_argument("--sparsity", type=float, default=0.75, help="fraction of the weights pruned")
-    parser.add_argument("--calib-samples", type=int, default=1000, help="unlabeled train images")
-    parser.add_argument("--eval-samples", type=int, default=0, help="test images (0: the whole 10k split)")
-    parser.add_argument("--output-dir", default="outputs/demo", help="loss curve, metrics, healed weights (an export, "
-                                                                     "as recover --export), summary; created if "
-                                                                     "missing")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = parser.group("demo (images: the bundled Fashion-MNIST ViT)")
+    parser.flag(group, "--fashion-mnist", metavar="DIR", default=None,
+                help="Fashion-MNIST IDX files (default: the system copy from `apt-get install "
+                     "dataset-fashion-mnist`)")
+    parser.flag(group, "--sparsity", type=float, default=0.75, help="fraction of the weights pruned")
+    parser.flag(group, "--calib-samples", type=int, default=1000, help="unlabeled train images")
+    parser.flag(group, "--eval-samples", type=int, default=0, help="test images (0: the whole 10k split)")
+    parser.flag(group, "--output-dir", default="outputs/demo",
+                help="loss curve, metrics, healed weights (an export, as recover --export), summary; created if "
+                     "missing")
+    parser.flag(group, "--seed", type=int, default=0, help="calibration sampling seed")
+    parser.flag(group, "--no-progress", action="store_true", help="no progress bar")
     add_config_flags(parser, skip=("scope",))
     _common(parser)
 
@@ -245,34 +318,36 @@ def build_prune_parser(subparsers) -> None:
                                                "linears (scopes all, attn, mlp).",
                                    formatter_class=_Formatter)
     add_model_flags(parser)
-    parser.add_argument("--method", choices=PRUNE_METHODS,
-                        default="magnitude", help="wanda: |W| times the input feature's norm, per output row (with "
-                                                  "--n/--m: N:M); representation: block sparsities from the "
-                                                  "measured damage to each block's output; sparsegpt: SparseGPT's "
-                                                  "masks (with --n/--m: N:M); its update of the kept weights is "
-                                                  "recover's --warm-start sparsegpt")
-    parser.add_argument("--sparsity", type=float, default=None,
-                        help="fraction of weights removed, in [0, 1) (N:M fixes it: 1 - n/m)")
-    parser.add_argument("--per", choices=("layer", "global"), default="layer", help="magnitude: threshold scope")
-    parser.add_argument("--n", type=int, default=2, help="N:M: weights kept per group")
-    parser.add_argument("--m", type=int, default=4, help="N:M: group size along the reduction dimension")
-    parser.add_argument("--kind", choices=("mlp", "qk", "qk_mlp", "channel"), default=None,
-                        help="structured: what to remove (default: from the model and scope)")
-    parser.add_argument("--prune-scope", default="auto", help="which weights (auto: the model's default)")
-    parser.add_argument("--output", required=True, help="mask file: .pt/.pth (the reference's format) or .safetensors "
-                                                        "(missing parent folders are created)")
-    group = parser.add_argument_group("calibration (wanda, representation, sparsegpt)")
-    group.add_argument("--score", choices=("wanda", "magnitude"), default="wanda",
-                       help="representation: the scores within each layer")
-    group.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9],
-                       help="representation: the sparsities at which each block's damage is measured")
-    group.add_argument("--gradual-steps", type=int, default=0,
-                       help="representation: reach the sparsity in this many prune-then-heal steps (0: one shot)")
-    group.add_argument("--batch-size", type=int, default=32, help="calibration images (or text sequences) per "
-                                                                   "forward pass")
-    group.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    add_calibration_flags(group, samples=1000, source="train")
-    add_data_flags(parser, evaluation=False)
+    shared = parser.group(SHARED_TITLE)
+    parser.flag(shared, "--method", choices=PRUNE_METHODS, default="magnitude",
+                help="wanda: |W| times the input feature's norm, per output row (with --n/--m: N:M); "
+                     "representation: block sparsities from the measured damage to each block's output (images); "
+                     "sparsegpt: SparseGPT's masks (with --n/--m: N:M); its update of the kept weights is "
+                     "recover's --warm-start sparsegpt; structured: images")
+    parser.flag(shared, "--sparsity", type=float, default=None,
+                help="fraction of weights removed, in [0, 1), e.g. 0.5 (N:M fixes it: 1 - n/m)")
+    parser.flag(shared, "--per", choices=("layer", "global"), default="layer", help="magnitude: threshold scope")
+    parser.flag(shared, "--n", type=int, default=2, help="N:M: weights kept per group")
+    parser.flag(shared, "--m", type=int, default=4, help="N:M: group size along the reduction dimension")
+    parser.flag(shared, "--prune-scope", default="auto", help="which weights (auto: the model's default)")
+    parser.flag(shared, "--output", required=True,
+                help="mask file: .pt/.pth (the reference's format) or .safetensors (missing parent folders are "
+                     "created)")
+    parser.flag(shared, "--batch-size", type=int, default=32,
+                help="wanda, sparsegpt, representation: calibration images or text sequences per forward pass")
+    parser.flag(shared, "--device", default=None, help="default: cuda if available, else cpu")
+    add_shared_data_flags(parser, shared)
+    images = parser.group(IMAGE_TITLE)
+    methods = "use --method magnitude, nm, wanda or sparsegpt"
+    parser.flag(images, "--kind", choices=("mlp", "qk", "qk_mlp", "channel"), default=None, modality=IMAGES,
+                instead=methods, help="structured: what to remove (default: from the model and scope)")
+    parser.flag(images, "--score", choices=("wanda", "magnitude"), default="wanda", modality=IMAGES,
+                instead=methods, help="representation: the scores within each layer")
+    parser.flag(images, "--levels", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9], modality=IMAGES,
+                instead=methods, help="representation: the sparsities at which each block's damage is measured")
+    parser.flag(images, "--gradual-steps", type=int, default=0, modality=IMAGES, instead=methods,
+                help="representation: reach the sparsity in this many prune-then-heal steps (0: one shot)")
+    add_image_data_flags(parser, evaluation=False)
     add_text_flags(parser, evaluation=False)
     parser.set_defaults(eval_samples=0, eval_dir=None)
     _common(parser)
@@ -289,26 +364,31 @@ def build_blocks_parser(subparsers) -> None:
 
 def build_plan_parser(subparsers) -> None:
     parser = subparsers.add_parser("plan", help="show the plan a healing run would follow, and why, without healing",
-                                   description="The plan recover would follow (precision, teacher store, compile, "
-                                               "kernels, 2:4, ...) and the reason for each decision, for this "
-                                               "machine (probed) or, from the measured tables, for a named GPU kind "
-                                               "(see what an A10 or an A100 would run before renting one). The "
+                                   description="The plan recover would follow (order, precision, teacher store, "
+                                               "compile, kernels, 2:4, ...) and the reason for each decision, for "
+                                               "this machine (probed) or, from the measured tables, for a named GPU "
+                                               "kind (see what an A10 or an A100 would run before renting one). The "
                                                "model is built with random weights; nothing is healed or written.",
                                    formatter_class=_Formatter)
     add_model_flags(parser, dense=False)
-    parser.add_argument("--device-kind", default=None, metavar="KIND",
-                        help="plan for this kind instead of this machine: cpu, sm80 (A100 80 GB), sm86 (A10 24 GB) "
-                             "or sm90 (H100 80 GB)")
-    parser.add_argument("--mask-path", default=None, help="masks (their 2:4 layers are planned; optional)")
-    parser.add_argument("--calib-samples", type=int, default=5000, help="calibration samples the run would heal on")
-    parser.add_argument("--seq-len", type=int, default=None, metavar="T",
-                        help="a language model's tokens per calibration sequence (default 512)")
+    group = parser.group("plan")
+    parser.flag(group, "--device-kind", default=None, metavar="KIND", choices=("cpu", "sm80", "sm86", "sm90"),
+                help="plan for this kind instead of this machine: cpu, sm80 (A100 80 GB), sm86 (A10 24 GB) "
+                     "or sm90 (H100 80 GB)")
+    parser.flag(group, "--mask-path", default=None, help="masks (their 2:4 layers are planned; optional)")
+    parser.flag(group, "--calib-samples", type=int, default=5000, help="calibration samples the run would heal on")
+    parser.flag(group, "--seq-len", type=int, default=None, metavar="T", modality=TEXT,
+                help="a language model's tokens per calibration sequence (default 512)")
     add_config_flags(parser)
     _common(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+BUILDERS = {"demo": build_demo_parser, "recover": build_recover_parser, "eval": build_eval_parser,
+            "prune": build_prune_parser, "blocks": build_blocks_parser, "plan": build_plan_parser}
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="starfish-fast", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Heal pruned networks with STARFISH: train the surviving weights so that every block's "
                     "output aligns with the dense model's.",
@@ -316,16 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           and line.startswith("    ")))
     parser.add_argument("--version", action="version", version=f"starfish-fast {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for build in (build_demo_parser, build_recover_parser, build_eval_parser, build_prune_parser, build_blocks_parser,
-                  build_plan_parser):
+    for name, build in BUILDERS.items():
         build(subparsers)
+        parser.commands[name] = subparsers.choices[name]
     return parser
-
-
-def command_defaults(parser: argparse.ArgumentParser, command: str) -> dict:
-    """Every flag's default of ``command``: what the user changed is what differs from it."""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    return {action.dest: action.default for action in commands[command]._actions}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,21 +407,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: "
                                                                                        "%(message)s")
+    flags = parser.commands[args.command].flags
     try:
-        if args.command == "plan":
-            from starfish_fast.commands_plan import run_plan
+        args.argv = list(sys.argv[1:] if argv is None else argv)     # a refused resume shows how to resume
+        checks.check_values(args)                      # torch-free: every value and path mistake at once
+        from starfish_fast import commands             # the one command path, images or text
 
-            return run_plan(args)
-        from starfish_fast import commands_lm      # a language model's commands, else the image ones
-
-        return commands_lm.run_command(args, command_defaults(parser, args.command))
+        return commands.run_command(args, flags)
     except KeyboardInterrupt:
         print(f"starfish-fast {args.command}: interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as error:
         if args.debug:
             raise
-        print(f"starfish-fast {args.command}: error: {with_flags(str(error))}", file=sys.stderr)
+        for line in checks.mistake_lines(error):
+            print(f"starfish-fast {args.command}: error: {with_flags(line)}", file=sys.stderr)
         return 2
     except RuntimeError as error:
         from starfish_fast.kernels import KernelError

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from starfish_fast import rules
-from starfish_fast.commands import block_names, check_model, config_from_args, fashion_native, read_masks
+from starfish_fast.config import HealConfig, config_fields
+from starfish_fast.masks import load_masks
+from starfish_fast.modality import Modality, block_names
 from starfish_fast.models import adapter_for
 from starfish_fast.plan import decide
 from starfish_fast.probe import probe
@@ -22,16 +23,16 @@ from starfish_fast.probe import probe
 DEFAULT_SEQ_LEN = 512
 
 
-def _sample(args, checked, model) -> torch.Tensor:
+def _sample(args, kind: Modality, model) -> torch.Tensor:
     """One input of the model's shape: token ids for a language model, else an image as its transform makes it."""
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "vocab_size", None):
         context = getattr(config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
         return torch.zeros(1, min(args.seq_len or DEFAULT_SEQ_LEN, context), dtype=torch.long)    # (1, T)
-    if fashion_native(checked.spec, model):
+    if kind.fashion_native(model):
         return torch.zeros(1, 1, 28, 28)                                                          # (1, 1, 28, 28)
     from PIL import Image
-    return checked.spec.transform(model)(Image.new("RGB", (64, 64)))[None]                       # (1, C, H, W)
+    return kind.spec.transform(model)(Image.new("RGB", (64, 64)))[None]                       # (1, C, H, W)
 
 
 def _stand_in_batches(sample: torch.Tensor, count: int, batch_size: int) -> list[torch.Tensor]:
@@ -51,19 +52,20 @@ def _print(plan, facts) -> None:
         print(f"  warning: {warning}")
 
 
-def run_plan(args) -> int:
+def run_plan(args, kind: Modality) -> int:
     """Print the plan for ``args`` (``--device-kind``: a named kind; default this machine) and its reasons."""
-    if args.device_kind is not None and args.device_kind not in rules.KNOWN_KINDS:
-        raise ValueError(f"--device-kind {args.device_kind!r}: not a known kind; known: {', '.join(rules.KNOWN_KINDS)}")
     if args.calib_samples < 1:
         raise ValueError(f"--calib-samples {args.calib_samples}: at least 1")
-    config = config_from_args(args)
-    checked = check_model(args, weights=False)
+    config = HealConfig(**{item.name: getattr(args, item.name) for item in config_fields()}, progress=False)
+    kind.check_model(args, weights=False)
     torch.manual_seed(0)
-    model = checked.spec.build(**checked.kwargs).eval()
-    blocks = checked.blocks or block_names(args, model)
-    masks = read_masks(args, model, blocks, config.scope) if args.mask_path else None
-    calib = _stand_in_batches(_sample(args, checked, model), args.calib_samples,
+    model = kind.spec.build(**getattr(kind, "kwargs", {})).eval()
+    blocks = kind.blocks or block_names(args, model)
+    masks = None
+    if args.mask_path:
+        predicate = adapter_for(model, blocks).scope_predicate(adapter_for(model, blocks).check_scope(config.scope))
+        masks = load_masks(args.mask_path, model, predicate, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    calib = _stand_in_batches(_sample(args, kind, model), args.calib_samples,
                               min(config.batch_size, args.calib_samples))
     names = blocks if args.blocks else None
     facts = probe(config, model, calib=calib, block_names=names, masks=masks, device_kind=args.device_kind)

@@ -47,7 +47,8 @@ class HealConfig:
     lr_schedule: str = option("cosine", "per-step cosine from lr to min_lr, or constant", ("cosine", "constant"))
     weight_decay: float = option(0.0, "0: Adam; > 0: AdamW with this decay (the reference's rule)")
     grad_clip: float = option(0.0, "> 0: clip the total norm of the masked gradients")
-    batch_size: int = option(32, "calibration images per step (the global batch under torchrun)")
+    batch_size: int = option(32, "calibration images or text sequences per step (the global batch under "
+                                 "torchrun)")
     scope: str = option("auto", "prune scope: which weights are masked and trained (auto: the model's default)",
                         flag="prune-scope")
     mode: str = option("fast", "exact: the reference's step semantics; fast: bf16 on GPUs, compile where it "

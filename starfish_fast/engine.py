@@ -240,6 +240,7 @@ def _loop(run: RunState, store, step, resume: dict | None, fingerprints: dict
     try:
         for index in range(start, run.total_steps):
             losses[index] = step(index, index % len(batches))
+            run_log.stepped()
             done = index + 1
             if done % config.log_every == 0 or done == run.total_steps:
                 window = losses[last:done].mean()

@@ -2,6 +2,7 @@
 the loss plot.
 
     run_log = RunLog(config, total_steps, start_step)
+    run_log.stepped()                                             # every step: the bar's count (no host sync)
     run_log.logged(step=10, loss=0.12, lr=5e-4, images=320)     # at log points only (host syncs)
     run_log.finish(step_losses, history)                          # metrics renamed into place, PNG drawn
     run_log.abort()                                               # interrupted: no partial metrics file
@@ -23,6 +24,8 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from starfish_fast.checkpoint import atomic_path
+
+RATE_KEYS = {"img": "images_per_s", "seq": "sequences_per_s"}     # the metrics file's rate, by what a sample is
 
 
 def progress_bar(iterable=None, *, desc: str | None = None, total: int | None = None, initial: int = 0,
@@ -49,14 +52,18 @@ class RunLog:
             self.metrics = open(self.files.enter_context(atomic_path(config.metrics_path)), "w")
             self.files.callback(self.metrics.close)       # closed before the rename (callbacks run last-in first)
 
+    def stepped(self) -> None:
+        """One step done: the count moves at once (no host sync: the loss waits for the next log point)."""
+        self.bar.update(1)
+
     def logged(self, *, step: int, loss: float, lr: float, images: int, steps: int) -> None:
-        """``steps`` steps of ``images`` images in all ended at ``step``, with mean ``loss``."""
+        """``steps`` steps of ``images`` images (or sequences) in all ended at ``step``, with mean ``loss``."""
         now = time.perf_counter()
         rate = images / max(now - self.tick, 1e-9)
         self.tick = now
-        self.bar.set_postfix({"loss": f"{loss:.4f}", f"{self.item}_s": f"{rate:.0f}"}, refresh=False)
-        self.bar.update(steps)                            # one write per log point (a log file gets each line once)
-        self._write({"type": "step", "step": step, "loss": loss, "lr": lr, "images_per_s": rate})
+        self.bar.set_postfix({"loss": f"{loss:.4f}", f"{self.item}/s": f"{rate:.3g}"})
+        self._write({"type": "step", "step": step, "loss": loss, "lr": lr, RATE_KEYS.get(self.item, "images_per_s"):
+                     rate})
 
     def _write(self, record: dict) -> None:
         if self.metrics is not None:

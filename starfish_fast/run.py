@@ -6,7 +6,6 @@ sequential run) and what it returns (``HealResult``).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from starfish_fast import distributed
-from starfish_fast.checkpoint import tensor_fingerprint
+from starfish_fast.checkpoint import settings_fingerprint, tensor_fingerprint
 from starfish_fast.config import HealConfig
 from starfish_fast.models import ModelAdapter
 from starfish_fast.objectives import Objective
@@ -123,13 +122,11 @@ def run_fingerprints(config: HealConfig, masks: Mapping[str, torch.Tensor], dens
                      batches: Sequence[torch.Tensor], **settings) -> dict[str, str]:
     """What a resume checkpoint must match: the masks, the dense model, the calibration batches and the
     settings that change the result (plus ``settings``: a sequential run's order and inputs)."""
-    names = ("epochs", "lr", "min_lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size", "mode",
-             "objective", "precision", "moments_dtype", "block_weights", "warm_start")
-    chosen = {k: v for k, v in dataclasses.asdict(config).items() if k in names}
+    chosen = json.loads(settings_fingerprint(config))
     return {"masks": tensor_fingerprint(masks),
             "dense_model": tensor_fingerprint(dense.state_dict()),
             "calibration": tensor_fingerprint({str(i): b for i, b in enumerate(batches)}),
-            "config": json.dumps({**chosen, **settings}, sort_keys=True)}
+            "config": json.dumps({**chosen, **settings}, sort_keys=True, default=list)}
 
 
 def steady_rate(marks: list[tuple[int, float]], batches, world: int) -> float:

@@ -381,6 +381,7 @@ class _Loop:
                 for s in range(start, self.per_block):
                     run.adapter.index = s % count
                     self.losses[offset + s] = step(s, s % count)
+                    self.run_log.stepped()
                     done = s + 1
                     if done % self.config.log_every == 0 or done == self.per_block:
                         self.log(run, offset, last, done)

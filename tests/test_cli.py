@@ -175,7 +175,7 @@ def test_bad_mask_files_are_one_line_naming_the_file(tmp_path, mask_file, capsys
     (["--calib-samples", "70000"], "calibration set too small: --calib-samples 70000 but only 60000"),
     (["--calib-source", "test", "--calib-samples", "1000", "--eval-samples", "9500"],
      "--eval-samples 9500 but only 9000 test images remain after the 1000 calibration images"),
-    (["--epochs", "0"], "HealConfig.epochs must be a positive integer, got 0"),
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
     (["--device", "cuda"], "no CUDA GPU is available here"),
     (["--blocks", "blocks.(["], "is not a regular expression"),
     (["--blocks", "nothing.*"], "matches no module of fashion_vit"),
@@ -195,7 +195,7 @@ def test_unknown_model_name_lists_close_matches(tmp_path, mask_file, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path, mask_file):
-    with pytest.raises(ValueError, match="HealConfig.epochs"):
+    with pytest.raises(ValueError, match="--epochs"):
         cli.main(_recover_args(mask_file, tmp_path / "r.pt", "--epochs", "0", "--debug"))
 
 

@@ -19,7 +19,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from helpers import interrupted_at  # noqa: E402
-from starfish_fast import cli, commands, commands_lm  # noqa: E402
+from starfish_fast import cli, commands, commands_images, commands_lm  # noqa: E402
 
 TEXT = ["--calib-sequences", "16", "--seq-len", "32"]
 HEAL = ["--epochs", "2", "--batch-size", "4", "--lr", "3e-3", "--no-progress"]
@@ -234,8 +234,8 @@ def _no_work(*args, **kwargs):
 def no_work(monkeypatch):
     """Any model loading (a language model's or an image model's) or image command fails the test."""
     monkeypatch.setattr(commands_lm, "load_lm", _no_work)
-    for name in ("load_dense_model", "run_recover", "run_eval", "run_prune"):
-        monkeypatch.setattr(commands, name, _no_work)
+    monkeypatch.setattr(commands_images, "load_dense", _no_work)
+    monkeypatch.setattr(commands, "heal", _no_work)
 
 
 def _expect_mistake(capsys, tmp_path, argv, flag, message):

@@ -32,8 +32,9 @@ def private_caches(tmp_path, monkeypatch):
 def no_work(monkeypatch):
     """Any model load or healing step fails the test: the mistake had to be caught before."""
     import starfish_fast.commands as commands
+    import starfish_fast.commands_images as images
 
-    monkeypatch.setattr(commands, "load_dense", lambda *a, **k: pytest.fail("a model was built before the check"))
+    monkeypatch.setattr(images, "load_dense", lambda *a, **k: pytest.fail("a model was built before the check"))
     monkeypatch.setattr(commands, "heal", lambda *a, **k: pytest.fail("healing started before the check"))
 
 
@@ -60,14 +61,15 @@ def offline(monkeypatch) -> list[str]:
 
 
 def _fails(argv, flag, capsys, where: Path) -> str:
-    """Run ``argv``: exit 2, one line naming ``flag``, and ``where`` holding what it held before."""
+    """Run ``argv``: exit 2, one line a mistake, one naming ``flag`` (returned), and ``where`` holding what it
+    held before."""
     before = sorted(p.name for p in where.iterdir())
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err and flag in lines[0], err
+    lines = err.strip().splitlines()            # one line a mistake (every mistake found is reported)
+    assert "Traceback" not in err and all(line.startswith("starfish-fast ") for line in lines), err
     assert sorted(p.name for p in where.iterdir()) == before
-    return lines[0]
+    return next(line for line in lines if flag in line)
 
 
 def _recover(masks, output, *extra):
@@ -141,7 +143,7 @@ def test_pretrained_file_that_is_text_is_one_line(tmp_path, capsys, no_work):
 def test_model_kwargs_are_checked_against_the_signature_before_anything_is_built(tmp_path, capsys, no_work, kwargs,
                                                                                  message):
     for command in (["prune", "--random-init", "--sparsity", "0.5", "--output", str(tmp_path / "m.pt")],
-                    ["recover", "--random-init", "--mask-path", str(tmp_path), "--output-path",
+                    ["recover", "--random-init", "--mask-path", str(tmp_path), "--fashion-mnist", "--output-path",
                      str(tmp_path / "out" / "r.pt")]):
         line = _fails([command[0], "--model-name", "resnet18", "--model-kwargs", *kwargs, *command[1:]],
                       "--model-kwargs", capsys, tmp_path)
@@ -187,14 +189,14 @@ def test_recover_outputs_are_checked_before_any_work(tmp_path, capsys, masks, no
 ])
 def test_other_commands_check_their_outputs_first(tmp_path, capsys, monkeypatch, argv, flag):
     import starfish_fast.bundled as bundled
-    import starfish_fast.commands as commands
+    import starfish_fast.commands_images as images
 
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir.pt").mkdir()
     model, _ = load_bundled_model()
     torch.save(model.state_dict(), tmp_path / "healed.pt")
     (tmp_path / "healed.pt.block_cosine.png").mkdir()                   # where eval --diagnostics would write
-    monkeypatch.setattr(commands, "load_dense", lambda *a, **k: pytest.fail("a model was built before the check"))
+    monkeypatch.setattr(images, "load_dense", lambda *a, **k: pytest.fail("a model was built before the check"))
     monkeypatch.setattr(bundled, "load_bundled_model", lambda *a, **k: pytest.fail("demo built its model"))
     _fails([a.format(tmp=tmp_path) for a in argv], flag, capsys, tmp_path)
 
@@ -211,7 +213,9 @@ def test_resume_refusal_names_each_changed_setting_and_runs_no_step(tmp_path, ca
         capsys.readouterr()
         ran.clear()
         line = _fails([*run, "--resume", "--lr", "1e-3"], "--resume", capsys, output.parent)
-    assert f"refusing to resume from {output}.resume: settings differ: lr 0.001 here, 0.0006 in the checkpoint" in line
+    assert f"refusing to resume from {output}.resume: settings differ: --lr 0.001 here, 0.0006 in the checkpoint" in line
+    resume = line.split("to resume it: ")[1]
+    assert resume.startswith("starfish-fast recover ") and "--lr 0.0006" in resume and "--resume" in resume
     assert ran == [] and sorted(p.name for p in output.parent.iterdir()) == ["r.pt.resume"]
 
 
@@ -256,7 +260,7 @@ def test_a_checkpoint_of_another_model_is_summarised(tmp_path, capsys, no_work):
     (["recover", "--model-name", "regnetx_002", "--random-init", "--mask-path", "{masks}", "--output-path",
       "{tmp}/o/r.pt"], "--hf-dataset", "ILSVRC/imagenet-1k"),
     (["recover", "--model-name", "fashion_vit", "--mask-path", "{masks}", "--epochs", "0"], "--epochs",
-     "HealConfig.epochs must be a positive integer, got 0"),
+     "--epochs must be a positive integer, got 0"),
     (["recover", "--model-name", "fashion_vit", "--mask-path", "{masks}", "--device", "cuda:7"], "--device", ""),
     (["recover", "--model-name", "fashion_vit", "--mask-path", "{masks}", "--fashion-mnist", "{tmp}"],
      "--fashion-mnist", "t10k-images-idx3-ubyte[.gz] is missing (the Fashion-MNIST test split's IDX files"),

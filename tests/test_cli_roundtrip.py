@@ -97,7 +97,7 @@ def test_every_artifact_loads_in_every_command_that_takes_its_kind(tmp_path, cap
 
 
 def cli_random_init() -> str:
-    from starfish_fast.commands import RANDOM_INIT
+    from starfish_fast.commands_images import RANDOM_INIT
     return RANDOM_INIT
 
 
@@ -127,9 +127,9 @@ def artifacts(tmp_path_factory):
 ])
 def test_a_file_of_another_kind_is_refused_in_one_line(artifacts, tmp_path, capsys, monkeypatch, command, flag, file,
                                                        message):
-    import starfish_fast.commands as commands
+    import starfish_fast.commands_images as images
 
-    monkeypatch.setattr(commands, "load_dense", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(images, "load_dense", lambda *a, **k: pytest.fail("a model was loaded"))
     argv = {"eval": ["eval", "--model-name", "fashion_vit", "--eval-samples", "10"],
             "recover": ["recover", "--model-name", "fashion_vit", "--mask-path", str(artifacts / "masks.pt"),
                         "--output-path", str(tmp_path / "out" / "r.pt")],

@@ -151,5 +151,6 @@ def test_the_plan_command_for_a_named_kind():
 def test_the_plan_command_refuses_an_unknown_kind_in_one_line():
     done = _plan_command("--model-name", "fashion_vit", "--device-kind", "sm75")
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines() == ["starfish-fast plan: error: --device-kind 'sm75': not a known kind; known: "
-                                        "cpu, sm80, sm86, sm90"]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("starfish-fast plan: error: --device-kind")
+    assert all(word in lines[0] for word in ("sm75", "cpu", "sm80", "sm86", "sm90")), lines
