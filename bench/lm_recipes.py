@@ -50,6 +50,7 @@ RECIPES = {
     "starfish>kl": [("starfish", 0.5, {}), ("kl", 0.5, {})],
     "starfish:adaptive": [("starfish", 1.0, {"block_weights": "adaptive"})],
 }
+NOTES = []                                  # the hand-written findings and what was cut, after the runs
 BASELINE = "kl"                             # the whole-model objective the STARFISH family has to beat
 
 
@@ -143,25 +144,46 @@ def markdown(results: dict) -> str:
              f"of `{s['out_of_domain']}`; non-overlapping windows of {s['seq_len']}.",
              f"Every recipe: {s['steps']} optimizer steps of batch {s['batch_size']} per trained weight, lr {s['lr']:g}"
              f" -> {s['min_lr']:g} cosine per phase, fast mode (fp32 here), scope all (q/k/v/o, gate/up/down of the "
-             f"30 layers). Seconds: wall time of the healing (teacher passes included, evaluation not).", ""]
+             f"30 layers). Seconds: wall time of the healing (teacher passes included, evaluation not; the CPU is "
+             f"shared, so times vary by about 10%). Recipes: " + "; ".join(
+                 f"`{r}` = " + " then ".join(f"{o} {share:.0%}" + (f" {extra}" if extra else "")
+                                             for o, share, extra in phases) for r, phases in RECIPES.items()) + ".", ""]
     for seed in seeds:
         dense = runs[f"{seed}/dense"]["ppl"]
         lines += [f"Seed {seed}. Dense perplexity: " + ", ".join(f"{t} {dense[t]:.2f}" for t in texts) + ".", "",
-                  "| recipe | " + " | ".join(f"{m} {t}" for m in MASKS for t in texts) + " | "
-                  + " | ".join(f"{m} s" for m in MASKS) + " |", "|---|" + "---|" * (len(MASKS) * (len(texts) + 1))]
-        for recipe in ("pruned", *RECIPES):
-            cells = [runs.get(f"{seed}/{m}/{recipe}") for m in MASKS]
-            if not any(cells):
-                continue
-            best = {(m, t): min(r["ppl"][t] for k, r in runs.items() if k.startswith(f"{seed}/{m}/")
-                                and not k.endswith("/pruned")) for m in MASKS for t in texts
-                    if any(k.startswith(f"{seed}/{m}/") and not k.endswith("/pruned") for k in runs)}
-            ppl = [(f"**{c['ppl'][t]:.1f}**" if best.get((m, t)) == c["ppl"][t] else f"{c['ppl'][t]:.1f}")
-                   if c else "-" for m, c in zip(MASKS, cells) for t in texts]
-            secs = [f"{c['seconds']:.0f}" if c and "seconds" in c else "-" for c in cells]
-            lines.append(f"| {recipe} | " + " | ".join(ppl + secs) + " |")
-        lines += ["", *verdict(runs, seed, texts), ""]
-    return "\n".join(lines) + "\n"
+                  *table({r: {m: runs.get(f"{seed}/{m}/{r}") for m in MASKS} for r in ("pruned", *RECIPES)}, texts),
+                  "", *verdict(runs, seed, texts), ""]
+    if len(seeds) > 1:
+        lines += [f"Mean over seeds {', '.join(map(str, seeds))} (recipes run on every seed):", "",
+                  *table({r: {m: mean_run([runs.get(f"{seed}/{m}/{r}") for seed in seeds]) for m in MASKS}
+                          for r in ("pruned", *RECIPES)}, texts), ""]
+    return "\n".join(lines + NOTES) + "\n"
+
+
+def mean_run(found: list) -> dict | None:
+    """The mean perplexities and seconds of runs (None unless every seed has the run)."""
+    if not found or not all(found):
+        return None
+    mean = {"ppl": {t: sum(r["ppl"][t] for r in found) / len(found) for t in found[0]["ppl"]}}
+    if all("seconds" in r for r in found):
+        mean["seconds"] = sum(r["seconds"] for r in found) / len(found)
+    return mean
+
+
+def table(cells: dict, texts: list[str]) -> list[str]:
+    """Markdown rows {recipe: {mask: run or None}}: perplexities (the best healed one of a column bold) and seconds."""
+    best = {(m, t): min((row[m]["ppl"][t] for r, row in cells.items() if r != "pruned" and row[m]), default=None)
+            for m in MASKS for t in texts}
+    lines = ["| recipe | " + " | ".join(f"{m} {t}" for m in MASKS for t in texts) + " | "
+             + " | ".join(f"{m} s" for m in MASKS) + " |", "|---|" + "---:|" * (len(MASKS) * (len(texts) + 1))]
+    for recipe, row in cells.items():
+        if not any(row.values()):
+            continue
+        ppl = [(f"**{c['ppl'][t]:.1f}**" if recipe != "pruned" and best[m, t] == c["ppl"][t] else f"{c['ppl'][t]:.1f}")
+               if c else "-" for m, c in row.items() for t in texts]
+        secs = [f"{c['seconds']:.0f}" if c and "seconds" in c else "-" for c in row.values()]
+        lines.append(f"| {recipe} | " + " | ".join(ppl + secs) + " |")
+    return lines
 
 
 def verdict(runs: dict, seed: int, texts: list[str]) -> list[str]:
