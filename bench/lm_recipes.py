@@ -49,6 +49,7 @@ RECIPES = {
     **{f"starfish+kl@{a:g}": [(f"starfish+kl@{a:g}", 1.0, {})] for a in MIX_WEIGHTS},
     "starfish>kl": [("starfish", 0.5, {}), ("kl", 0.5, {})],
     "starfish:adaptive": [("starfish", 1.0, {"block_weights": "adaptive"})],
+    "kl>kl": [("kl", 0.5, {}), ("kl", 0.5, {})],             # control: the two phases' schedule restart alone
 }
 NOTES = []                                  # the hand-written findings and what was cut, after the runs
 BASELINE = "kl"                             # the whole-model objective the STARFISH family has to beat
