@@ -50,6 +50,9 @@ RECIPES = {
     "starfish>kl": [("starfish", 0.5, {}), ("kl", 0.5, {})],
     "starfish:adaptive": [("starfish", 1.0, {"block_weights": "adaptive"})],
     "kl>kl": [("kl", 0.5, {}), ("kl", 0.5, {})],             # control: the two phases' schedule restart alone
+    "seq:student": [("starfish", 1.0, {"order": "sequential", "sequential_inputs": "student"})],
+    "seq:dense": [("starfish", 1.0, {"order": "sequential", "sequential_inputs": "dense"})],
+    "seq>kl": [("starfish", 0.5, {"order": "sequential", "sequential_inputs": "student"}), ("kl", 0.5, {})],
 }
 NOTES = []                                  # the hand-written findings and what was cut, after the runs
 BASELINE = "kl"                             # the whole-model objective the STARFISH family has to beat
