@@ -219,10 +219,13 @@ def plot(results: dict, path: Path, seed: int = 0) -> None:
         for recipe in RECIPES:
             run = runs.get(f"{seed}/{mask}/{recipe}")
             if run:
-                ax.scatter(run["seconds"], run["ppl"]["in domain"], s=30)
+                ax.scatter(run["seconds"], run["ppl"]["in domain"], s=30,
+                           color="black" if recipe == BASELINE else None)
                 ax.annotate(recipe, (run["seconds"], run["ppl"]["in domain"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"{mask} (seed {seed})")
+                if recipe == BASELINE:
+                    ax.axhline(run["ppl"]["in domain"], color="black", linestyle="--", linewidth=0.8)
+        ax.set_title(f"{mask} (seed {seed}; dashed: {BASELINE})")
         ax.set_xlabel("healing wall time (s, 2-core CPU)")
         ax.set_ylabel("in-domain perplexity (lower is better)")
     fig.tight_layout()
