@@ -18,7 +18,8 @@ documentation (``apt-get install python3.11-doc``, /usr/share/doc/python3.11/htm
 text without code blocks (stdlib ``html.parser``), its files split by a seeded hash of their relative
 path into calibration (80%) and evaluation (20%) files (``pydoc_documents``); evaluation is
 ``--eval-tokens`` tokens in non-overlapping windows drawn with a fixed seed from the evaluation files'
-token stream (so every seed is scored on the same windows, spread over many pages). The seed draws the calibration windows, hence the Wanda masks and the healing data;
+token stream (so every seed is scored on the same windows, spread over many pages). The seed draws
+the calibration windows, hence the Wanda masks and the healing data;
 magnitude masks do not depend on it. Every healing run has the same steps, batches and learning-rate
 schedule (fast mode, fp32 on this CPU); only the objective differs. Results are merged into the JSON
 after each run (keyed by seed, mask and objective), so the grid runs in chunks and a chunk re-run

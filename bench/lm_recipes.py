@@ -98,7 +98,8 @@ def register_mixes() -> None:
         def loss(inputs: LossInputs):
             cosine, blocks = block_cosine_loss(inputs.student_reps, inputs.teacher_reps, inputs.per,
                                                inputs.block_weights, fused=inputs.fused, per_block=True)
-            return share * cosine + (1 - share) * kl_dense_to_pruned(inputs.student_logits, inputs.teacher_logits), blocks
+            kl = kl_dense_to_pruned(inputs.student_logits, inputs.teacher_logits)
+            return share * cosine + (1 - share) * kl, blocks
         return loss
 
     for share in MIX_WEIGHTS:
