@@ -7,11 +7,19 @@ with STARFISH against MSE, KL and next-token CE at the same budget, over seeds.
     python bench/lm_quality.py --seeds 0 1 2                        # the whole grid (~75 min on 2 cores)
     python bench/lm_quality.py --domain-check                       # Wanda vs SparseGPT in and out of domain
     python bench/lm_quality.py --report                             # table (md) and plot (png) from the JSON
+    python bench/lm_quality.py --corpus pydoc --seeds 0 --masks wanda24   # in domain (needs python3.11-doc)
 
 Calibration: ``--sequences`` windows of ``--seq-len`` tokens drawn with the seed from the Python standard
 library's own sources (one body of text); evaluation: the first ``--eval-tokens`` tokens of Debian's
 licence texts (/usr/share/common-licenses), a disjoint body (checked), non-overlapping windows of
-``--seq-len``. The seed draws the calibration windows, hence the Wanda masks and the healing data;
+``--seq-len``. ``--corpus pydoc`` calibrates and evaluates within one body of English prose instead,
+as the LLM pruning papers do (C4 -> WikiText-2 is near-domain): the HTML of Debian's Python
+documentation (``apt-get install python3.11-doc``, /usr/share/doc/python3.11/html), each page's main
+text without code blocks (stdlib ``html.parser``), its files split by a seeded hash of their relative
+path into calibration (80%) and evaluation (20%) files (``pydoc_documents``); evaluation is
+``--eval-tokens`` tokens in non-overlapping windows drawn with a fixed seed from the evaluation files'
+token stream (so every seed is scored on the same windows, spread over many pages). The seed draws
+the calibration windows, hence the Wanda masks and the healing data;
 magnitude masks do not depend on it. Every healing run has the same steps, batches and learning-rate
 schedule (fast mode, fp32 on this CPU); only the objective differs. Results are merged into the JSON
 after each run (keyed by seed, mask and objective), so the grid runs in chunks and a chunk re-run
@@ -27,10 +35,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import html.parser
 import json
 import logging
 import math
 import os
+import re
 import sys
 import sysconfig
 import time
@@ -43,7 +54,8 @@ from starfish_fast import HealConfig, heal
 from starfish_fast.masks import apply_masks
 from starfish_fast.models.hf import load_hf_model, load_hf_tokenizer
 from starfish_fast.prune import magnitude_masks, nm_masks, sparsegpt_prune, wanda_masks
-from starfish_fast.text import local_text_data, perplexity
+from starfish_fast.text import (Document, check_disjoint, local_text_data, perplexity, sample_sequences,
+                                token_stream)
 
 log = logging.getLogger("lm_quality")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,6 +63,97 @@ MODEL = "smollm2-135m-instruct"
 MASKS = ("magnitude50", "wanda50", "sparsegpt50", "magnitude24", "wanda24", "sparsegpt24")
 OBJECTIVES = ("starfish", "mse", "kl", "ce")
 EVAL_TEXT = "/usr/share/common-licenses"
+PYDOC = Path("/usr/share/doc/python3.11/html")     # Debian's python3.11-doc
+PYDOC_EVAL_FRACTION = 0.2
+PYDOC_MAX_CHARS = 1_000_000                         # per side: about 250k tokens, plenty for the windows drawn
+
+
+class _MainText(html.parser.HTMLParser):
+    """The text of a Sphinx page's main body (``div role="main"``) without code blocks, scripts and the
+    headings' permalink marks: one line per paragraph, heading or list item (the HTML's own line wrapping
+    undone)."""
+
+    SKIP = {"pre", "script", "style"}
+    BLOCKS = {"p", "div", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "br", "section"}
+
+    def __init__(self):
+        super().__init__()
+        self.parts, self.main_depth, self.skip_depth = [], 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div" and (self.main_depth or attrs.get("role") == "main"):
+            self.main_depth += 1
+        if self.main_depth and (tag in self.SKIP or self.skip_depth or "headerlink" in (attrs.get("class") or "")):
+            self.skip_depth += 1
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if self.skip_depth:
+            self.skip_depth -= 1
+        if tag == "div" and self.main_depth:
+            self.main_depth -= 1
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if self.main_depth and not self.skip_depth:
+            self.parts.append(re.sub(r"\s+", " ", data))
+
+    def text(self) -> str:
+        return "\n".join(" ".join(line.split()) for line in "".join(self.parts).split("\n") if line.strip())
+
+
+def _path_key(path: str, seed: int) -> float:
+    """A number in [0, 1) from a seeded hash of ``path``: the file's side of the split and its order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:8], "big") / 2 ** 64
+
+
+def pydoc_documents(root: Path = PYDOC, split_seed: int = 0, max_chars: int = PYDOC_MAX_CHARS):
+    """(calibration, evaluation) documents: the main text of the documentation's pages, each page on one side
+    by a seeded hash of its relative path (``PYDOC_EVAL_FRACTION`` of them evaluation), each side in hash
+    order and cut at ``max_chars`` characters (a random sample of pages, not the first folders')."""
+    if not root.is_dir():
+        raise SystemExit(f"{root}: not found; install Debian's Python documentation: apt-get install python3.11-doc")
+    pages = [p for p in root.rglob("*.html") if not p.relative_to(root).parts[0].startswith("_")
+             and not p.name.startswith(("genindex", "search", "py-modindex"))]
+    sides = {True: [], False: []}
+    for page in sorted(pages, key=lambda p: _path_key(str(p.relative_to(root)), split_seed)):
+        key = _path_key(str(page.relative_to(root)), split_seed)
+        sides[key < PYDOC_EVAL_FRACTION].append(page)
+    out = []
+    for is_eval in (False, True):
+        documents, total = [], 0
+        for page in sides[is_eval]:
+            parser = _MainText()
+            parser.feed(page.read_text(encoding="utf-8"))
+            text = parser.text()[:max_chars - total]
+            if text:
+                documents.append(Document(str(page), text))
+                total += len(text)
+            if total >= max_chars:
+                break
+        out.append(documents)
+    check_disjoint(*out)
+    return out
+
+
+def corpus_data(corpus: str, tokenizer, *, sequences: int, seq_len: int, seed: int, eval_tokens: int):
+    """(calibration (sequences, seq_len), evaluation stream) of ``corpus`` (``stdlib``: Python sources ->
+    licence texts; ``pydoc``: disjoint pages of the Python documentation), and their descriptions."""
+    if corpus == "stdlib":
+        stdlib = sysconfig.get_paths()["stdlib"]
+        calib, eval_ids = local_text_data(tokenizer, [stdlib], [EVAL_TEXT], sequences=sequences, seq_len=seq_len,
+                                          seed=seed, eval_tokens=eval_tokens)
+        return calib, eval_ids, {"calibration": stdlib, "evaluation": EVAL_TEXT}
+    calib_docs, eval_docs = pydoc_documents()
+    calib = sample_sequences(token_stream(tokenizer, calib_docs), sequences, seq_len, seed)
+    windows = sample_sequences(token_stream(tokenizer, eval_docs), eval_tokens // seq_len, seq_len, seed=0)
+    return calib, windows.flatten(), {
+        "calibration": f"{PYDOC} ({len(calib_docs)} pages: hash(path) >= {PYDOC_EVAL_FRACTION})",
+        "evaluation": f"{PYDOC} ({len(eval_docs)} other pages: hash(path) < {PYDOC_EVAL_FRACTION}; "
+                      f"{eval_tokens // seq_len} windows drawn with seed 0)"}
 
 
 def make_masks(name: str, model, calib: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -67,17 +170,16 @@ def make_masks(name: str, model, calib: torch.Tensor) -> dict[str, torch.Tensor]
 def run_chunk(args, results: dict, out: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dense, tokenizer = load_hf_model(MODEL), load_hf_tokenizer(MODEL)
-    stdlib = sysconfig.get_paths()["stdlib"]
     settings = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, mode="fast",
                     progress=False, log_every=1, device="cpu")
-    wanted = {**settings, "model": MODEL, "sequences": args.sequences, "seq_len": args.seq_len,
-              "eval_tokens": args.eval_tokens, "calibration": stdlib, "evaluation": EVAL_TEXT}
-    if results.get("settings", wanted) != wanted:
-        raise SystemExit(f"{out} holds runs with other settings ({results['settings']}): use another --output")
-    results["settings"] = wanted
     for seed in args.seeds:
-        calib, eval_ids = local_text_data(tokenizer, [stdlib], [EVAL_TEXT], sequences=args.sequences,
-                                          seq_len=args.seq_len, seed=seed, eval_tokens=args.eval_tokens)
+        calib, eval_ids, texts = corpus_data(args.corpus, tokenizer, sequences=args.sequences, seq_len=args.seq_len,
+                                             seed=seed, eval_tokens=args.eval_tokens)
+        wanted = {**settings, "model": MODEL, "sequences": args.sequences, "seq_len": args.seq_len,
+                  "eval_tokens": args.eval_tokens, **texts}
+        if results.get("settings", wanted) != wanted:
+            raise SystemExit(f"{out} holds runs with other settings ({results['settings']}): use another --output")
+        results["settings"] = wanted
         runs = results["runs"]
         if f"{seed}/dense" not in runs:
             runs[f"{seed}/dense"] = {"ppl": perplexity(dense, eval_ids, args.seq_len, batch_size=8).ppl}
@@ -180,9 +282,8 @@ def markdown(results: dict, summary_: dict) -> str:
     lines = [f"# Healing pruned SmolLM2-135M-Instruct on a CPU", "",
              f"Device: {results['environment']['device']}, torch {results['environment']['torch']}. "
              f"Seeds: {', '.join(map(str, summary_['seeds']))}.",
-             f"Calibration: {s['sequences']} x {s['seq_len']} tokens from `{s['calibration']}` (Python's "
-             f"standard library sources); evaluation: first {s['eval_tokens']} tokens of `{s['evaluation']}`, "
-             f"non-overlapping windows of {s['seq_len']}.",
+             f"Calibration: {s['sequences']} x {s['seq_len']} tokens from `{s['calibration']}`; evaluation: "
+             f"{s['eval_tokens']} tokens of `{s['evaluation']}`, non-overlapping windows of {s['seq_len']}.",
              f"Healing: {s['epochs']} epochs, batch {s['batch_size']} ({s['epochs'] * s['sequences'] // s['batch_size']}"
              f" steps), lr {s['lr']:g} -> {s['min_lr']:g} cosine, fast mode (fp32 here), scope all "
              f"(q/k/v/o, gate/up/down of the 30 layers), the same for every objective.", "",
@@ -247,20 +348,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--corpus", choices=("stdlib", "pydoc"), default="stdlib",
+                        help="stdlib: Python sources -> licence texts; pydoc: disjoint pages of the Python docs")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=6144)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--output", default=str(RESULTS / "lm_quality_smollm2_cpu.json"))
+    parser.add_argument("--output", default=None, help="default: results/lm_quality_smollm2[_pydoc]_cpu.json")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from the JSON")
     parser.add_argument("--head-cost", action="store_true", help="only time the forward with and without the LM head")
     parser.add_argument("--domain-check", action="store_true",
                         help="only compare Wanda and SparseGPT in and out of the calibration's domain")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    out = Path(args.output)
+    out = Path(args.output or RESULTS / f"lm_quality_smollm2{'_pydoc' if args.corpus == 'pydoc' else ''}_cpu.json")
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     if args.head_cost:
         head_cost(results)
