@@ -45,6 +45,7 @@ from starfish_fast.config import HealConfig
 from starfish_fast.masks import apply_masks, mask_density
 from starfish_fast.models import CheckpointMismatchError, ModelSpec, adapter_for, load_dense, model_spec
 from starfish_fast.models.hf import build_hf_model, is_causal_lm, load_hf_model, load_hf_tokenizer, resolve_source
+from starfish_fast.models.hf_shards import expected_shapes
 from starfish_fast.models.registry import weights_source
 from starfish_fast.plan import resolve_device
 from starfish_fast.text import (HF_TEXT_DATASETS, MAX_CHARS, check_disjoint, hf_text_data, perplexity,
@@ -177,21 +178,9 @@ def _check_fits(args, lm: LanguageModel, path: str, flag: str) -> None:
     else:
         check_input_file(path, flag, "weights", args.allow_unsafe_pickle)
         found = weight_shapes(path, args.allow_unsafe_pickle)
-    problem = state_dict_mismatch(_expected_shapes(lm.skeleton, found), found)
+    problem = state_dict_mismatch(expected_shapes(lm.skeleton, found), found)
     if problem:
         raise CheckpointMismatchError(f"{flag} {path} does not fit {args.model_name}: {problem}")
-
-
-def _expected_shapes(model: nn.Module, found) -> dict[str, tuple]:
-    """The model's keys and shapes, less the aliases of a tied tensor (an LM head sharing the embedding:
-    ``save_pretrained`` writes it once) when ``found`` holds another of its names."""
-    state = model.state_dict(keep_vars=True)
-    names: dict[int, list[str]] = {}
-    for key, value in state.items():
-        names.setdefault(id(value), []).append(key)
-    tied = {key for group in names.values() if len(group) > 1 and any(k in found for k in group)
-            for key in group if key not in found}
-    return {key: tuple(value.shape) for key, value in state.items() if key not in tied}
 
 
 def _check_seq_len(args, lm: LanguageModel) -> None:
