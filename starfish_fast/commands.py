@@ -591,13 +591,20 @@ def make_masks(args, model, scope: str, device, calibration: Callable[[], object
 
 def write_masks(args, masks: dict, scope: str, dense_weights: str, **extra) -> int:
     """Save the prune command's mask file, log its per-layer summary, print the JSON result."""
-    from starfish_fast.prune import format_summary, sparsity_summary
+    from starfish_fast.prune import sparsity_summary
 
     summary = sparsity_summary(masks)
     save_masks(masks, args.output, {"model_name": args.model_name, "method": args.method, "prune_scope": scope,
                                     "sparsity": f"{summary['sparsity']:.6f}"})
+    return report_masks(args, summary, scope, dense_weights, **extra)
+
+
+def report_masks(args, summary: dict, scope: str, dense_weights: str, **extra) -> int:
+    """Log the per-layer summary of the written mask file and print the prune command's JSON result."""
+    from starfish_fast.prune import format_summary
+
     log.info("per layer:\n%s", format_summary(summary))
-    print_json({"output": args.output, "method": args.method, "prune_scope": scope, "masks": len(masks),
+    print_json({"output": args.output, "method": args.method, "prune_scope": scope, "masks": len(summary["layers"]),
                 "weights": summary["total"], "pruned": summary["pruned"], "sparsity": summary["sparsity"],
                 "dense_weights": dense_weights, **extra})
     return 0

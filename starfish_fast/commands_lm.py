@@ -45,9 +45,10 @@ from starfish_fast.config import HealConfig
 from starfish_fast.masks import apply_masks, mask_density
 from starfish_fast.models import CheckpointMismatchError, ModelSpec, adapter_for, load_dense, model_spec
 from starfish_fast.models.hf import build_hf_model, is_causal_lm, load_hf_model, load_hf_tokenizer, resolve_source
-from starfish_fast.models.hf_shards import expected_shapes
+from starfish_fast.models.hf_shards import ShardedCheckpoint, expected_shapes, is_sharded_directory
 from starfish_fast.models.registry import weights_source
 from starfish_fast.plan import resolve_device
+from starfish_fast.streaming import StreamedLM, stream_prune
 from starfish_fast.text import (HF_TEXT_DATASETS, MAX_CHARS, check_disjoint, hf_text_data, perplexity,
                                 read_documents, sample_sequences, token_stream)
 
@@ -160,6 +161,11 @@ def _check_model(args, lm: LanguageModel, weights: bool) -> None:
     """``--blocks``, the weights files given (kind, keys and shapes), and with ``weights`` that one
     source of dense weights applies."""
     lm.blocks = block_names(args, lm.skeleton)
+    if is_sharded_directory(lm.spec.arch):
+        try:
+            ShardedCheckpoint.open(lm.spec.arch)        # its index names shards that are there (headers only)
+        except ValueError as error:
+            raise ValueError(f"--model-name {error}") from None
     for name in ("dense_path", "checkpoint"):
         if getattr(args, name, None):
             _check_fits(args, lm, getattr(args, name), "--" + name.replace("_", "-"))
@@ -363,8 +369,20 @@ def _check_prune(args, lm: LanguageModel):
     return scope, device
 
 
+def streams(args, lm: LanguageModel) -> bool:
+    """Whether ``prune`` reads the model one tensor at a time (``streaming.stream_prune``): magnitude per layer
+    or N:M masks of a model directory's own safetensors weights."""
+    return (args.method == "nm" or (args.method == "magnitude" and args.per == "layer")) and \
+        args.dense_path is None and not args.random_init and is_sharded_directory(lm.spec.arch)
+
+
 def run_prune(args, lm: LanguageModel, defaults: dict) -> int:
     scope, device = _check_prune(args, lm)
+    if streams(args, lm):
+        streamed = StreamedLM.open(lm.spec.arch)      # headers only: a missing shard is one line, nothing read
+        summary = stream_prune(streamed, args.output, args.method, args.sparsity, args.n, args.m, scope,
+                               {"model_name": args.model_name, "method": args.method, "prune_scope": scope})
+        return commands.report_masks(args, summary, scope, weights_label(args))
     model = load_lm(args, lm, device)
     masks = commands.make_masks(args, model, scope, device, lambda: lm.calib)
     return commands.write_masks(args, masks, scope, weights_label(args),
