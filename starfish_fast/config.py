@@ -27,6 +27,8 @@ AUTO_ON_OFF = ("auto", "on", "off")
 PRUNE_METHODS = ("magnitude", "nm", "structured", "wanda", "representation", "sparsegpt")
 CALIBRATED_METHODS = ("wanda", "representation", "sparsegpt")
 NM_METHODS = ("nm", "wanda", "sparsegpt")
+# joint: every block at once (the paper's); sequential: block after block (sequential.py); auto: the plan's rule
+ORDERS = ("joint", "sequential", "auto")
 
 
 def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = "") -> Any:
@@ -56,6 +58,14 @@ class HealConfig:
     cosine_per: str = option("auto", "cosine rows: token (B*T rows) or sample (B rows); auto: the model's rule "
                                      "(tokens of (B, T, D) and of channels-last maps, else images)",
                              ("auto", "token", "sample"))
+    order: str = option("joint", "joint: every block trained at once (the paper's); sequential: block after block, "
+                                 "only one block's weights, gradients and moments on the device at a time, then "
+                                 "its healed outputs carried forward (block-local objectives only); auto: "
+                                 "sequential only when the plan's estimate of a joint run exceeds the free device "
+                                 "memory", ORDERS)
+    sequential_inputs: str = option("student", "in sequential order, each block's inputs: student = the healed "
+                                               "previous blocks' outputs, dense = the dense model's (EBFT-style)",
+                                    ("student", "dense"))
     block_weights: Any = option(None, "per-block loss weights: comma-separated numbers, or adaptive (from each "
                                       "block's distance to the dense model, re-estimated every epoch); default "
                                       "uniform")
@@ -119,6 +129,8 @@ class HealConfig:
         if self.block_weights is not None and not OBJECTIVES[self.objective].needs_blocks:
             raise ValueError(f"HealConfig.block_weights needs a block objective (starfish, mse, starfish+kl); "
                              f"objective {self.objective!r} has no blocks")
+        if self.order == "sequential":
+            _check_sequential(self)
         if (self.checkpoint_every > 0 or self.resume) and not self.checkpoint_path:
             raise ValueError("HealConfig.checkpoint_path is needed for checkpoint_every > 0 or resume")
 
@@ -129,6 +141,17 @@ class HealConfig:
         if unknown:
             raise ValueError(f"unknown HealConfig keys {unknown}; allowed: {sorted(known)}")
         return cls(**values)
+
+
+def _check_sequential(config: HealConfig) -> None:
+    """Sequential order trains one block against its dense twin: the objective must be block-local."""
+    local = [name for name, spec in OBJECTIVES.items() if spec.block_local]
+    if config.objective not in local:
+        raise ValueError(f"HealConfig.objective={config.objective!r} cannot heal in order='sequential' (one block "
+                         f"at a time needs a block-local objective); allowed: {', '.join(local)}")
+    if config.block_weights is not None:
+        raise ValueError("HealConfig.block_weights weights blocks against each other in one loss; in "
+                         "order='sequential' each block has its own loss: leave block_weights unset")
 
 
 def _parse_block_weights(value):

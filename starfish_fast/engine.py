@@ -18,77 +18,33 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from starfish_fast import distributed
-from starfish_fast.checkpoint import load_resume, save_resume, tensor_fingerprint
+from starfish_fast.checkpoint import load_resume, save_resume
 from starfish_fast.compaction import compact_model, expand_into, find_compactions
 from starfish_fast.compensation import compensate
 from starfish_fast.config import HealConfig
 from starfish_fast.data import as_batches, split_batches
 from starfish_fast.masks import apply_masks, validate_masks
-from starfish_fast.models import (ModelAdapter, WeightPredicate, adapter_for, enable_grad_checkpointing, freeze_all,
-                                  prunable_weights)
-from starfish_fast.objectives import Objective, adaptive_block_weights, objective
+from starfish_fast.models import WeightPredicate, adapter_for, enable_grad_checkpointing, freeze_all, prunable_weights
+from starfish_fast.objectives import adaptive_block_weights, objective
 from starfish_fast.optim import lr_schedule_values
 from starfish_fast.plan import Plan, resolve_plan
 from starfish_fast.progress import RunLog
+from starfish_fast.run import HealResult, RunState, run_fingerprints, steady_rate
+from starfish_fast.sequential import ModelBlockSource, heal_sequential
 from starfish_fast.sparsegpt import sparsegpt_update
 from starfish_fast.steps import ExactStep, FastStep, student_loss
 from starfish_fast.teacher import make_teacher_store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HealResult:
-    history: list[dict[str, float]]        # one {"epoch": e, "loss": mean} per epoch, e from 1
-    step_losses: list[float]
-    steps: int
-    images: int                            # images seen by the loop (epochs x calibration images)
-    teacher_seconds: float                 # the dense pass that fills the teacher store
-    heal_seconds: float                    # the training loop (compile and probes excluded: compile_seconds)
-    plan: Plan
-    ran: dict = field(default_factory=dict)       # what actually ran: compile per block, kernels per op, ...
-    config: dict = field(default_factory=dict)    # the HealConfig as given
-    wall_seconds: float = 0.0              # the whole call: plan, teacher pass, compile, loop, write-back
-    steady_images_per_second: float = float("nan")   # the loop after its first logged window
-
-    @property
-    def compile_seconds(self) -> float:
-        """Compiling and probing the blocks before the loop (0 when nothing was compiled)."""
-        return self.ran.get("compile_seconds", 0.0)
-
-    @property
-    def images_per_second(self) -> float:
-        """Steady state: the loop after its first logged window (warm-up and compile excluded); the loop's
-        average when it has a single window."""
-        return self.steady_images_per_second
-
-    @property
-    def whole_call_images_per_second(self) -> float:
-        """What a user waits for: images over the whole call (teacher pass and compile included)."""
-        return self.images / self.wall_seconds if self.wall_seconds > 0 else float("nan")
-
-    @property
-    def teacher_store(self) -> str:
-        return self.ran.get("teacher_store", self.plan.teacher_store)
-
-    @property
-    def mode(self) -> str:
-        return self.plan.mode
-
-    @property
-    def device(self) -> str:
-        return self.plan.device
 
 
 def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, torch.Tensor], calib,
@@ -116,6 +72,10 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
     predicate = predicate or adapter.scope_predicate(plan.scope)
     masks = validate_masks(masks, pruned_model, predicate)
     warm_start = _warm_start(config, pruned_model, dense_model, masks, batches, plan.torch_device)
+    if plan.order == "sequential":
+        result = _heal_sequential(pruned_model, dense_model, masks, batches, config, plan, {"warm_start": warm_start})
+        result.wall_seconds = time.perf_counter() - called
+        return result
     compactions = find_compactions(pruned_model, masks, adapter, mlp=plan.compact_mlp, qk=plan.compact_qk,
                                    every_attention=plan.attention_fp32_core)
     facts = {"warm_start": warm_start}
@@ -134,63 +94,6 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
         pruned_model.eval()
     result.wall_seconds = time.perf_counter() - called
     return result
-
-
-@dataclass
-class RunState:
-    """What one healing run works on, shared by the loop and both steps. Under torchrun ``batches`` are
-    this process's slices of the global batches (``global_batches``) and ``forward`` goes through DDP.
-    What actually ran is written only through ``record``."""
-
-    config: HealConfig
-    plan: Plan
-    objective: Objective
-    adapter: ModelAdapter
-    student: nn.Module
-    dense: nn.Module
-    masks: Mapping[str, torch.Tensor]
-    global_batches: list[torch.Tensor]
-    batches: list[torch.Tensor]                 # this process's share of each global batch
-    labels: list[torch.Tensor] | None
-    keys: list[str]                             # the trained weights' names, in optimizer order
-    params: list[nn.Parameter]
-    lrs: list[float]                            # every step's learning rate (the schedule, closed form)
-    group: distributed.Group | None = None
-    parallel: nn.Module | None = None           # the DDP wrapper of the block forward, when several processes
-    block_weights: torch.Tensor | None = None   # (L,) on the device; None: uniform
-    block_sums: torch.Tensor | None = None      # (L,) adaptive weights: the blocks' losses summed over an epoch
-    ran: dict = field(default_factory=dict)
-
-    @property
-    def device(self) -> torch.device:
-        return self.plan.torch_device
-
-    @property
-    def total_steps(self) -> int:
-        return len(self.lrs)
-
-    @property
-    def main(self) -> bool:
-        return self.group is None or self.group.main
-
-    def record(self, **facts) -> None:
-        """What actually ran (kernels, compile per block, teacher store, ...): HealResult.ran."""
-        self.ran.update(facts)
-
-    def forward(self, images: torch.Tensor, need_logits: bool):
-        """The student's logits (when needed) and the plan's block outputs."""
-        if self.parallel is not None:
-            return self.parallel(images, need_logits)
-        return self.adapter.forward_blocks(self.student, images, self.plan.blocks, need_logits=need_logits)
-
-    def fingerprints(self) -> dict[str, str]:
-        settings = ("epochs", "lr", "min_lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size", "mode",
-                    "objective", "precision", "moments_dtype", "block_weights", "warm_start")
-        return {"masks": tensor_fingerprint(self.masks),
-                "dense_model": tensor_fingerprint(self.dense.state_dict()),
-                "calibration": tensor_fingerprint({str(i): b for i, b in enumerate(self.global_batches)}),
-                "config": json.dumps({k: v for k, v in dataclasses.asdict(self.config).items() if k in settings},
-                                     sort_keys=True)}
 
 
 def _start_run(student, dense, masks, batches, config: HealConfig, plan: Plan, labels, predicate) -> RunState:
@@ -235,6 +138,15 @@ def _label_batches(labels, batches, config) -> list[torch.Tensor]:
     if [len(y) for y in split] != [b.shape[0] for b in batches]:
         raise ValueError("labels do not match the calibration batches one for one")
     return split
+
+
+def _heal_sequential(student, dense, masks, batches, config: HealConfig, plan: Plan, facts: dict) -> HealResult:
+    """Block after block (``sequential.heal_sequential``) on the models where they are; no compaction."""
+    fingerprints = run_fingerprints(config, masks, dense, batches, order=plan.order,
+                                    sequential_inputs=config.sequential_inputs) \
+        if (config.checkpoint_every or config.resume) else {}
+    source = ModelBlockSource(student, dense, masks, plan.blocks, plan.torch_device, sample=batches[0])
+    return heal_sequential(source, batches, config, plan, fingerprints=fingerprints, facts=facts)
 
 
 def _warm_start(config: HealConfig, pruned_model, dense_model, masks, batches, device) -> dict | None:
@@ -348,14 +260,7 @@ def _loop(run: RunState, store, step, resume: dict | None, fingerprints: dict
     history = [{"epoch": float(e + 1), "loss": sum(step_losses[e * per_epoch:(e + 1) * per_epoch]) / per_epoch}
                for e in range(config.epochs)]
     run_log.finish(step_losses, history)
-    return step_losses, history, _steady_rate(marks if len(marks) < 3 else marks[1:], batches, world)
-
-
-def _steady_rate(marks: list[tuple[int, float]], batches, world: int) -> float:
-    """Images per second between the first and the last of ``marks`` ((steps done, time) pairs)."""
-    (first, t0), (end, t1) = marks[0], marks[-1]
-    images = world * sum(batches[i % len(batches)].shape[0] for i in range(first, end))
-    return images / (t1 - t0) if t1 > t0 else float("nan")
+    return step_losses, history, steady_rate(marks if len(marks) < 3 else marks[1:], batches, world)
 
 
 def _checkpoint(run: RunState, step, done: int, losses: torch.Tensor, fingerprints: dict) -> None:

@@ -53,6 +53,12 @@ class Objective:
     needs_labels: bool = False          # heal(..., labels=...) is required
     fused_cosine: bool = False          # its block term is the cosine the fused kernel computes
 
+    @property
+    def block_local(self) -> bool:
+        """Whether one block and its dense twin alone give the loss (what sequential order trains with)."""
+        return self.needs_blocks and not (self.needs_student_logits or self.needs_teacher_logits or
+                                          self.needs_labels)
+
 
 def block_cosine_loss(students, teachers, per: str = "auto", block_weights=None, fused: bool = False,
                       per_block: bool = False):

@@ -28,6 +28,7 @@ from starfish_fast.config import HealConfig
 from starfish_fast.kernels._dispatch import OPS, choose
 from starfish_fast.models import adapter_for, prunable_weights
 from starfish_fast.objectives import objective
+from starfish_fast.sequential import joint_bytes
 from starfish_fast.sparse24 import block_step_timer, choose_semi_structured, two_four_linears
 from starfish_fast.teacher import estimate_bytes, host_available_bytes, teacher_outputs
 
@@ -88,6 +89,7 @@ class Plan:
     rank: int = 0
     sync_bn: bool = False
     compile_cache: str | None = None  # torch.compile's saved artifacts for this model, device and dtype
+    order: str = "joint"              # joint | sequential (block after block: sequential.py)
     reasons: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -109,6 +111,7 @@ class Plan:
                 f"compile {'on' if self.compile else 'off'}, compact {compact}, kernels {kernels}, "
                 f"2:4 {'on' if self.semi_structured else 'off'}, scope {self.scope}, {len(self.blocks)} blocks "
                 f"({self.family}, cosine per {self.cosine_per})" +
+                (", sequential order" if self.order == "sequential" else "") +
                 (f", {self.world_size} processes{' with SyncBatchNorm' if self.sync_bn else ''}"
                  if self.world_size > 1 else ""))
 
@@ -290,6 +293,42 @@ def _semi_structured(config: HealConfig, model, adapter, blocks, masks, calib, d
                                   tokens=batch.shape[0] * per_image, measure_step=measure_step)
 
 
+def _order_rule(config: HealConfig, estimate_bytes: int, free_bytes: int) -> tuple[str, str]:
+    """``order``: as asked; ``auto``: sequential only when the estimate of a joint run (``sequential.joint_bytes``:
+    weights, gradients, moments, teacher targets on the device) exceeds the free device memory, and only for a
+    block-local objective (the others need the whole model at once)."""
+    if config.order != "auto":
+        return config.order, "requested"
+    if not objective(config.objective).block_local:
+        return "joint", f"auto: joint: objective {config.objective!r} needs the whole model at once"
+    sizes = (f"a joint run needs about {estimate_bytes / 2**30:.2f} GiB (weights, gradients, Adam moments, teacher "
+             f"targets), {free_bytes / 2**30:.2f} GiB free")
+    if estimate_bytes > free_bytes:
+        return "sequential", f"auto: sequential: {sizes}"
+    return "joint", f"auto: joint: {sizes}"
+
+
+def _free_bytes(model: nn.Module, device: torch.device) -> int:
+    """The device's free memory plus what the student and its dense twin (taken as the same size) already hold
+    there: a joint run's estimate counts them."""
+    resident = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available_bytes()
+    return free + resident
+
+
+def _joint_estimate(config: HealConfig, model, adapter, blocks, calib, store: str, teacher_dtype, trained: int,
+                    world_size: int) -> int:
+    """``sequential.joint_bytes`` for this model: fp32 weights and gradients, the moments' dtype, and the teacher
+    targets when the plan keeps them on the device."""
+    spec = objective(config.objective)
+    teacher = estimate_bytes(model, adapter, blocks, calib[0][:1], sum(b.shape[0] for b in calib) // world_size,
+                             spec.needs_teacher_logits, spec.needs_blocks, teacher_dtype) \
+        if store == "device" and calib else 0
+    moments = 2 if config.moments_dtype == "bf16" and config.mode == "fast" else 4
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return joint_bytes(weights, trained, teacher, moment_bytes=moments)
+
+
 def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.device | None = None, *,
                  calib: Sequence[torch.Tensor] | None = None, block_names: Sequence[str] | None = None,
                  masks: Mapping[str, torch.Tensor] | None = None) -> Plan:
@@ -321,7 +360,10 @@ def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.devic
     fast = config.mode == "fast"
     two_four = _semi_structured(config, model, adapter, blocks, masks or {}, calib, device, DTYPES[precision],
                                 world_size)
-    reasons = {"precision": precision_reason, "teacher_store": store_reason, "compact": compact_reason,
+    order, order_reason = _order_rule(config, *(
+        (_joint_estimate(config, model, adapter, blocks, calib, store, DTYPES[teacher_dtype], trained, world_size),
+         _free_bytes(model, device)) if config.order == "auto" else (0, 0)))
+    reasons = {"order": order_reason, "precision": precision_reason, "teacher_store": store_reason, "compact": compact_reason,
                "compile": compile_reason,
                "kernels": "requested" if config.kernels != "auto" else "auto: kernels/_dispatch.py table",
                "semi_structured": two_four.reason}
@@ -333,6 +375,6 @@ def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.devic
                 semi_structured=two_four.semi_structured, semi_structured_choice=dict(two_four.choice),
                 semi_structured_timings=two_four.record() if two_four.shapes else {}, world_size=world_size,
                 rank=group.rank if group else 0, sync_bn=config.sync_bn and world_size > 1,
-                compile_cache=cache if compile_on else None, reasons=reasons)
+                compile_cache=cache if compile_on else None, order=order, reasons=reasons)
     log.debug("plan reasons: %s", reasons)
     return plan

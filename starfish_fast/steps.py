@@ -1,6 +1,6 @@
 """The two healing steps the engine's loop drives: the reference's (exact) and the fast one.
 
-    step = FastStep(run, store)           # or ExactStep(run, store); run: engine.RunState
+    step = FastStep(run, store)           # or ExactStep(run, store); run: run.RunState
     with contextlib.ExitStack() as swaps:
         step.setup(swaps)                 # module swaps and compile, undone when the stack closes
         loss = step(step_index, batch_index)     # a detached 0-dim tensor; no host sync in bf16/fp32
@@ -76,7 +76,7 @@ class ExactStep:
 
     def __call__(self, step: int, index: int) -> torch.Tensor:
         run, config = self.run, self.run.config
-        images = run.batches[index].to(run.device)
+        images = (run.batches[index] if run.inputs is None else run.inputs.get(index)[0]).to(run.device)
         targets = [t.to(run.device) for t in self.store.get(index)]
         loss = student_loss(run, images, targets, index)
         self.optimizer.zero_grad(set_to_none=True)
@@ -110,9 +110,11 @@ class FastStep:
                                     kernel=plan.kernels["masked_adam"] == "triton",
                                     moments_dtype=torch.bfloat16 if config.moments_dtype == "bf16" else None)
         self.lrs = torch.tensor(run.lrs, dtype=torch.float32, device=device)                   # (S,)
-        # calibration images cached once on the device (pinned staging on CUDA)
-        self.images = [b.pin_memory().to(device, non_blocking=True) if device.type == "cuda" and not b.is_cuda
-                       else b.to(device) for b in run.batches]
+        # calibration images cached once on the device (pinned staging on CUDA); a sequential run's block inputs
+        # stay in their stream (run.inputs), one batch on the device at a time
+        self.images = None if run.inputs is not None else [
+            b.pin_memory().to(device, non_blocking=True) if device.type == "cuda" and not b.is_cuda else b.to(device)
+            for b in run.batches]
         # fp16's gradients underflow unscaled: the loss is scaled, and GradScaler reads found_inf (a host sync)
         self.scaler = torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None
         self.scaler_view = ScalerView(self.optimizer)
@@ -136,7 +138,7 @@ class FastStep:
         return torch.autocast(self.run.device.type, dtype=self.run.plan.compute_dtype, enabled=self.autocast)
 
     def _stance(self, index: int):
-        if self.run.plan.compile and self.images[index].shape[0] != self.compiled_size:
+        if self.run.plan.compile and self.run.batches[index].shape[0] != self.compiled_size:
             return torch.compiler.set_stance("force_eager")
         return contextlib.nullcontext()
 
@@ -144,8 +146,11 @@ class FastStep:
         run, config = self.run, self.run.config
         targets = self.store.get(index)
         self.store.prefetch((step + 1) % len(run.batches))
+        images = self.images[index] if self.images is not None else run.inputs.get(index)[0]
+        if self.images is None:
+            run.inputs.prefetch((step + 1) % len(run.batches))
         with self._autocast_context(), self._stance(index):
-            loss = student_loss(run, self.images[index], targets, index)
+            loss = student_loss(run, images, targets, index)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.scaler_view)

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -106,12 +106,12 @@ class RecomputeStore(TeacherStore):
     def get(self, index):
         dense_model, adapter, block_names = self.args
         # Like the reference's LazyDenseTargets: outputs as computed, no cast.
-        with _teacher_autocast(self.device, self.compute_dtype):
+        with teacher_autocast(self.device, self.compute_dtype):
             return teacher_outputs(dense_model, adapter, block_names, self.batches[index].to(self.device),
                                    self.keep_logits, self.keep_blocks)
 
 
-def _teacher_autocast(device: torch.device, compute_dtype: torch.dtype):
+def teacher_autocast(device: torch.device, compute_dtype: torch.dtype):
     """The teacher runs in the student's compute precision on CUDA (bf16/fp16 autocast), else fp32:
     on CPU it runs once, off the critical path, and exact mode (fp32) must match the reference."""
     return torch.autocast(device.type, dtype=compute_dtype,
@@ -147,19 +147,16 @@ class ChunkedHostBuffer:
         return raw.view(dtype).view(shape)
 
 
-def _fill_host(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype, compute_dtype,
-               buffer_of):
-    """Run the teacher once over ``batches`` and copy every output into host memory from ``buffer_of``."""
+def _fill_host(outputs: Iterable[list[torch.Tensor]], sizes: Sequence[int], dtype, buffer_of):
+    """Copy each batch's ``outputs`` (``sizes``: the batches' sizes) into host memory from ``buffer_of``."""
     host = []
     buffer = None
-    for images in batches:
-        with _teacher_autocast(device, compute_dtype):
-            outputs = teacher_outputs(dense_model, adapter, block_names, images.to(device), keep_logits, keep_blocks)
+    for size, step in zip(sizes, outputs):
         if buffer is None:   # sized for every image (batches may differ in size), plus alignment slack
-            per_image = sum(t.numel() for t in outputs) * torch.empty((), dtype=dtype).element_size() // images.shape[0]
-            buffer = buffer_of(per_image * sum(b.shape[0] for b in batches) + 64 * len(outputs) * len(batches))
+            per_image = sum(t.numel() for t in step) * torch.empty((), dtype=dtype).element_size() // size
+            buffer = buffer_of(per_image * sum(sizes) + 64 * len(step) * len(sizes))
         stored = []
-        for t in outputs:
+        for t in step:
             slot = buffer.allocate(t.shape, dtype)
             slot.copy_(t.to(dtype))
             stored.append(slot)
@@ -203,26 +200,33 @@ def make_teacher_store(kind: str, dense_model: nn.Module, adapter, block_names: 
     if kind == "none":
         return DeviceStore([[] for _ in batches], "none")
     dense_model.eval()
-    common = (dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks, dtype, compute_dtype)
     if kind == "recompute":
         return RecomputeStore(dense_model, adapter, block_names, batches, device, keep_logits, keep_blocks,
                               compute_dtype)
-    if kind == "device":
-        outputs = []
+
+    def outputs():
         for images in batches:
-            with _teacher_autocast(device, compute_dtype):
+            with teacher_autocast(device, compute_dtype):
                 step = teacher_outputs(dense_model, adapter, block_names, images.to(device), keep_logits, keep_blocks)
-            outputs.append([t.to(dtype) for t in step])
-        return DeviceStore(outputs, kind)
+            yield step
+    return store_of(kind, outputs(), [b.shape[0] for b in batches], device, dtype, disk_dir)
+
+
+def store_of(kind: str, outputs: Iterable[list[torch.Tensor]], sizes: Sequence[int], device: torch.device,
+             dtype: torch.dtype, disk_dir: str | os.PathLike | None = None) -> TeacherStore:
+    """A store of ``kind`` (device, pinned, disk) holding each batch's ``outputs`` in ``dtype``: the teacher's,
+    or a sequential run's block inputs and targets. ``outputs`` is consumed one batch at a time, so nothing but
+    the store itself holds them all; ``sizes``: the batches' sizes (the host buffer is sized from them)."""
+    if kind == "device":
+        return DeviceStore([[t.to(dtype) for t in step] for step in outputs], kind)
     if kind == "pinned":
-        host = _fill_host(*common, buffer_of=lambda n: ChunkedHostBuffer(n, pinned=True))
-        return PinnedStore(host, device)
+        return PinnedStore(_fill_host(outputs, sizes, dtype, lambda n: ChunkedHostBuffer(n, pinned=True)), device)
     directory = Path(disk_dir or tempfile.gettempdir())
     directory.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(prefix="starfish_teacher_", suffix=".bin", dir=directory)
     os.close(fd)
     try:
-        host = _fill_host(*common, buffer_of=lambda n: ChunkedHostBuffer(n, path=Path(path)))
+        host = _fill_host(outputs, sizes, dtype, lambda n: ChunkedHostBuffer(n, path=Path(path)))
     finally:
         os.unlink(path)   # the mapping stays valid; the file vanishes when the store does
     store = DeviceStore(host, "disk")

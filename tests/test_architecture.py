@@ -40,11 +40,11 @@ def test_what_ran_is_written_only_through_run_record():
                     and node.func.attr in ("update", "setdefault", "__setitem__") \
                     and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "ran":
                 writers.append(f"{path.name}:{node.lineno}")
-    assert writers == ["engine.py:" + str(_record_line())], writers
+    assert writers == ["run.py:" + str(_record_line())], writers
 
 
 def _record_line() -> int:
-    tree = ast.parse((ROOT / "starfish_fast" / "engine.py").read_text())
+    tree = ast.parse((ROOT / "starfish_fast" / "run.py").read_text())
     record = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "record")
     return next(node.lineno for node in ast.walk(record) if isinstance(node, ast.Call))
 
