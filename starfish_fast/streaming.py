@@ -22,7 +22,9 @@ loads as is. ``held`` counts the weights the source holds: at most one block's s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +36,18 @@ from torch import nn
 from starfish_fast.calibration import capture_inputs
 from starfish_fast.checkpoint import (check_output_path, error_line, key_examples, save_masks,
                                       save_safetensors_atomic, state_dict_mismatch)
+from starfish_fast.config import HealConfig
 from starfish_fast.models import adapter_for, prunable_weights
 from starfish_fast.models.hf import build_hf_model, decoder_layer_names
 from starfish_fast.models.hf_shards import MaskFile, ShardedCheckpoint, ShardWriter, expected_shapes
 from starfish_fast.models.scopes import is_hf_conv1d
 from starfish_fast.packed_masks import pack, packed_header
 from starfish_fast.prune.makers import check_nm, check_sparsity, magnitude_mask, nm_mask, sparsity_summary
+from starfish_fast.sequential import BlockSource, heal_sequential, joint_bytes
+from starfish_fast.teacher import host_available_bytes
 
 log = logging.getLogger(__name__)
 STREAM_METHODS = ("magnitude", "nm")
-# bytes a weight costs a joint run in fp32: student, dense twin, gradient, two Adam moments
-JOINT_BYTES_PER_WEIGHT = 4 + 4 + 4 + 8
 
 
 # ----------------------------------------------------------------------------- the checks, before any weights
@@ -109,17 +112,16 @@ def check_mask_shapes(found: Mapping[str, tuple], expected: Mapping[str, tuple],
 def available_memory(device: str | torch.device) -> int:
     """Bytes free now on ``device``: the GPU's free memory, or the host's MemAvailable."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) * 1024
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available_bytes()
 
 
-def check_joint_fits(lm: StreamedLM, device: str | torch.device, flag: str = "--order joint") -> None:
-    """A one-line ``ValueError`` when a joint run of ``lm`` (every weight in fp32 with its dense twin, gradient
-    and Adam moments: ``JOINT_BYTES_PER_WEIGHT`` bytes each, activations not counted) exceeds the free memory."""
-    needed, free = lm.weights.numel() * JOINT_BYTES_PER_WEIGHT, available_memory(device)
+def check_joint_fits(lm: StreamedLM, device: str | torch.device, scope: str = "auto",
+                     flag: str = "--order joint") -> None:
+    """A one-line ``ValueError`` when a joint run of ``lm`` exceeds the free memory of ``device``: the plan's
+    estimate (``sequential.joint_bytes``: fp32 student and dense weights, a gradient and two Adam moments per
+    trained weight), teacher targets and activations not even counted."""
+    trained = sum(math.prod(shape) for shape in lm.scope_weights(scope).values())
+    needed, free = joint_bytes(4 * lm.weights.numel(), trained, 0), available_memory(device)
     if needed > free:
         raise ValueError(f"{flag}: {lm.path} needs about {needed / 2**30:.1f} GiB for a joint run (fp32 weights, "
                          f"dense twin, gradients, Adam moments) and {device} has {free / 2**30:.1f} GiB free; "
@@ -208,7 +210,7 @@ def _materialize(model: nn.Module, module: nn.Module, tensors: Mapping[str, torc
             model._init_weights(sub)          # transformers' per-module initializer (inv_freq from the config)
 
 
-class HFShardSource:
+class HFShardSource(BlockSource):
     """The decoder layers of a sharded Hugging Face checkpoint as a ``BlockSource``: ``open(i)`` reads block i
     (student weights times masks, and the dense twin: the same tensors, or ``dense``'s), ``close(i)`` writes it
     as shard i of ``output`` and frees it, ``finish()`` writes the rest, the index, config and masks."""
@@ -231,6 +233,9 @@ class HFShardSource:
 
     def __len__(self) -> int:
         return len(self.lm.blocks)
+
+    def name(self, i: int) -> str:
+        return self.lm.blocks[i]
 
     def _stem(self) -> nn.Module:
         """The model with its parts outside the decoder layers read (the output embedding left on meta)."""
@@ -325,3 +330,32 @@ class HFShardSource:
     def abort(self) -> None:
         """Nothing of the output is left (a failed run)."""
         self.writer.abort()
+
+
+# ----------------------------------------------------------------------------- healing
+def heal_streaming(source: HFShardSource, batches, config: HealConfig):
+    """Heal ``source``'s blocks one after the other (``sequential.heal_sequential``; ``config.order`` is taken as
+    sequential), the plan made on the meta skeleton; the output directory appears only when every block healed
+    (a failure leaves nothing). Returns the ``HealResult``."""
+    from starfish_fast.plan import resolve_plan
+
+    config = dataclasses.replace(config, order="sequential", teacher_store=_stream_store(source, batches, config))
+    plan = resolve_plan(config, source.lm.skeleton, calib=batches, block_names=source.lm.blocks)
+    try:
+        return heal_sequential(source, batches, config, plan)
+    except BaseException:
+        source.abort()
+        raise
+
+
+def _stream_store(source: HFShardSource, batches, config: HealConfig) -> str:
+    """Where the sequential streams live (the plan's own estimate runs a forward the meta skeleton cannot): on the
+    compute device when its three streams (inputs, targets, carried outputs: tokens x hidden x 4 bytes each) take
+    at most half its free memory, else in a memory-mapped file."""
+    if config.teacher_store != "auto":
+        return config.teacher_store
+    tokens = sum(batch.numel() for batch in batches)
+    needed = 3 * tokens * source.lm.skeleton.config.hidden_size * 4
+    from starfish_fast.plan import resolve_device
+
+    return "device" if needed <= available_memory(resolve_device(config.device)) // 2 else "disk"

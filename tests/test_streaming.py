@@ -233,3 +233,31 @@ def test_joint_that_does_not_fit_names_both_sizes(dense, monkeypatch):
         streaming.check_joint_fits(lm, "cpu")
     monkeypatch.setattr(streaming, "available_memory", lambda device: 2**40)
     streaming.check_joint_fits(lm, "cpu")
+
+
+def test_heal_streaming_equals_the_in_memory_sequential_run(dense, tmp_path):
+    """``heal_streaming`` (the sequential loop on HFShardSource) writes exactly the weights that ``heal`` with
+    order="sequential" gives the model held in memory (fp32, exact mode), and the same per-block history."""
+    from starfish_fast import HealConfig, heal
+    from starfish_fast.data import as_batches
+    from starfish_fast.masks import apply_masks
+    from starfish_fast.streaming import heal_streaming
+
+    model, path = dense
+    lm = StreamedLM.open(path)
+    stream_prune(lm, tmp_path / "m.safetensors", "magnitude", sparsity=0.5)
+    masks = {key: mask.float() for key, mask in load_tensor_file(tmp_path / "m.safetensors").items()}
+    calib = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(3))
+    config = HealConfig(order="sequential", mode="exact", epochs=2, batch_size=4, lr=1e-3, device="cpu",
+                        progress=False)
+    source = HFShardSource(lm, block_masks(lm, mask_path=tmp_path / "m.safetensors"), tmp_path / "healed")
+    streamed = heal_streaming(source, as_batches(calib, 4), config)
+    pruned = tiny_llama()
+    apply_masks(pruned, masks)
+    in_memory = heal(pruned, tiny_llama(), masks, calib, config)
+    assert source.peak_held == 2 * sum(p.numel() for p in model.model.layers[0].parameters())
+    assert [h["loss"] for h in streamed.history] == [h["loss"] for h in in_memory.history]
+    assert all(h["loss_last"] < h["loss_first"] for h in streamed.history)
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "healed").state_dict()
+    for key, value in pruned.state_dict().items():
+        assert torch.equal(written[key], value), key
