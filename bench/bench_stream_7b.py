@@ -106,41 +106,32 @@ def rss_gib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
-def cosine_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (1 - torch.nn.functional.cosine_similarity(out, target, dim=-1)).mean()
+def timed(source, blocks: list) -> None:
+    """Each block's seconds from its open to its close's end and the resident memory then, through the source."""
+    open_, close = source.open, source.close
+    marks = {}
 
+    def timed_open(i):
+        marks[i] = time.perf_counter()
+        result = open_(i)
+        marks[f"{i}.opened"] = time.perf_counter() - marks[i]
+        return result
 
-def heal_block(source, i: int, student_in, dense_in, extra, lr: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Block i: open, one masked Adam step of the per-token cosine on the student stream against the dense
-    block's outputs on the dense stream, the streams carried forward, close. Timings and losses."""
-    times = {}
-    start = time.perf_counter()
-    student, dense, masks = source.open(i)
-    times["open_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    with torch.no_grad():
-        target = source.run(dense, dense_in, extra)
-    trained = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trained, lr=lr, foreach=False)       # no all-parameter temporaries
-    loss = cosine_loss(source.run(student, student_in, extra), target)
-    loss.backward()
-    for name, parameter in student.named_parameters():
-        if name in masks:
-            parameter.grad.mul_(masks[name])
-    optimizer.step()
-    with torch.no_grad():
-        out = source.run(student, student_in, extra)
-        times.update(loss_before=loss.item(), loss_after=cosine_loss(out, target).item())
-    times["train_s"] = time.perf_counter() - start
-    del optimizer, dense
-    start = time.perf_counter()
-    source.close(i, student)
-    times["close_s"] = time.perf_counter() - start
-    return out, target, times
+    def timed_close(i, student):
+        start = time.perf_counter()
+        close(i, student)
+        blocks.append({"block": i, "seconds": round(time.perf_counter() - marks[i], 2),
+                       "open_s": round(marks[f"{i}.opened"], 2), "close_s": round(time.perf_counter() - start, 2),
+                       "rss_gib": round(rss_gib(), 3)})
+        print(json.dumps(blocks[-1]), flush=True)
+
+    source.open, source.close = timed_open, timed_close
 
 
 def heal(args) -> None:
-    from starfish_fast.streaming import HFShardSource, StreamedLM, block_masks
+    """``streaming.heal_streaming`` (the sequential loop, ``sequential.heal_sequential``) for one step per block."""
+    from starfish_fast import HealConfig
+    from starfish_fast.streaming import HFShardSource, StreamedLM, block_masks, heal_streaming
 
     output = Path(args.dir + "_healed")
     called = time.perf_counter()
@@ -149,25 +140,21 @@ def heal(args) -> None:
     source = HFShardSource(lm, masks, output)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.sequences, 128),
                         generator=torch.Generator().manual_seed(0))
-    hidden, extra = source.stem(ids)
-    student_in, dense_in, blocks = hidden, hidden, []
-    for i in range(len(source)):
-        start = time.perf_counter()
-        student_in, dense_in, times = heal_block(source, i, student_in, dense_in, extra, args.lr)
-        blocks.append({"block": i, "seconds": round(time.perf_counter() - start, 2), "rss_gib": round(rss_gib(), 3),
-                       **{k: round(v, 5) for k, v in times.items()}})
-        print(json.dumps(blocks[-1]), flush=True)
-    start = time.perf_counter()
-    source.finish()
-    finish_s = time.perf_counter() - start
-    block_weights = source.peak_held // 2
-    trained = sum(masks.keys[key][0] * masks.keys[key][1] for key in masks.keys) // len(source)
+    config = HealConfig(order="sequential", epochs=1, batch_size=args.sequences, lr=args.lr, device="cpu",
+                        progress=False, log_every=1)
+    blocks: list[dict] = []
+    timed(source, blocks)
+    result = heal_streaming(source, [ids], config)
+    trained = sum(math.prod(shape) for shape in masks.keys.values()) // len(source)
     record(f"heal_{args.shape}", {
         "sequences": args.sequences, "seq_len": 128, "steps_per_block": 1, "lr": args.lr, "blocks": len(source),
-        "seconds_per_block_mean": round(sum(b["seconds"] for b in blocks) / len(blocks), 2),
-        "seconds_total": round(time.perf_counter() - called, 1), "finish_s": round(finish_s, 1),
-        "block_weights": block_weights, "peak_weights_held": source.peak_held, "trained_weights_per_block": trained,
-        "bytes_read": lm.weights.bytes_read, "per_block": blocks, "read_back": read_back(output, lm, masks)})
+        "loop": "streaming.heal_streaming -> sequential.heal_sequential (HealConfig order=sequential, mode fast)",
+        "plan": result.plan.summary(), "seconds_per_block_mean": round(sum(b["seconds"] for b in blocks) / len(blocks), 2),
+        "seconds_total": round(time.perf_counter() - called, 1), "heal_seconds": round(result.heal_seconds, 1),
+        "block_weights": source.peak_held // 2, "peak_weights_held": source.peak_held,
+        "trained_weights_per_block": trained, "bytes_read": lm.weights.bytes_read,
+        "losses": [round(h["loss"], 6) for h in result.history], "per_block": blocks,
+        "read_back": read_back(output, lm, masks)})
 
 
 def read_back(output: Path, lm, masks) -> dict:
