@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +43,15 @@ from starfish_fast.checkpoint import (MASKS_FILE, check_input_file, check_output
                                       state_dict_mismatch, weight_shapes)
 from starfish_fast.commands import Checked, block_names, check_device, check_masks, print_json
 from starfish_fast.config import HealConfig
+from starfish_fast.data import as_batches
 from starfish_fast.masks import apply_masks, mask_density
 from starfish_fast.models import CheckpointMismatchError, ModelSpec, adapter_for, load_dense, model_spec
 from starfish_fast.models.hf import build_hf_model, is_causal_lm, load_hf_model, load_hf_tokenizer, resolve_source
 from starfish_fast.models.hf_shards import ShardedCheckpoint, expected_shapes, is_sharded_directory
 from starfish_fast.models.registry import weights_source
 from starfish_fast.plan import resolve_device
-from starfish_fast.streaming import StreamedLM, stream_prune
+from starfish_fast.streaming import (BlockMasks, HFShardSource, StreamedLM, block_masks, check_joint_fits, heal_streaming,
+                                     stream_prune)
 from starfish_fast.text import (HF_TEXT_DATASETS, MAX_CHARS, check_disjoint, hf_text_data, perplexity,
                                 read_documents, sample_sequences, token_stream)
 
@@ -412,10 +415,49 @@ def _check_recover(args, lm: LanguageModel, defaults: dict):
     _check_seq_len(args, lm)
     _check_eval_values(args, lm)
     _eval_source_needed(args)
-    lm.masks = check_masks(args, lm.checked(), config.scope)
+    if not streams_recover(args, lm, config):
+        lm.masks = check_masks(args, lm.checked(), config.scope)
     _check_text(args, lm, calibration=True, evaluation="optional")
     device, group = check_device(config)
+    if is_sharded_directory(lm.spec.arch) and config.order == "joint":
+        check_joint_fits(StreamedLM.open(lm.spec.arch), device, config.scope)
     return output, config, device, group is None or group.main
+
+
+def streams_recover(args, lm: LanguageModel, config) -> bool:
+    """Whether ``recover`` heals block by block from the directory's shards (``streaming.heal_streaming``): order
+    sequential on a model directory's own safetensors. Its masks are then checked from the mask file's header
+    (``lm.masks`` holds the ``streaming.BlockMasks``), nothing read."""
+    if not (config.order == "sequential" and args.dense_path is None and not args.random_init
+            and is_sharded_directory(lm.spec.arch)):
+        return False
+    streamed = StreamedLM.open(lm.spec.arch)
+    check_input_file(args.mask_path, "--mask-path", "masks", args.allow_unsafe_pickle)
+    lm.masks = block_masks(streamed, config.scope, mask_path=args.mask_path,
+                           allow_unsafe_pickle=args.allow_unsafe_pickle)
+    return True
+
+
+def _recover_streaming(args, lm: LanguageModel, output: Path, config, shown: bool) -> int:
+    """recover without the whole model in memory: each block read, healed and written as its own shard."""
+    if lm.eval_ids is not None:
+        log.warning("--eval-text: perplexity needs the whole model; not measured in a streamed run (run `eval` on "
+                    "%s where it fits)", output)
+    source = HFShardSource(StreamedLM.open(lm.spec.arch), lm.masks, output,
+                           metadata={"model_name": json.dumps(args.model_name), "mask_path": json.dumps(args.mask_path),
+                                     "objective": json.dumps(config.objective)})
+    with commands.output_directory(output.parent), library_bars(shown):
+        result = heal_streaming(source, as_batches(lm.calib, config.batch_size), config)
+    report = {"output": str(output), "sidecar": f"{output}.json", "metrics": config.metrics_path,
+              "model_name": args.model_name, "mask_path": args.mask_path, "order": "sequential (streamed)", **lm.text,
+              "objective": config.objective, "final_loss": result.history[-1]["loss"], "steps": result.steps,
+              "heal_seconds": round(result.heal_seconds, 2), "peak_weights_held": source.peak_held,
+              "plan": result.plan.summary()}
+    save_json_atomic({**report, "history": result.history, "config": dataclasses.asdict(config),
+                      "plan": result.plan.as_dict()}, f"{output}.json")
+    Path(config.checkpoint_path).unlink(missing_ok=True)
+    print_json(report)
+    return 0
 
 
 def run_recover(args, lm: LanguageModel, defaults: dict) -> int:
@@ -423,6 +465,8 @@ def run_recover(args, lm: LanguageModel, defaults: dict) -> int:
 
     output, config, device, main = _check_recover(args, lm, defaults)
     shown = config.progress and main
+    if isinstance(lm.masks, BlockMasks):                 # streamed: see streams_recover
+        return _recover_streaming(args, lm, output, config, shown)
     with commands.output_directory(output.parent), library_bars(shown):
         dense = load_lm(args, lm, device)
         pruned = copy.deepcopy(dense)

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from starfish_fast.checkpoint import MASKS_FILE, file_kind, load_tensor_file, save_masks  # noqa: E402
 from starfish_fast.models.hf import load_healed_lm  # noqa: E402
-from starfish_fast.models.hf_shards import INDEX_NAME, MaskFile  # noqa: E402
+from starfish_fast.models.hf_shards import INDEX_NAME, MaskFile, ShardedCheckpoint  # noqa: E402
 from starfish_fast.packed_masks import pack, unpack  # noqa: E402
 from starfish_fast.prune import magnitude_masks, nm_masks  # noqa: E402
 from starfish_fast import streaming  # noqa: E402
@@ -24,9 +24,9 @@ VOCAB = 96
 
 def tiny_llama(seed=0, **overrides):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      **overrides)
+    config = transformers.LlamaConfig(**{"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64,
+                                         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                         "max_position_embeddings": 64, **overrides})
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -261,3 +261,77 @@ def test_heal_streaming_equals_the_in_memory_sequential_run(dense, tmp_path):
     written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "healed").state_dict()
     for key, value in pruned.state_dict().items():
         assert torch.equal(written[key], value), key
+
+
+# ----------------------------------------------------------------------------- the command line
+@pytest.fixture
+def text_lm(tmp_path):
+    """A 3-shard tiny Llama directory with a tokenizer, and calibration and evaluation text."""
+    import random
+
+    from test_cli_lm import _tokenizer, _words_text
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(100)]
+    for folder in ("calib", "eval"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "0.txt").write_text(_words_text(words, 1500, folder))
+    tokenizer = _tokenizer(words)
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "llama", max_shard_size="60KB")
+    assert (tmp_path / "llama" / INDEX_NAME).is_file()
+    tokenizer.save_pretrained(tmp_path / "llama")
+    return model, tmp_path
+
+
+def test_cli_prune_and_recover_sequential_stream_a_sharded_directory(text_lm, capsys, monkeypatch):
+    from starfish_fast import cli
+
+    model, root = text_lm
+    masks, out = root / "masks.safetensors", root / "run" / "healed"
+    read = ShardedCheckpoint.read
+    opened = []
+    monkeypatch.setattr(ShardedCheckpoint, "read", lambda self, key: (opened.append(key), read(self, key))[1])
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("the whole model was loaded")))
+    assert cli.main(["prune", "--model-name", str(root / "llama"), "--method", "magnitude", "--sparsity", "0.5",
+                     "--output", str(masks)]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5)
+    assert cli.main(["recover", "--model-name", str(root / "llama"), "--mask-path", str(masks), "--order", "sequential",
+                     "--calib-text", str(root / "calib"), "--calib-sequences", "8", "--seq-len", "16",
+                     "--eval-text", str(root / "eval"), "--epochs", "2", "--batch-size", "4", "--no-progress",
+                     "--output-path", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["order"] == "sequential (streamed)" and report["steps"] == 3 * 2 * 2
+    monkeypatch.undo()
+    healed = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for key, mask in load_tensor_file(masks).items():
+        assert not healed[key][~mask].any(), key
+
+
+def test_cli_contract_mistakes_are_one_line_and_exit_2(text_lm, capsys, monkeypatch):
+    from starfish_fast import cli
+
+    model, root = text_lm
+    masks, out = root / "masks.safetensors", root / "run" / "healed"
+    save_masks(magnitude_masks(model, 0.5), masks)
+    recover = ["recover", "--model-name", str(root / "llama"), "--mask-path", str(masks), "--calib-text",
+               str(root / "calib"), "--calib-sequences", "8", "--seq-len", "16", "--no-progress", "--output-path",
+               str(out)]
+    monkeypatch.setattr(streaming, "available_memory", lambda device: 1000)
+    assert cli.main([*recover, "--order", "joint"]) == 2
+    assert "needs about" in capsys.readouterr().err
+    monkeypatch.undo()
+    bad = magnitude_masks(model, 0.5)
+    key = next(iter(bad))
+    bad[key] = bad[key][:-1]
+    save_masks(bad, root / "bad.safetensors")
+    assert cli.main([*recover[:4], str(root / "bad.safetensors"), *recover[5:], "--order", "sequential"]) == 2
+    assert f"mask '{key}' has shape" in capsys.readouterr().err
+    shard = sorted(f for f in os.listdir(root / "llama") if f.startswith("model-"))[0]
+    os.rename(root / "llama" / shard, root / shard)
+    for argv in ([*recover, "--order", "sequential"],
+                 ["prune", "--model-name", str(root / "llama"), "--method", "nm", "--output", str(root / "m2.pt")]):
+        assert cli.main(argv) == 2
+        assert f"missing: {shard}" in capsys.readouterr().err
+    assert not (root / "run").exists() and not (root / "m2.pt").exists()
