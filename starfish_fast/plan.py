@@ -363,7 +363,8 @@ def resolve_plan(config: HealConfig, model: nn.Module, device: str | torch.devic
     order, order_reason = _order_rule(config, *(
         (_joint_estimate(config, model, adapter, blocks, calib, store, DTYPES[teacher_dtype], trained, world_size),
          _free_bytes(model, device)) if config.order == "auto" else (0, 0)))
-    reasons = {"order": order_reason, "precision": precision_reason, "teacher_store": store_reason, "compact": compact_reason,
+    reasons = {"order": order_reason, "precision": precision_reason, "teacher_store": store_reason,
+               "compact": compact_reason,
                "compile": compile_reason,
                "kernels": "requested" if config.kernels != "auto" else "auto: kernels/_dispatch.py table",
                "semi_structured": two_four.reason}

@@ -90,8 +90,9 @@ def plot_loss_curve(step_losses: Sequence[float], history: Sequence[dict], path:
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.plot(range(1, len(step_losses) + 1), step_losses, lw=1, alpha=0.6, label="step")
     steps_per_epoch = len(step_losses) / max(1, len(history))
-    axis.plot([steps_per_epoch * h["epoch"] for h in history], [h["loss"] for h in history], "o-",
-              label="epoch mean")
+    # sequential order's history has one record per block, its loss the block's last epoch
+    key, label = ("epoch", "epoch mean") if all("epoch" in h for h in history) else ("block", "block, last epoch")
+    axis.plot([steps_per_epoch * h[key] for h in history], [h["loss"] for h in history], "o-", label=label)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.set_yscale("log" if min(step_losses, default=1) > 0 else "linear")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import inspect
 import logging
 import time
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -102,9 +103,10 @@ class BlockSource(abc.ABC):
 
 class ModelBlockSource(BlockSource):
     """The blocks of a student and a dense model held in memory (where they are, usually host memory): block i
-    goes to the compute device when opened and back when closed; the stem (everything before the blocks)
-    stays on the device for the run. The stem is the adapter's forward stopped at block 0: the patch
-    embedding, or a language model's token embeddings with its rotary embeddings and causal mask."""
+    goes to the compute device when opened and back when closed; the student's parts outside the blocks stay on
+    the device for the run (both streams start at the student's stem). The stem is the adapter's forward
+    stopped at block 0: the patch embedding, or a language model's token embeddings with its rotary embeddings
+    and causal mask."""
 
     def __init__(self, student: nn.Module, dense: nn.Module, masks: Mapping[str, torch.Tensor], blocks: Sequence[str],
                  device: torch.device, sample: torch.Tensor | None = None):
@@ -116,8 +118,7 @@ class ModelBlockSource(BlockSource):
         _check_chain(dense, self.adapter, self.blocks, sample)
         freeze_all(student)
         apply_masks(student, masks)
-        for model in (student, dense):
-            _move_outside(model, self.blocks, device)
+        _move_outside(student, self.blocks, device)          # the dense model's stem is never run: it stays
 
     def __len__(self):
         return len(self.blocks)
@@ -130,10 +131,7 @@ class ModelBlockSource(BlockSource):
         first = self.student.get_submodule(self.blocks[0])
         args, kwargs = capture_inputs(first, lambda: self.adapter.forward_blocks(
             self.student, batch.to(self.device), self.blocks[:1], need_logits=False))
-        if len(args) != 1:
-            raise ValueError(f"sequential order: {self.blocks[0]} takes {len(args)} positional inputs; it needs one "
-                             f"(the hidden states), others by keyword")
-        return args[0], kwargs
+        return _as_keywords(first, args, kwargs)
 
     def open(self, i):
         name, prefix = self.blocks[i], self.blocks[i] + "."
@@ -152,8 +150,26 @@ class ModelBlockSource(BlockSource):
             model.get_submodule(self.blocks[i]).to(self.home)
 
     def finish(self):
-        for model in (self.student, self.dense):
-            _move_outside(model, self.blocks, self.home)
+        _move_outside(self.student, self.blocks, self.home)
+
+
+def _as_keywords(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """A block call's (first input, every other input by keyword), whatever the model passed positionally
+    (GPT-2 hands its blocks the cache and mask by position)."""
+    bound = inspect.signature(block.forward).bind(*args, **kwargs)
+    parameters = inspect.signature(block.forward).parameters
+    (first, hidden), *rest = bound.arguments.items()
+    extra = {}
+    for name, value in rest:
+        if parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            extra.update(value)
+        elif parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ValueError(f"sequential order: {type(block).__name__}.forward takes *{name}; its inputs cannot "
+                                 f"be passed by keyword")
+        else:
+            extra[name] = value
+    return hidden, extra
 
 
 def _move_outside(model: nn.Module, blocks: Sequence[str], device: torch.device, prefix: str = "") -> None:

@@ -42,7 +42,7 @@ def run_case(case: dict, checkpoint_path: str | None = None):
     """Heal one case; (healed model, result, masks)."""
     dense, masks, images = setup(case["model"])
     settings = dict(epochs=2, batch_size=case.get("batch_size", 8), lr=2e-3, min_lr=1e-5, mode=case["mode"],
-                    precision="fp32", progress=False, log_every=2, device="cpu")
+                    precision="fp32", progress=False, log_every=2, device="cpu", order=case.get("order", "joint"))
     if checkpoint_path:
         settings.update(checkpoint_every=1, checkpoint_path=checkpoint_path, resume=True)
     model = copy.deepcopy(dense)

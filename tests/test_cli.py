@@ -112,6 +112,20 @@ def test_recover_writes_the_reference_checkpoint_and_prints_a_summary(tmp_path, 
     assert set(modes.values()) == {"0o644"}, modes                          # as the umask says
 
 
+def test_recover_heals_in_sequential_order(tmp_path, mask_file, capsys):
+    output = tmp_path / "out" / "recovered.pt"
+    assert cli.main(_recover_args(mask_file, output, "--order", "sequential", "--sequential-inputs", "dense")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    metadata = torch.load(output, weights_only=True)["metadata"]
+    assert "sequential order" in summary["plan"] and summary["top1_after"] == metadata["top1_after"]
+    assert [h["name"] for h in metadata["history"]] == [f"blocks.{i}" for i in range(6)]
+    healed = compat.load_model("fashion_vit", output, "cpu")
+    for key, mask in torch.load(mask_file, weights_only=True).items():
+        assert (healed.state_dict()[key][~mask] == 0).all()
+    assert cli.main(_recover_args(mask_file, output, "--order", "sequential", "--objective", "kl")) == 2
+    assert "cannot heal in order='sequential'" in _only_line(capsys.readouterr().err)
+
+
 def _bad_file(tmp_path, mask_file, case):
     path = tmp_path / {"bogus_safetensors": "bad.safetensors"}.get(case, "bad.pt")
     if case == "bad_shape":

@@ -159,6 +159,15 @@ def test_recover_heals_towards_the_dense_model_and_can_start_from_a_healed_one(l
     assert {p.name for p in tmp_path.iterdir()} == {"a", "a.json", "a.metrics.jsonl", "a.loss.png"}
 
 
+def test_recover_heals_an_lm_in_sequential_order(lm, tmp_path, capsys):
+    report = _run(capsys, *_recover(lm, tmp_path / "s", "--order", "sequential", "--epochs", "4", "--lr", "1e-2"))
+    sidecar = json.loads((tmp_path / "s.json").read_text())
+    assert "sequential order" in report["plan"] and sidecar["plan"]["order"] == "sequential"
+    assert [h["name"] for h in sidecar["history"]] == ["model.layers.0", "model.layers.1"]
+    assert all(h["loss_last"] < h["loss_first"] for h in sidecar["history"])
+    assert _masked_zero(tmp_path / "s", torch.load(lm["llama_masks"], weights_only=True))
+
+
 def test_eval_random_init_and_blocks(lm, capsys):
     result = _run(capsys, "eval", "--model-name", lm["gpt2"], "--random-init", "--eval-text", lm["eval"],
                   "--eval-tokens", "200", "--stride", "16", "--seq-len", "32", "--no-progress")

@@ -13,7 +13,9 @@ from dist_worker import diagnostics_case, run_case
 
 HERE = Path(__file__).resolve().parent
 CASES = {"vit_fast": {"model": "fashion_vit", "mode": "fast"}, "vit_exact": {"model": "fashion_vit", "mode": "exact"},
-         "deit_fast": {"model": "deit", "mode": "fast"}, "deit_exact": {"model": "deit", "mode": "exact"}}
+         "deit_fast": {"model": "deit", "mode": "fast"}, "deit_exact": {"model": "deit", "mode": "exact"},
+         "vit_sequential": {"model": "fashion_vit", "mode": "exact", "order": "sequential"},
+         "deit_sequential": {"model": "deit", "mode": "fast", "order": "sequential"}}
 pytestmark = pytest.mark.slow
 
 

@@ -90,8 +90,8 @@ def vit_case():
 
 def llama_case():
     dense = tiny_lm("llama")
-    return dense, magnitude_masks(dense, 0.5), torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(3)), \
-        llama_stem, [f"model.layers.{i}" for i in range(3)], False
+    tokens = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(3))
+    return dense, magnitude_masks(dense, 0.5), tokens, llama_stem, [f"model.layers.{i}" for i in range(3)], False
 
 
 CASES = {"vit": vit_case, "llama": llama_case}
@@ -206,8 +206,8 @@ def test_the_order_rule_and_the_estimate():
 
 def test_objectives_that_are_not_block_local_are_refused():
     for name in ("kl", "ce", "starfish+kl"):
-        with pytest.raises(ValueError, match=rf"HealConfig.objective='{re.escape(name)}' cannot heal in order='sequential'.*"
-                                             r"allowed: starfish, mse"):
+        with pytest.raises(ValueError, match=rf"HealConfig.objective='{re.escape(name)}' cannot heal in "
+                                             r"order='sequential'.*allowed: starfish, mse"):
             HealConfig(order="sequential", objective=name)
     with pytest.raises(ValueError, match="HealConfig.order='backwards'; allowed: joint, sequential, auto"):
         HealConfig(order="backwards")
@@ -215,3 +215,57 @@ def test_objectives_that_are_not_block_local_are_refused():
         HealConfig(sequential_inputs="teacher")
     with pytest.raises(ValueError, match="block_weights"):
         HealConfig(order="sequential", block_weights="adaptive")
+
+
+# ----------------------------------------------------------------------------- other families, stores
+class Unit(torch.nn.Module):
+    """A residual conv unit: what the generic adapter finds as a block."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+def tiny_cnn(transition: bool = False):
+    torch.manual_seed(0)
+    units = [Unit(8), Unit(8), *([torch.nn.Conv2d(8, 8, 1)] if transition else []), Unit(8), Unit(8)]
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Sequential(*units),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+
+
+def test_gpt2_and_a_generic_cnn_heal_block_by_block():
+    calib = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(3))
+    images = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    for dense, data in ((tiny_lm("gpt2"), calib), (tiny_cnn(), images)):
+        masks = magnitude_masks(dense, 0.5)
+        healed = pruned_copy(dense, masks)
+        result = heal(healed, dense, masks, data, settings(mode="fast", precision="fp32", epochs=3))
+        assert len(result.history) == len(result.plan.blocks) >= 2
+        for record in result.history:
+            assert record["loss_last"] < record["loss_first"], record
+        for key, mask in masks.items():
+            assert (healed.state_dict()[key][~mask] == 0).all(), key
+
+
+def test_blocks_that_do_not_feed_each_other_are_refused():
+    dense = tiny_cnn(transition=True)
+    masks = magnitude_masks(dense, 0.5)
+    with pytest.raises(ValueError, match=r"sequential order: 1\.3 does not take 1\.1's output as its input"):
+        heal(pruned_copy(dense, masks), dense, masks, torch.randn(4, 3, 8, 8), settings())
+
+
+def test_the_streams_on_disk_give_the_streams_in_memory(tmp_path):
+    dense, masks, calib, *_ = llama_case()
+    runs = {}
+    for store in ("device", "disk"):
+        healed = pruned_copy(dense, masks)
+        result = heal(healed, dense, masks, calib, settings(teacher_store=store, teacher_dir=str(tmp_path)))
+        runs[store] = (result, healed.state_dict())
+        assert result.ran["stream_store"] == store
+    assert runs["disk"][0].step_losses == runs["device"][0].step_losses
+    for key, value in runs["device"][1].items():
+        assert torch.equal(runs["disk"][1][key], value), key
