@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from starfish_fast.checks import MASKS_FILE, check_output_dir, check_output_path  # noqa: F401 (their home: torch-free)
+from starfish_fast.packed_masks import pack, packed_header, packed_shapes, unpack
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,11 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None):
-    """A mask file: safetensors (with ``metadata``) for ``.safetensors``, else the reference's torch.save dict."""
+    """A mask file: for ``.safetensors`` bit-packed (``packed_masks``, with ``metadata``), else the reference's
+    torch.save dict of bool tensors."""
     if str(path).endswith(".safetensors"):
-        save_safetensors_atomic(masks, path, metadata)
+        save_safetensors_atomic({key: pack(value) for key, value in masks.items()}, path,
+                                packed_header({key: tuple(value.shape) for key, value in masks.items()}, metadata))
     else:
         save_torch_atomic({key: value.detach().cpu() for key, value in masks.items()}, path)
 
@@ -138,12 +141,21 @@ def _check_readable(path: Path) -> bytes:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """Every tensor of the file; a bit-packed mask file's masks unpacked to bool."""
+    from safetensors import safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            shapes = packed_shapes(f.metadata())
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as error:  # safetensors raises its own SafetensorError (and OSError) on bad files
         raise ValueError(f"{path} is not a valid safetensors file ({error_line(error)})") from None
+    if shapes is None:
+        return tensors
+    try:
+        return {key: unpack(value, shapes[key]) for key, value in tensors.items()}
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path} is a corrupt packed mask file ({error_line(error)})") from None
 
 
 def error_line(error: BaseException, root_cause: bool = False) -> str:
@@ -211,6 +223,8 @@ def file_kind(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> str
         raise ValueError(f"{path} is not a valid safetensors file ({error_line(error)})") from None
     if metadata.get("format") in (json.dumps(EXPORT_FORMAT), json.dumps(EXPORT_FORMAT_V1)):
         return "export"
+    if packed_shapes(metadata) is not None:
+        return "masks"
     return "other" if not dtypes else "masks" if all(d == "BOOL" for d in dtypes) else "weights"
 
 
@@ -479,7 +493,7 @@ def export_dense(model: nn.Module, masks: Mapping[str, torch.Tensor], path: str 
 def save_pretrained_with_masks(model: nn.Module, directory: str | os.PathLike, masks: Mapping[str, torch.Tensor],
                                tokenizer=None, metadata: Mapping | None = None) -> None:
     """A Hugging Face checkpoint directory (``save_pretrained``: config.json, safetensors weights) whose
-    masked weights are zeros in place, loadable by transformers as is, with the bool masks in
+    masked weights are zeros in place, loadable by transformers as is, with the masks bit-packed in
     ``masks.safetensors`` (JSON ``metadata``) and the tokenizer if given. Written into a temporary sibling
     directory and renamed into place; an existing directory is replaced only once the new one is whole.
     (A model loaded from a GGUF file by ``models.hf.load_hf_model`` is the dense model it was dequantized to.)"""
@@ -498,7 +512,7 @@ def save_pretrained_with_masks(model: nn.Module, directory: str | os.PathLike, m
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         header = {key: json.dumps(value, default=str) for key, value in (metadata or {}).items()}
-        save_safetensors_atomic(bool_masks, tmp / MASKS_FILE, metadata=header)
+        save_masks(bool_masks, tmp / MASKS_FILE, metadata=header)
         for file in tmp.iterdir():           # transformers writes its weights 0600: the umask's modes, as elsewhere
             os.chmod(file, 0o666 & ~_umask())
         old = directory.parent / f".{directory.name}.{secrets.token_hex(4)}.old"

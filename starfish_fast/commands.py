@@ -128,6 +128,7 @@ def _check_recover(args, kind: Modality):
     kind.check(args, mistakes, "recover", scope=config.scope)
     with mistakes.check():
         device, group = check_device(config)
+        kind.check_joint(config, device)
     with mistakes.check():
         check_resume(args, config)
     mistakes.done()
@@ -140,6 +141,10 @@ def run_recover(args, kind: Modality) -> int:
     config, device, main = _check_recover(args, kind)
     output = Path(args.output_path)
     shown = config.progress and main
+    if kind.streamed:
+        result = kind.recover_streamed(args, output, config, shown)
+        human_line(f"healed block by block in {result.steps} steps ({result.heal_seconds:.0f} s); written to {output}")
+        return 0
     with output_directory(output.parent), kind.quiet(shown):
         log.info("loading the model")
         dense = kind.load_dense(args, device)
@@ -242,6 +247,9 @@ def _check_prune(args, kind: Modality) -> tuple[str, str]:
 
 def run_prune(args, kind: Modality) -> int:
     scope, device = _check_prune(args, kind)
+    if kind.streams_prune(args):
+        return report_masks(args, kind.stream_prune(args, scope), scope, kind.weights_label(args),
+                            **kind.prune_extra())
     model = kind.load_dense(args, device)
     scope = scope or prune_scope(args, model)
     masks = make_masks(args, model, scope, device, lambda: kind.prune_calibration(args, model))
@@ -279,13 +287,20 @@ def make_masks(args, model, scope: str, device, calibration: Callable[[], object
 
 def write_masks(args, masks: dict, scope: str, dense_weights: str, **extra) -> int:
     """Save the prune command's mask file, log its per-layer summary, print the JSON result."""
-    from starfish_fast.prune import format_summary, sparsity_summary
+    from starfish_fast.prune import sparsity_summary
 
     summary = sparsity_summary(masks)
     save_masks(masks, args.output, {"model_name": args.model_name, "method": args.method, "prune_scope": scope,
                                     "sparsity": f"{summary['sparsity']:.6f}"})
+    return report_masks(args, summary, scope, dense_weights, **extra)
+
+
+def report_masks(args, summary: dict, scope: str, dense_weights: str, **extra) -> int:
+    """Log the per-layer summary of the written mask file and print the prune command's JSON result."""
+    from starfish_fast.prune import format_summary
+
     log.info("per layer:\n%s", format_summary(summary))
-    print_json({"output": args.output, "method": args.method, "prune_scope": scope, "masks": len(masks),
+    print_json({"output": args.output, "method": args.method, "prune_scope": scope, "masks": len(summary["layers"]),
                 "weights": summary["total"], "pruned": summary["pruned"], "sparsity": summary["sparsity"],
                 "dense_weights": dense_weights, **extra})
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -33,11 +34,15 @@ from starfish_fast.checkpoint import (MASKS_FILE, check_input_file, check_output
                                       file_kind, read_state_dict, save_json_atomic, save_pretrained_with_masks,
                                       state_dict_mismatch, weight_shapes)
 from starfish_fast.checks import CALIB_HINT, TEXT
+from starfish_fast.data import as_batches
 from starfish_fast.masks import apply_masks, mask_density
-from starfish_fast.modality import Modality, block_names, prune_scope
+from starfish_fast.modality import Modality, block_names, output_directory, print_json, prune_scope
 from starfish_fast.models import CheckpointMismatchError, ModelSpec, load_dense
 from starfish_fast.models.hf import build_hf_model, is_causal_lm, load_hf_model, load_hf_tokenizer, resolve_source
+from starfish_fast.models.hf_shards import ShardedCheckpoint, expected_shapes, is_sharded_directory
 from starfish_fast.models.registry import weights_source
+from starfish_fast.streaming import (BlockMasks, HFShardSource, StreamedLM, block_masks, check_joint_fits, heal_streaming,
+                                     stream_prune)
 from starfish_fast.text import (HF_TEXT_DATASETS, MAX_CHARS, check_disjoint, hf_text_data, perplexity,
                                 read_documents, sample_sequences, token_stream)
 
@@ -119,7 +124,8 @@ class Text(Modality):
                 self.check_prune(args, calibration)
         if getattr(args, "mask_path", None) and model_ok:
             with mistakes.check():
-                self.masks = self.read_masks(args, scope)
+                self.masks = self.streamed_masks(args, scope) if self.streams_recover(args, command) else \
+                    self.read_masks(args, scope)
 
     def read_inputs(self, args, mistakes, command: str) -> None:
         """The text, read and tokenized now: the heavy part of the validation, once the rest is right."""
@@ -129,8 +135,14 @@ class Text(Modality):
                 self.check_text(args, calibration, {"eval": "required", "recover": "optional"}.get(command, "none"))
 
     def check_model(self, args, weights: bool) -> None:
-        """``--blocks``, the weights files given (kind, keys and shapes), one source of dense weights."""
+        """``--blocks``, the weights files given (kind, keys and shapes), one source of dense weights; a model
+        directory's index names shards that are there (headers only)."""
         self.blocks = block_names(args, self.skeleton)
+        if is_sharded_directory(self.spec.arch):
+            try:
+                ShardedCheckpoint.open(self.spec.arch)
+            except ValueError as error:
+                raise ValueError(f"--model-name {error}") from None
         for name in ("dense_path", "checkpoint"):
             if getattr(args, name, None):
                 _check_fits(args, self, getattr(args, name), "--" + name.replace("_", "-"))
@@ -271,6 +283,61 @@ class Text(Modality):
 
     def masks_for(self, args, model, scope: str) -> dict:
         return self.masks
+
+    # ------------------------------------------------------------------------- never the whole model in memory
+    def streams_prune(self, args) -> bool:
+        """Whether ``prune`` reads the model one tensor at a time (``streaming.stream_prune``): magnitude per layer
+        or N:M masks of a model directory's own safetensors weights."""
+        return (args.method == "nm" or (args.method == "magnitude" and args.per == "layer")) and \
+            args.dense_path is None and not args.random_init and is_sharded_directory(self.spec.arch)
+
+    def stream_prune(self, args, scope: str) -> dict:
+        streamed = StreamedLM.open(self.spec.arch)      # headers only: a missing shard is one line, nothing read
+        return stream_prune(streamed, args.output, args.method, args.sparsity, args.n, args.m, scope,
+                            {"model_name": args.model_name, "method": args.method, "prune_scope": scope})
+
+    def streams_recover(self, args, command: str) -> bool:
+        """Whether ``recover`` heals block by block from the directory's shards (``streaming.heal_streaming``):
+        order sequential on a model directory's own safetensors."""
+        return command == "recover" and args.order == "sequential" and args.dense_path is None and \
+            not args.random_init and is_sharded_directory(self.spec.arch)
+
+    def streamed_masks(self, args, scope: str | None) -> BlockMasks:
+        """The mask file checked from its header against the shards (``streaming.BlockMasks``), nothing read."""
+        check_input_file(args.mask_path, "--mask-path", "masks", args.allow_unsafe_pickle)
+        return block_masks(StreamedLM.open(self.spec.arch), scope or args.prune_scope, mask_path=args.mask_path,
+                           allow_unsafe_pickle=args.allow_unsafe_pickle)
+
+    def check_joint(self, config, device) -> None:
+        """A model directory healed jointly must fit the device: the estimate against the free memory."""
+        if is_sharded_directory(self.spec.arch) and config.order == "joint":
+            check_joint_fits(StreamedLM.open(self.spec.arch), device, config.scope)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.masks, BlockMasks)
+
+    def recover_streamed(self, args, output: Path, config, shown: bool) -> dict:
+        """recover without the whole model in memory: each block read, healed and written as its own shard."""
+        if self.eval_ids is not None:
+            log.warning("--eval-text: perplexity needs the whole model; not measured in a streamed run (run `eval` "
+                        "on %s where it fits)", output)
+        source = HFShardSource(StreamedLM.open(self.spec.arch), self.masks, output,
+                               metadata={"model_name": json.dumps(args.model_name),
+                                         "mask_path": json.dumps(args.mask_path),
+                                         "objective": json.dumps(config.objective)})
+        with output_directory(output.parent), self.quiet(shown):
+            result = heal_streaming(source, as_batches(self.calib, config.batch_size), config)
+        report = {"output": str(output), "sidecar": f"{output}.json", "metrics": config.metrics_path,
+                  "model_name": args.model_name, "mask_path": args.mask_path, "order": "sequential (streamed)",
+                  **self.text, "objective": config.objective, "final_loss": result.history[-1]["loss"],
+                  "steps": result.steps, "heal_seconds": round(result.heal_seconds, 2),
+                  "peak_weights_held": source.peak_held, "plan": result.plan.summary()}
+        save_json_atomic({**report, "history": result.history, "config": dataclasses.asdict(config),
+                          "plan": result.plan.as_dict()}, f"{output}.json")
+        Path(config.checkpoint_path).unlink(missing_ok=True)
+        print_json(report)
+        return result
 
     def prune_calibration(self, args, model):
         return self.calib
@@ -446,21 +513,9 @@ def _check_fits(args, lm: Text, path: str, flag: str) -> None:
     else:
         check_input_file(path, flag, "weights", args.allow_unsafe_pickle)
         found = weight_shapes(path, args.allow_unsafe_pickle)
-    problem = state_dict_mismatch(_expected_shapes(lm.skeleton, found), found)
+    problem = state_dict_mismatch(expected_shapes(lm.skeleton, found), found)
     if problem:
         raise CheckpointMismatchError(f"{flag} {path} does not fit {args.model_name}: {problem}")
-
-
-def _expected_shapes(model: nn.Module, found) -> dict[str, tuple]:
-    """The model's keys and shapes, less the aliases of a tied tensor (an LM head sharing the embedding:
-    ``save_pretrained`` writes it once) when ``found`` holds another of its names."""
-    state = model.state_dict(keep_vars=True)
-    names: dict[int, list[str]] = {}
-    for key, value in state.items():
-        names.setdefault(id(value), []).append(key)
-    tied = {key for group in names.values() if len(group) > 1 and any(k in found for k in group)
-            for key in group if key not in found}
-    return {key: tuple(value.shape) for key, value in state.items() if key not in tied}
 
 
 def _documents(paths, flag: str):

@@ -6,7 +6,8 @@
 
 A mask file is a ``dict[str, Tensor]`` (``torch.save`` or safetensors) keyed by
 ``state_dict`` weight names, each a bool or 0/1 tensor of the weight's shape
-(1 = keep and train, 0 = zero and freeze). Keys outside the scope are ignored.
+(1 = keep and train, 0 = zero and freeze). Keys outside the scope are ignored. The ``.safetensors`` files
+starfish_fast writes hold them bit-packed (``packed_masks``); they load as bool tensors.
 """
 from __future__ import annotations
 

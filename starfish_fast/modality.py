@@ -73,6 +73,15 @@ class Modality:
     def eval_summary(self, args, result: dict) -> str:
         raise NotImplementedError
 
+    # --- never the whole model in memory (Hugging Face directories: commands_lm.Text)
+    streamed = False                       # recover heals from the checkpoint's shards, block by block
+
+    def streams_prune(self, args) -> bool:
+        return False
+
+    def check_joint(self, config, device) -> None:
+        """Refuse a joint run that cannot fit the device (where the model's size is known without loading it)."""
+
     # --- defaults the image modality keeps and the text one overrides
     activation_words = "activations not counted"
 

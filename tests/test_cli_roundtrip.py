@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from helpers import interrupted_at
 from starfish_fast import cli, steps
+from starfish_fast.checkpoint import load_tensor_file
 from starfish_fast.data import FASHION_MNIST_DIR
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
@@ -68,7 +69,7 @@ def test_every_artifact_loads_in_every_command_that_takes_its_kind(tmp_path, cap
     exported = load_file(str(export))                                    # exactly the model's keys, masked zeros
     state = torch.load(output, weights_only=True)["state_dict"]
     assert exported.keys() == state.keys()
-    for key, mask in load_file(str(masks_st)).items():
+    for key, mask in load_tensor_file(masks_st).items():
         assert (exported[key][~mask] == 0).all() and torch.equal(exported[key], state[key])
 
     top1 = []

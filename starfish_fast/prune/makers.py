@@ -151,10 +151,17 @@ def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "auto", per:
     _, resolved, weights = scope_weights(model, scope)
     scores = checked_scores(weights, score)
     if per == "layer":
-        masks = {key: _threshold_masks({key: value}, sparsity)[key] for key, value in scores.items()}
+        masks = {key: magnitude_mask(value, sparsity) for key, value in scores.items()}
     else:
         masks = _threshold_masks(scores, sparsity)
     return finish_masks(masks, f"magnitude pruning, {per}, sparsity {sparsity:g}, scope {resolved}", weights.transposed)
+
+
+def magnitude_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """One layer's bool keep-mask removing its lowest ``sparsity`` fraction of ``scores`` (exactly
+    ``round(sparsity * size)``): what ``magnitude_masks(per="layer")`` does to each layer, for callers
+    that hold one layer at a time (``models.hf_stream``)."""
+    return _threshold_masks({"": scores}, sparsity)[""]
 
 
 def _threshold_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
@@ -187,11 +194,14 @@ def nm_masks(model: nn.Module, n: int = 2, m: int = 4, scope: str = "auto",
     check_nm(n, m)
     _, resolved, weights = scope_weights(model, scope)
     check_nm_shapes(weights, n, m, resolved)
-    masks = {}
-    for key, value in checked_scores(weights, score).items():
-        groups = value.reshape(value.shape[0], -1, m)          # (out, reduction/m, m)
-        masks[key] = keep_largest(groups, m - n, dim=-1).view(value.shape)
+    masks = {key: nm_mask(value, n, m) for key, value in checked_scores(weights, score).items()}
     return finish_masks(masks, f"{n}:{m} pruning, scope {resolved}", weights.transposed)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """One layer's N:M bool keep-mask; ``scores`` viewed (out, reduction...), the reduction a multiple of m."""
+    groups = scores.reshape(scores.shape[0], -1, m)            # (out, reduction/m, m)
+    return keep_largest(groups, m - n, dim=-1).view(scores.shape)
 
 
 # ----------------------------------------------------------------------------- structured
