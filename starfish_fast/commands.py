@@ -128,7 +128,9 @@ def _check_recover(args, kind: Modality):
     kind.check(args, mistakes, "recover", scope=config.scope)
     with mistakes.check():
         device, group = check_device(config)
-        kind.check_joint(config, device)
+    if not mistakes.lines:                     # the joint estimate reads the scope and device found right above
+        with mistakes.check():
+            kind.check_joint(config, device)
     with mistakes.check():
         check_resume(args, config)
     mistakes.done()

@@ -41,6 +41,7 @@ from starfish_fast.models import CheckpointMismatchError, ModelSpec, load_dense
 from starfish_fast.models.hf import build_hf_model, is_causal_lm, load_hf_model, load_hf_tokenizer, resolve_source
 from starfish_fast.models.hf_shards import ShardedCheckpoint, expected_shapes, is_sharded_directory
 from starfish_fast.models.registry import weights_source
+from starfish_fast.packed_masks import packed_shapes, unpack
 from starfish_fast.streaming import (BlockMasks, HFShardSource, StreamedLM, block_masks, check_joint_fits, heal_streaming,
                                      stream_prune)
 from starfish_fast.text import (HF_TEXT_DATASETS, MAX_CHARS, check_disjoint, hf_text_data, perplexity,
@@ -441,9 +442,10 @@ def healed_sparsity(path) -> float | None:
     from safetensors import safe_open
 
     zeros = total = 0
-    with safe_open(str(masks_path), framework="pt") as f:
+    with safe_open(str(masks_path), framework="pt") as f:      # one mask at a time (a 7B model's: 6.5 GB as bool)
+        shapes = packed_shapes(f.metadata())                    # bit-packed files (checkpoint.save_masks)
         for key in f.keys():
-            mask = f.get_tensor(key)
+            mask = f.get_tensor(key) if shapes is None else unpack(f.get_tensor(key), shapes[key])
             zeros, total = zeros + int((mask == 0).sum()), total + mask.numel()
     return zeros / max(total, 1)
 

@@ -21,6 +21,22 @@ from starfish_fast.checkpoint import key_examples, load_tensor_file
 from starfish_fast.models import WeightPredicate, prunable_weights
 
 
+def check_mask_shapes(found: Mapping[str, tuple], expected: Mapping[str, tuple], source: str) -> None:
+    """The masks' keys and shapes (``found``; from a file's header where the tensors stay on disk) cover the
+    scope's weights (``expected``)."""
+    if not any(key in found for key in expected):
+        raise ValueError(f"{source}: no mask key matches the prune scope; expected keys like "
+                         f"{key_examples(expected)}; found keys like {key_examples(found)}")
+    missing = [key for key in expected if key not in found]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} prunable weights of the scope have no mask: "
+                         f"{key_examples(missing)}")
+    for key, shape in expected.items():
+        if tuple(found[key]) != tuple(shape):
+            raise ValueError(f"{source}: mask {key!r} has shape {tuple(found[key])} but the weight has shape "
+                             f"{tuple(shape)}")
+
+
 def validate_masks(raw, model: nn.Module, is_trainable_weight: WeightPredicate,
                    source: str = "masks") -> dict[str, torch.Tensor]:
     """Check a mask mapping against the model's prunable weights; float32 0/1 CPU masks for the scope."""
@@ -31,21 +47,11 @@ def validate_masks(raw, model: nn.Module, is_trainable_weight: WeightPredicate,
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"{source}: expected str -> tensor entries, found {key!r}: {type(value).__name__}")
     expected = prunable_weights(model, is_trainable_weight)
-    matched = [key for key in raw if key in expected]
-    if not matched:
-        raise ValueError(f"{source}: no mask key matches the prune scope; expected keys like "
-                         f"{key_examples(expected)}; found keys like {key_examples(raw)}")
-    missing = [key for key in expected if key not in raw]
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} prunable weights of the scope have no mask: "
-                         f"{key_examples(missing)}")
+    check_mask_shapes({key: tuple(value.shape) for key, value in raw.items()},
+                      {key: tuple(weight.shape) for key, weight in expected.items()}, source)
     masks = {}
-    for key, weight in expected.items():
-        value = raw[key]
-        if tuple(value.shape) != tuple(weight.shape):
-            raise ValueError(f"{source}: mask {key!r} has shape {tuple(value.shape)} but the weight has shape "
-                             f"{tuple(weight.shape)}")
-        value = value.detach().cpu()
+    for key in expected:
+        value = raw[key].detach().cpu()
         if value.dtype != torch.bool:
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"{source}: mask {key!r} has non-finite values (NaN or inf)")

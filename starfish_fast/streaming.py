@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from starfish_fast.calibration import capture_inputs
-from starfish_fast.checkpoint import (check_output_path, error_line, key_examples, save_masks,
+from starfish_fast.checkpoint import (check_output_path, error_line, save_masks,
                                       save_safetensors_atomic, state_dict_mismatch)
 from starfish_fast.config import HealConfig
+from starfish_fast.masks import check_mask_shapes
 from starfish_fast.models import adapter_for, prunable_weights
 from starfish_fast.models.hf import build_hf_model, decoder_layer_names
 from starfish_fast.models.hf_shards import MaskFile, ShardedCheckpoint, ShardWriter, expected_shapes
@@ -93,21 +94,6 @@ class StreamedLM:
     def transposed(self) -> frozenset[str]:
         """The weights stored (in, out): transformers ``Conv1D`` (GPT-2), pruned as the linears they are."""
         return frozenset(f"{name}.weight" for name, module in self.skeleton.named_modules() if is_hf_conv1d(module))
-
-
-def check_mask_shapes(found: Mapping[str, tuple], expected: Mapping[str, tuple], source: str) -> None:
-    """The masks' keys and shapes (``found``, from a header) cover the scope's weights (``expected``)."""
-    if not any(key in found for key in expected):
-        raise ValueError(f"{source}: no mask key matches the prune scope; expected keys like "
-                         f"{key_examples(expected)}; found keys like {key_examples(found)}")
-    missing = [key for key in expected if key not in found]
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} prunable weights of the scope have no mask: "
-                         f"{key_examples(missing)}")
-    for key, shape in expected.items():
-        if tuple(found[key]) != tuple(shape):
-            raise ValueError(f"{source}: mask {key!r} has shape {tuple(found[key])} but the weight has shape "
-                             f"{tuple(shape)}")
 
 
 def available_memory(device: str | torch.device) -> int:
