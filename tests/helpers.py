@@ -73,3 +73,26 @@ def interrupted_at(step_class: type, at: int, seen: list | None = None):
         yield
     finally:
         step_class.__call__ = original
+
+
+class Crashed(Exception):
+    """What ``crash_after_saving`` raises in place of a crash."""
+
+
+@contextlib.contextmanager
+def crash_after_saving(module, at: int):
+    """Within (which must crash): ``module.save_resume`` writes step ``at``'s resume checkpoint, then the run
+    crashes (``Crashed``, expected here); afterwards the checkpoint writer is ``module``'s own again."""
+    original = module.save_resume
+
+    def save_then_crash(path, state):
+        original(path, state)
+        if state["step"] == at:
+            raise Crashed
+
+    module.save_resume = save_then_crash
+    try:
+        with pytest.raises(Crashed):
+            yield
+    finally:
+        module.save_resume = original

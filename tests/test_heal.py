@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import starfish_fast.engine as engine
-from helpers import images, random_masks, tiny_mobilenet, tiny_vit
+from helpers import crash_after_saving, images, random_masks, tiny_mobilenet, tiny_vit
 from starfish_fast import HealConfig, heal
 from starfish_fast.models import adapter_for, prunable_weights
 from starfish_fast.teacher import make_teacher_store, teacher_outputs
@@ -194,28 +194,16 @@ def test_store_auto_and_errors():
     assert "fits in RAM" in result.plan.reasons["teacher_store"]
 
 
-class _Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["fast", "exact"])
-def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, mode):
+def test_resume_reproduces_uninterrupted_run(tmp_path, mode):
     dense, pruned, masks, calib = _setup()
     uninterrupted = copy.deepcopy(pruned)
     full = heal(uninterrupted, dense, masks, calib, _config(mode=mode, epochs=3))
     interrupt_at = int(torch.randint(1, full.steps - 1, (1,), generator=torch.Generator().manual_seed(7)))
     checkpoint = tmp_path / "run.resume"
-    save = engine.save_resume
-
-    def save_then_crash(path, state):
-        save(path, state)
-        if state["step"] == interrupt_at:
-            raise _Interrupted
-    monkeypatch.setattr(engine, "save_resume", save_then_crash)
     config = _config(mode=mode, epochs=3, checkpoint_every=1, checkpoint_path=str(checkpoint), resume=True)
-    with pytest.raises(_Interrupted):
+    with crash_after_saving(engine, interrupt_at):
         heal(copy.deepcopy(pruned), dense, masks, calib, config)
-    monkeypatch.setattr(engine, "save_resume", save)
     resumed_model = copy.deepcopy(pruned)
     resumed = heal(resumed_model, dense, masks, calib, config)
     assert resumed.step_losses == full.step_losses

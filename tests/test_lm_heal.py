@@ -20,6 +20,7 @@ from starfish_fast import HealConfig, heal  # noqa: E402
 from starfish_fast.masks import apply_masks  # noqa: E402
 from starfish_fast.prune import magnitude_masks, nm_masks  # noqa: E402
 
+from helpers import crash_after_saving  # noqa: E402
 from lm_dist_worker import tiny_lm, heal_case  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -100,26 +101,14 @@ def test_healing_brings_block_outputs_closer_to_the_dense_model():
     assert distance(pruned) < 0.7 * before
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_reproduces_uninterrupted_run(tmp_path):
     dense, pruned, masks, calib = setup()
     uninterrupted = copy.deepcopy(pruned)
     full = heal(uninterrupted, dense, masks, calib, config(epochs=2))
     checkpoint = tmp_path / "lm.resume"
-    save = engine.save_resume
-
-    def save_then_crash(path, state):
-        save(path, state)
-        if state["step"] == 2:
-            raise _Interrupted
-    monkeypatch.setattr(engine, "save_resume", save_then_crash)
     settings = dict(epochs=2, checkpoint_every=1, checkpoint_path=str(checkpoint), resume=True)
-    with pytest.raises(_Interrupted):
+    with crash_after_saving(engine, 2):
         heal(copy.deepcopy(pruned), dense, masks, calib, config(**settings))
-    monkeypatch.setattr(engine, "save_resume", save)
     resumed_model = copy.deepcopy(pruned)
     resumed = heal(resumed_model, dense, masks, calib, config(**settings))
     assert resumed.step_losses == full.step_losses

@@ -15,6 +15,7 @@ from starfish_fast import HealConfig, heal, load_bundled_model, resolve_plan, ru
 from starfish_fast.masks import apply_masks
 from starfish_fast.prune import magnitude_masks
 
+from helpers import crash_after_saving
 from lm_dist_worker import tiny_lm
 
 
@@ -142,13 +143,9 @@ def test_fast_mode_heals_each_block_and_keeps_masks_zero(case):
         assert (healed.state_dict()[key][~mask] == 0).all(), key
 
 
-class _Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("where", ["mid_block", "block_end"])
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, where, mode):
+def test_resume_equals_an_uninterrupted_run(tmp_path, where, mode):
     dense, masks, calib, *_ = llama_case()
     config = settings(mode=mode, precision="fp32")
     uninterrupted = pruned_copy(dense, masks)
@@ -156,18 +153,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, where, mode):
     per_block = full.steps // len(full.history)
     interrupt_at = per_block + 1 if where == "mid_block" else per_block          # in block 2, or at its start
     checkpoint = tmp_path / "run.resume"
-    save = sequential.save_resume
-
-    def save_then_crash(path, state):
-        save(path, state)
-        if state["step"] == interrupt_at:
-            raise _Interrupted
-    monkeypatch.setattr(sequential, "save_resume", save_then_crash)
     resumable = settings(mode=mode, precision="fp32", checkpoint_every=1, checkpoint_path=str(checkpoint),
                          resume=True)
-    with pytest.raises(_Interrupted):
+    with crash_after_saving(sequential, interrupt_at):
         heal(pruned_copy(dense, masks), dense, masks, calib, resumable)
-    monkeypatch.setattr(sequential, "save_resume", save)
     resumed_model = pruned_copy(dense, masks)
     resumed = heal(resumed_model, dense, masks, calib, resumable)
     assert resumed.step_losses == full.step_losses
