@@ -218,22 +218,23 @@ def report(args) -> None:
 
 
 def _memory_table(heal_7b: dict) -> str:
-    """Per-block device memory of sequential healing: the measured 7B block's held weights (student + dense twin)
-    and trained weights, in bytes per weight as this run holds them (fp32 weights, gradients, two Adam moments),
-    scaled by each shape's block size; beside it the three activation streams of a 128 x 2048-token calibration
-    set (fp32), which the teacher store keeps on the host (pinned or disk) where the device is short."""
+    """Per-block device memory of sequential healing: the measured 7B block's weights and trained weights, in bytes
+    per weight as this run holds them at its peak (fp32 student weights; per trained weight its fp32 gradient, two
+    fp32 Adam moments and a bool mask; the dense twin is freed once it gave the targets, before training), scaled by
+    each shape's block size; beside it the three activation streams of a 128 x 2048-token calibration set (fp32),
+    which the teacher store keeps on the host (pinned or disk) where the device is short."""
     measured = block_weights(*LLAMA_SHAPES["Llama-2-7B"])
-    held_per_weight = heal_7b["peak_weights_held"] / measured            # 2: student and dense twin
     trained_per_weight = heal_7b["trained_weights_per_block"] / measured
-    rows = ["Arithmetic, not measured on a GPU: from the measured 7B block (held weights x 4 bytes + trained "
-            "weights x 12 bytes for the fp32 gradient and two Adam moments), scaled by each shape's block size. "
-            "The streams column (inputs, targets, carried outputs for 128 x 2048 calibration tokens, fp32) lives "
-            "on the device only where it fits, else pinned host memory or disk.", "",
+    rows = ["Arithmetic, not measured on a GPU: from the measured 7B block (weights x 4 bytes + trained weights x 13 "
+            "bytes for the fp32 gradient, two Adam moments and a bool mask; the dense twin, 4 bytes a weight, is "
+            "freed before training), scaled by each shape's block size. The streams column (inputs, targets, carried "
+            "outputs for 128 x 2048 calibration tokens, fp32) lives on the device only where it fits, else pinned "
+            "host memory or disk.", "",
             "| shape | weights per block | block on the device (GiB) | streams, 128 x 2048 tokens (GiB) | "
             + " | ".join(DEVICES) + " |", "|---|---|---|---|" + "---|" * len(DEVICES)]
     for name, shape in LLAMA_SHAPES.items():
         weights = block_weights(*shape)
-        gib = weights * (held_per_weight * 4 + trained_per_weight * 12) / 2**30
+        gib = weights * (4 + trained_per_weight * 13) / 2**30
         streams = 3 * 128 * 2048 * shape[0] * 4 / 2**30
         fits = " | ".join("block and streams fit" if gib + streams < size * 0.9 else
                           "block fits, streams on the host" if gib < size * 0.9 else "does not fit"

@@ -197,7 +197,8 @@ def run_chunk(args, results: dict, out: Path) -> None:
             for objective in todo:
                 student = copy.deepcopy(pruned)
                 started = time.perf_counter()
-                result = heal(student, dense, masks, calib, HealConfig(objective=objective, **settings))
+                result = heal(student, dense, masks, calib,       # one objective per run: no finish phase
+                              HealConfig(objective=objective, finish="none", **settings))
                 seconds = time.perf_counter() - started
                 state = student.state_dict()
                 assert all((state[k][~m] == 0).all() for k, m in masks.items()), "masked weights moved"

@@ -6,7 +6,9 @@ at least 100 optimizer steps per trained weight, calibrated and evaluated in dom
     python bench/lm_recipes.py --report                                # table (md) and plot (png) from the JSON
 
 A recipe is one or more phases, each a ``heal`` call with its own objective, order and share of the
-steps (each phase its own cosine learning-rate schedule from ``--lr`` to ``--lr``/10, Adam restarted);
+steps; ``A>kl`` is one call with ``HealConfig(finish="kl")``: ``A`` for half the steps, then KL (each phase its own
+cosine learning-rate schedule from ``--lr`` to ``--lr``/10, Adam restarted; before the library had ``finish`` it was
+two calls, the same computation: tests/test_finish.py);
 every recipe trains every masked weight for the same number of optimizer steps (``--epochs`` x
 ``--sequences`` / ``--batch-size``), and its wall time (teacher passes included, evaluation not) is
 reported next to its perplexity. ``starfish+kl@A``: ``A`` x STARFISH + (1 - A) x KL, registered here as
@@ -39,20 +41,22 @@ from starfish_fast.text import perplexity, read_documents, token_stream
 
 log = logging.getLogger("lm_recipes")
 RESULTS = Path(__file__).resolve().parent / "results"
-MASKS = ("magnitude24", "wanda24")
+MASKS = ("magnitude24", "wanda24", "wanda50")
 MIX_WEIGHTS = (0.1, 0.9)                    # the STARFISH share of the extra starfish+kl@A entries
-# recipe -> phases (objective, share of the steps, extra HealConfig keys)
+# recipe -> phases (objective, share of the steps, extra HealConfig keys); "A>kl" is the library's HealConfig.finish
 RECIPES = {
     "kl": [("kl", 1.0, {})],
     "starfish": [("starfish", 1.0, {})],
     "starfish+kl": [("starfish+kl", 1.0, {})],
     **{f"starfish+kl@{a:g}": [(f"starfish+kl@{a:g}", 1.0, {})] for a in MIX_WEIGHTS},
-    "starfish>kl": [("starfish", 0.5, {}), ("kl", 0.5, {})],
+    "starfish>kl": [("starfish", 1.0, {"finish": "kl"})],
+    "mse": [("mse", 1.0, {})],
+    "mse>kl": [("mse", 1.0, {"finish": "kl"})],
     "starfish:adaptive": [("starfish", 1.0, {"block_weights": "adaptive"})],
-    "kl>kl": [("kl", 0.5, {}), ("kl", 0.5, {})],             # control: the two phases' schedule restart alone
+    "kl>kl": [("kl", 1.0, {"finish": "kl"})],             # control: the two phases' schedule restart alone
     "seq:student": [("starfish", 1.0, {"order": "sequential", "sequential_inputs": "student"})],
     "seq:dense": [("starfish", 1.0, {"order": "sequential", "sequential_inputs": "dense"})],
-    "seq>kl": [("starfish", 0.5, {"order": "sequential", "sequential_inputs": "student"}), ("kl", 0.5, {})],
+    "seq>kl": [("starfish", 1.0, {"order": "sequential", "sequential_inputs": "student", "finish": "kl"})],
 }
 NOTES = [                                   # hand-written after the runs of 2026-12-06 (the tables above are generated)
     "## Findings", "",
@@ -115,7 +119,8 @@ def run_recipe(name: str, pruned, dense, masks, calib, args) -> dict:
     for objective, share, extra in RECIPES[name]:
         epochs = round(args.epochs * share)
         config = HealConfig(objective=objective, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-                            min_lr=args.lr / 10, mode="fast", progress=False, log_every=1, device="cpu", **extra)
+                            min_lr=args.lr / 10, mode="fast", progress=False, log_every=1, device="cpu",
+                            **{"finish": "none", **extra})
         started = time.perf_counter()
         result = heal(student, dense, masks, calib, config)
         seconds += time.perf_counter() - started
@@ -249,7 +254,7 @@ def plot(results: dict, path: Path, seed: int = 0) -> None:
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    fig, axes = plt.subplots(1, len(MASKS), figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, len(MASKS), figsize=(5.5 * len(MASKS), 4.2))
     for ax, mask in zip(axes, MASKS):
         for recipe in RECIPES:
             run = runs.get(f"{seed}/{mask}/{recipe}")

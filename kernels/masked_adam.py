@@ -72,7 +72,7 @@ def masked_adam_step_reference(params: Sequence[torch.Tensor], grads: Sequence[t
         groups: dict[tuple, list[int]] = {}
         for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
             groups.setdefault((p.dtype, g.dtype, m.dtype, v.dtype, p.device), []).append(i)
-        for (pd, gd, md, vd, _), ids in groups.items():
+        for (pd, gd, md, vd, _), ids in _chunked(groups, params):
             same = pd == gd == md == vd
             # mixed dtypes (e.g. bf16 params, fp32 moments): compute in fp32, write back
             P = [params[i] if same else params[i].float() for i in ids]
@@ -104,6 +104,25 @@ def masked_adam_step_reference(params: Sequence[torch.Tensor], grads: Sequence[t
                     params[i].copy_(P[k])
                     exp_avgs[i].copy_(M[k])
                     exp_avg_sqs[i].copy_(V[k])
+
+
+# the reference's temporaries (denominators, updates, masks as floats) are as large as the tensors a _foreach call
+# takes: bounded at this many elements per call (a 7B layer's 202 M weights would otherwise need 2 x 0.8 GB more
+# at its peak; bench/results/stream_7b_cpu.md). Elementwise: the values do not depend on the chunks.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _chunked(groups: dict, params: Sequence[torch.Tensor]):
+    """Each group's (key, ids) split into runs of at most ``CHUNK_ELEMENTS`` elements (a larger tensor alone)."""
+    for key, ids in groups.items():
+        run, size = [], 0
+        for i in ids:
+            if run and size + params[i].numel() > CHUNK_ELEMENTS:
+                yield key, run
+                run, size = [], 0
+            run.append(i)
+            size += params[i].numel()
+        yield key, run
 
 
 # --------------------------------------------------------------------------- kernel

@@ -221,9 +221,11 @@ def build_recover_parser(subparsers) -> None:
                                    formatter_class=_Formatter)
     add_model_flags(parser)
     shared = parser.group(SHARED_TITLE)
-    parser.flag(shared, "--mask-path", required=True,
+    parser.flag(shared, "--mask-path", default=None,
                 help="mask file: dict weight name -> 0/1 tensor (.pt or .safetensors); for a language model also "
-                     "recover's output directory (its masks.safetensors)")
+                     "recover's output directory (its masks.safetensors). Required, but for a pruned language "
+                     "model directory (--model-name, the form Wanda and SparseGPT write) healed with --order "
+                     "sequential against its dense directory (--dense-path): its masks are then its non-zeros")
     parser.flag(shared, "--output-path", default="outputs/recovered.pt",
                 help="the healed checkpoint (default: outputs/recovered.pt); missing parent folders are "
                      "created; also writes <output>.json, .metrics.jsonl and .loss.png; with "

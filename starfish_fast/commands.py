@@ -32,12 +32,13 @@ from starfish_fast import data
 from starfish_fast.checkpoint import (check_input_file, check_output_path, export_dense, resume_settings_differ,
                                       save_json_atomic, save_masks)
 from starfish_fast.checks import Mistakes, UserMistakes
-from starfish_fast.config import HealConfig, config_fields, flag_name
+from starfish_fast.config import HealConfig, config_fields, finish_epochs, flag_name, phase_configs, phase_path
 from starfish_fast.engine import heal
 from starfish_fast.masks import apply_masks
 from starfish_fast.modality import (Modality, block_names, check_device, model_kwargs, output_directory, print_json,
                                     prune_scope)
 from starfish_fast.models import adapter_for, model_spec
+from starfish_fast.objectives import FINISHES
 from starfish_fast.plan import resolve_device
 
 log = logging.getLogger("starfish_fast")
@@ -93,7 +94,11 @@ def check_resume(args, config: HealConfig) -> None:
     if not (config.resume and Path(path).exists()):
         return
     check_input_file(path, "--resume", "resume")
-    changed = resume_settings_differ(path, config)
+    # a run with a finish phase checkpoints its first phase here (config.phase_configs): either settings resume
+    candidates = [config, phase_configs(config, FINISHES[0])[0]] if finish_epochs(config) and config.finish != "none" \
+        else [config]
+    changed = {} if any(not resume_settings_differ(path, candidate) for candidate in candidates[1:]) \
+        else resume_settings_differ(path, config)
     if changed:
         flags = {item.name: flag_name(item) for item in config_fields()}
         argv = list(getattr(args, "argv", sys.argv[1:]))
@@ -144,8 +149,8 @@ def run_recover(args, kind: Modality) -> int:
     output = Path(args.output_path)
     shown = config.progress and main
     if kind.streamed:
-        result = kind.recover_streamed(args, output, config, shown)
-        human_line(f"healed block by block in {result.steps} steps ({result.heal_seconds:.0f} s); written to {output}")
+        result, scores = kind.recover_streamed(args, output, config, shown, device)
+        human_line(recover_summary(kind, scores, result, output, how="block by block "))
         return 0
     with output_directory(output.parent), kind.quiet(shown):
         log.info("loading the model")
@@ -163,15 +168,16 @@ def run_recover(args, kind: Modality) -> int:
         if not main:                          # under torchrun rank 0 alone writes and reports
             return 0
         report = kind.save_recovered(args, output, pruned, config, result, scores)
-        Path(config.checkpoint_path).unlink(missing_ok=True)     # the run is whole: its resume checkpoint is spent
+        for path in (config.checkpoint_path, phase_path(config.checkpoint_path)):
+            Path(path).unlink(missing_ok=True)     # the run is whole: its resume checkpoints are spent
     print_json(report)
     human_line(recover_summary(kind, scores, result, output))
     return 0
 
 
-def recover_summary(kind: Modality, scores: dict, result, output: Path) -> str:
+def recover_summary(kind: Modality, scores: dict, result, output: Path, how: str = "") -> str:
     """One line a person reads: dense -> pruned -> healed, the share of the gap closed, where it was written."""
-    done = f"healed in {result.steps} steps ({result.heal_seconds:.0f} s); written to {output}"
+    done = f"healed {how}in {result.steps} steps ({result.heal_seconds:.0f} s); written to {output}"
     if scores["healed"] is None:
         hint = "--eval-samples N" if kind.metric == "top1" else "--eval-text PATH"
         return f"{done} (not evaluated: {hint} measures it)"
@@ -250,7 +256,7 @@ def _check_prune(args, kind: Modality) -> tuple[str, str]:
 def run_prune(args, kind: Modality) -> int:
     scope, device = _check_prune(args, kind)
     if kind.streams_prune(args):
-        return report_masks(args, kind.stream_prune(args, scope), scope, kind.weights_label(args),
+        return report_masks(args, kind.stream_prune(args, scope, device), scope, kind.weights_label(args),
                             **kind.prune_extra())
     model = kind.load_dense(args, device)
     scope = scope or prune_scope(args, model)

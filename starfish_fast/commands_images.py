@@ -77,6 +77,9 @@ class Images(Modality):
         with mistakes.check():
             self.check_model(args, weights=command != "eval" or args.diagnostics or not args.checkpoint)
         model_ok = len(mistakes.lines) == seen
+        if command == "recover" and not args.mask_path:
+            mistakes.lines.append("--mask-path is required: the masks of the pruned weights (starfish-fast prune "
+                                  "writes them)")
         if getattr(args, "mask_path", None) and model_ok:
             with mistakes.check():
                 check_input_file(args.mask_path, "--mask-path", "masks", args.allow_unsafe_pickle)

@@ -42,6 +42,7 @@ from starfish_fast.models.hf import build_hf_model, is_causal_lm, load_hf_model,
 from starfish_fast.models.hf_shards import ShardedCheckpoint, expected_shapes, is_sharded_directory
 from starfish_fast.models.registry import weights_source
 from starfish_fast.packed_masks import packed_shapes, unpack
+from starfish_fast.layer_walk import streamed_perplexity
 from starfish_fast.streaming import (BlockMasks, HFShardSource, StreamedLM, block_masks, check_joint_fits, heal_streaming,
                                      stream_prune)
 from starfish_fast.text import (HF_TEXT_DATASETS, MAX_CHARS, check_disjoint, hf_text_data, perplexity,
@@ -123,7 +124,11 @@ class Text(Modality):
         if command == "prune" and model_ok:
             with mistakes.check():
                 self.check_prune(args, calibration)
-        if getattr(args, "mask_path", None) and model_ok:
+        if command == "recover" and not args.mask_path and not self.streams_recover(args, command):
+            mistakes.lines.append(f"--mask-path is required: masks come from a mask file, or from the zeros of a "
+                                  f"pruned model directory (--model-name) healed with --order sequential against its "
+                                  f"dense directory (--dense-path DIR)")
+        elif (getattr(args, "mask_path", None) or command == "recover") and model_ok:
             with mistakes.check():
                 self.masks = self.streamed_masks(args, scope) if self.streams_recover(args, command) else \
                     self.read_masks(args, scope)
@@ -287,30 +292,45 @@ class Text(Modality):
 
     # ------------------------------------------------------------------------- never the whole model in memory
     def streams_prune(self, args) -> bool:
-        """Whether ``prune`` reads the model one tensor at a time (``streaming.stream_prune``): magnitude per layer
-        or N:M masks of a model directory's own safetensors weights."""
-        return (args.method == "nm" or (args.method == "magnitude" and args.per == "layer")) and \
+        """Whether ``prune`` reads the model one tensor at a time (``streaming.stream_prune``): magnitude per layer,
+        N:M or Wanda masks (its norms one decoder layer at a time) of a model directory's own safetensors weights."""
+        return (args.method in ("nm", "wanda") or (args.method == "magnitude" and args.per == "layer")) and \
             args.dense_path is None and not args.random_init and is_sharded_directory(self.spec.arch)
 
-    def stream_prune(self, args, scope: str) -> dict:
+    def stream_prune(self, args, scope: str, device) -> dict:
         streamed = StreamedLM.open(self.spec.arch)      # headers only: a missing shard is one line, nothing read
+        calib = as_batches(self.calib, args.batch_size) if args.method in LM_CALIBRATED else None
         return stream_prune(streamed, args.output, args.method, args.sparsity, args.n, args.m, scope,
-                            {"model_name": args.model_name, "method": args.method, "prune_scope": scope})
+                            {"model_name": args.model_name, "method": args.method, "prune_scope": scope},
+                            calib=calib, device=device)
 
     def streams_recover(self, args, command: str) -> bool:
         """Whether ``recover`` heals block by block from the directory's shards (``streaming.heal_streaming``):
-        order sequential on a model directory's own safetensors."""
-        return command == "recover" and args.order == "sequential" and args.dense_path is None and \
-            not args.random_init and is_sharded_directory(self.spec.arch)
+        order sequential on a model directory's own safetensors (the dense twin: its own, or --dense-path's
+        directory)."""
+        return command == "recover" and args.order == "sequential" and not args.random_init and \
+            is_sharded_directory(self.spec.arch) and (args.dense_path is None or is_sharded_directory(args.dense_path))
 
     def streamed_masks(self, args, scope: str | None) -> BlockMasks:
-        """The mask file checked from its header against the shards (``streaming.BlockMasks``), nothing read."""
+        """The mask file checked from its header against the shards, or the non-zeros of --model-name's weights
+        against --dense-path's shapes (``streaming.BlockMasks``), nothing read."""
+        scope = scope or args.prune_scope
+        if args.mask_path is None:
+            if args.dense_path is None:
+                raise ValueError("--mask-path: not given, and no --dense-path DIR to heal --model-name's pruned weights "
+                                 "towards (its masks are then its non-zeros)")
+            return block_masks(StreamedLM.open(args.dense_path, "--dense-path"), scope,
+                               pruned=StreamedLM.open(self.spec.arch))
         check_input_file(args.mask_path, "--mask-path", "masks", args.allow_unsafe_pickle)
-        return block_masks(StreamedLM.open(self.spec.arch), scope or args.prune_scope, mask_path=args.mask_path,
+        return block_masks(StreamedLM.open(self.spec.arch), scope, mask_path=args.mask_path,
                            allow_unsafe_pickle=args.allow_unsafe_pickle)
 
     def check_joint(self, config, device) -> None:
-        """A model directory healed jointly must fit the device: the estimate against the free memory."""
+        """A model directory healed jointly must fit the device: the estimate against the free memory; a streamed
+        run has no whole model for a finish phase."""
+        if self.streamed and config.finish not in ("auto", "none"):
+            raise ValueError(f"--finish {config.finish}: a streamed run holds one block at a time and has no whole "
+                             f"model for a last whole-model phase; use --finish none (or auto)")
         if is_sharded_directory(self.spec.arch) and config.order == "joint":
             check_joint_fits(StreamedLM.open(self.spec.arch), device, config.scope)
 
@@ -318,27 +338,41 @@ class Text(Modality):
     def streamed(self) -> bool:
         return isinstance(self.masks, BlockMasks)
 
-    def recover_streamed(self, args, output: Path, config, shown: bool) -> dict:
-        """recover without the whole model in memory: each block read, healed and written as its own shard."""
-        if self.eval_ids is not None:
-            log.warning("--eval-text: perplexity needs the whole model; not measured in a streamed run (run `eval` "
-                        "on %s where it fits)", output)
-        source = HFShardSource(StreamedLM.open(self.spec.arch), self.masks, output,
+    def recover_streamed(self, args, output: Path, config, shown: bool, device) -> tuple:
+        """recover without the whole model in memory: each block read, healed and written as its own shard; the
+        perplexities one decoder layer at a time (``streaming.streamed_perplexity``). (HealResult, scores)."""
+        lm = StreamedLM.open(self.spec.arch)
+        dense = StreamedLM.open(args.dense_path, "--dense-path") if args.dense_path else None
+        source = HFShardSource(lm, self.masks, output, dense=dense, device=device,
                                metadata={"model_name": json.dumps(args.model_name),
                                          "mask_path": json.dumps(args.mask_path),
                                          "objective": json.dumps(config.objective)})
         with output_directory(output.parent), self.quiet(shown):
+            scores = {"dense": self.streamed_score(dense or lm, None, "dense", device),
+                      "pruned": self.streamed_score(lm, self.masks, "pruned", device)}
             result = heal_streaming(source, as_batches(self.calib, config.batch_size), config)
+            scores["healed"] = self.streamed_score(StreamedLM.open(output), None, "healed", device)
         report = {"output": str(output), "sidecar": f"{output}.json", "metrics": config.metrics_path,
-                  "model_name": args.model_name, "mask_path": args.mask_path, "order": "sequential (streamed)",
-                  **self.text, "objective": config.objective, "final_loss": result.history[-1]["loss"],
-                  "steps": result.steps, "heal_seconds": round(result.heal_seconds, 2),
-                  "peak_weights_held": source.peak_held, "plan": result.plan.summary()}
+                  "model_name": args.model_name, "mask_path": args.mask_path, "dense_path": args.dense_path,
+                  "order": "sequential (streamed)", **self.text, "objective": config.objective,
+                  "perplexity": {k: v for k, v in scores.items() if v is not None} or None,
+                  "final_loss": result.history[-1]["loss"], "steps": result.steps,
+                  "heal_seconds": round(result.heal_seconds, 2), "peak_weights_held": source.peak_held,
+                  "plan": result.plan.summary()}
         save_json_atomic({**report, "history": result.history, "config": dataclasses.asdict(config),
                           "plan": result.plan.as_dict()}, f"{output}.json")
         Path(config.checkpoint_path).unlink(missing_ok=True)
         print_json(report)
-        return result
+        return result, scores
+
+    def streamed_score(self, lm: StreamedLM, masks: BlockMasks | None, label: str, device) -> float | None:
+        """``score`` of a model directory read one decoder layer at a time."""
+        if self.eval_ids is None:
+            return None
+        result = streamed_perplexity(lm, self.eval_ids, self.seq_len, masks, stride=self.stride,
+                                     batch_size=self.eval_batch or EVAL_BATCH, device=device)
+        log.info("perplexity %s: %.3f (%d tokens, one decoder layer at a time)", label, result.ppl, result.tokens)
+        return result.ppl
 
     def prune_calibration(self, args, model):
         return self.calib

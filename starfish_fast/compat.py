@@ -137,6 +137,7 @@ def starfish_recovery(*, pruned_model: nn.Module, dense_model: nn.Module, kind: 
     heal_config = HealConfig(
         epochs=config.epochs, lr=config.lr, min_lr=config.min_lr, lr_schedule=config.lr_schedule,
         weight_decay=config.weight_decay, grad_clip=config.grad_clip, mode="exact", cosine_per=_per(kind),
+        finish="none",                                        # the reference trains with its one objective
         teacher_store="recompute" if config.no_dense_cache else "device",
         teacher_dtype="fp32" if teacher_fp32 else "fp16", device=str(device), progress=False)
     result = heal(pruned_model, dense_model, masks, list(calib_batches), heal_config, block_names=block_names,

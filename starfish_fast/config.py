@@ -29,6 +29,8 @@ CALIBRATED_METHODS = ("wanda", "representation", "sparsegpt")
 NM_METHODS = ("nm", "wanda", "sparsegpt")
 # joint: every block at once (the paper's); sequential: block after block (sequential.py); auto: the plan's rule
 ORDERS = ("joint", "sequential", "auto")
+# the last phase's whole-model objective (the plan's finish rule: rules.finish_rule)
+FINISHES = ("auto", "none", *objectives.FINISHES)
 
 
 def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = "") -> Any:
@@ -67,6 +69,10 @@ class HealConfig:
     sequential_inputs: str = option("student", "in sequential order, each block's inputs: student = the healed "
                                                "previous blocks' outputs, dense = the dense model's (EBFT-style)",
                                     ("student", "dense"))
+    finish: str = option("auto", "a last phase of whole-model KL after the block-local objective, its own "
+                                 "learning-rate schedule and a fresh Adam (the same steps in all): kl, none; auto: "
+                                 "kl for a language model healed jointly, else none", FINISHES)
+    finish_share: float = option(0.5, "the share of the epochs the finish phase takes")
     block_weights: Any = option(None, "per-block loss weights: comma-separated numbers, or adaptive (from each "
                                       "block's distance to the dense model, re-estimated every epoch); default "
                                       "uniform")
@@ -125,6 +131,11 @@ class HealConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"HealConfig.{key} must be finite and >= 0, got {value!r}")
+        if not isinstance(self.finish_share, (int, float)) or not 0 < self.finish_share < 1:
+            raise ValueError(f"HealConfig.finish_share must be between 0 and 1 (exclusive), got {self.finish_share!r}")
+        if self.finish not in ("auto", "none") and not finish_epochs(self):
+            raise ValueError(f"HealConfig.finish={self.finish!r} splits the epochs in two phases: epochs={self.epochs} "
+                             f"with finish_share={self.finish_share:g} leaves one of them none (at least 2 epochs)")
         if self.checkpoint_every < 0:
             raise ValueError(f"HealConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.block_weights is not None and not OBJECTIVES[self.objective].needs_blocks:
@@ -142,6 +153,34 @@ class HealConfig:
         if unknown:
             raise ValueError(f"unknown HealConfig keys {unknown}; allowed: {sorted(known)}")
         return cls(**values)
+
+
+def finish_epochs(config: HealConfig) -> int:
+    """The epochs of the finish phase: ``finish_share`` of ``epochs``, rounded (0 when it leaves either phase
+    without an epoch)."""
+    epochs = round(config.epochs * config.finish_share)
+    return epochs if 0 < epochs < config.epochs else 0
+
+
+def phase_configs(config: HealConfig, finish: str) -> tuple[HealConfig, HealConfig]:
+    """The two phases of a run that finishes with ``finish`` (``Plan.finish``): ``config``'s objective for the
+    first epochs, then ``finish`` jointly for ``finish_epochs``; the second phase's files are ``phase_path``'s (its
+    metrics and plot joined into the run's own at the end: ``progress.join_phases``)."""
+    later = finish_epochs(config)
+    first = dataclasses.replace(config, finish="none", epochs=config.epochs - later)
+    second = dataclasses.replace(config, finish="none", objective=finish, epochs=later, order="joint",
+                                 block_weights=None, warm_start="none",
+                                 **{key: phase_path(getattr(config, key))
+                                    for key in ("checkpoint_path", "metrics_path", "plot_path")})
+    return first, second
+
+
+def phase_path(path: str | None) -> str | None:
+    """The finish phase's file beside a run's file: ``out.resume`` -> ``out.finish.resume``."""
+    if path is None:
+        return None
+    head, dot, suffix = str(path).rpartition(".")
+    return f"{head}.finish.{suffix}" if dot and "/" not in suffix else f"{path}.finish"
 
 
 def _check_sequential(config: HealConfig) -> None:

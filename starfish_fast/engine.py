@@ -8,7 +8,8 @@ output aligns with the dense model's.
     result.ran            # what actually ran (compiled blocks, kernels per op, compacted layers)
     result.images_per_second, result.whole_call_images_per_second, result.compile_seconds
 
-The flow: the plan is resolved (``plan.resolve_plan``) before any work; structured masks may
+A run that finishes with a whole-model phase (``plan.finish``, ``HealConfig.finish``) is two such runs, one
+after the other (``config.phase_configs``). The flow of each: the plan is resolved (``plan.resolve_plan``) before any work; structured masks may
 narrow the student (``compaction``); the teacher store runs the dense model once; one loop
 drives the plan's step (``steps.ExactStep`` or ``steps.FastStep``) with resume checkpoints,
 progress and metrics shared by both; the kept weights are written back. Masked weights stay
@@ -30,14 +31,14 @@ from starfish_fast import distributed
 from starfish_fast.checkpoint import load_resume, save_resume
 from starfish_fast.compaction import compact_model, expand_into, find_compactions
 from starfish_fast.compensation import compensate
-from starfish_fast.config import HealConfig
+from starfish_fast.config import HealConfig, phase_configs
 from starfish_fast.data import as_batches, split_batches
 from starfish_fast.masks import apply_masks, validate_masks
 from starfish_fast.models import WeightPredicate, adapter_for, enable_grad_checkpointing, freeze_all, prunable_weights
 from starfish_fast.objectives import adaptive_block_weights, objective
 from starfish_fast.optim import lr_schedule_values
 from starfish_fast.plan import Plan, resolve_plan
-from starfish_fast.progress import RunLog
+from starfish_fast.progress import RunLog, join_phases
 from starfish_fast.run import HealResult, RunState, run_fingerprints, steady_rate
 from starfish_fast.sequential import ModelBlockSource, heal_sequential
 from starfish_fast.sparsegpt import sparsegpt_update
@@ -68,6 +69,14 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
     group = distributed.current()
     if group is None or group.main:
         log.info("%s", plan.summary())
+    if plan.finish != "none":
+        configs = phase_configs(config, plan.finish)
+        phases = [heal(pruned_model, dense_model, masks, calib, phase, labels=labels, block_names=block_names,
+                       predicate=predicate) for phase in configs]
+        result = HealResult.joined(phases, plan, config, time.perf_counter() - called)
+        if group is None or group.main:
+            join_phases(config, configs[1], phases[0].steps, result.step_losses, result.history)
+        return result
     adapter = adapter_for(pruned_model, plan.blocks)               # the user's blocks, for everything below
     predicate = predicate or adapter.scope_predicate(plan.scope)
     masks = validate_masks(masks, pruned_model, predicate)

@@ -126,6 +126,7 @@ def _starfish_kl(inputs: LossInputs):
 
 
 DEFAULT = "starfish"              # HealConfig's default: the paper's objective
+FINISHES = ("kl",)                # whole-model objectives a run may finish with (HealConfig.finish)
 OBJECTIVES: Mapping[str, Objective] = {spec.name: spec for spec in (
     Objective("starfish", "per-block cosine alignment with the dense model (the paper's)", _starfish,
               needs_blocks=True, fused_cosine=True),

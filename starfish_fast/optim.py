@@ -32,14 +32,17 @@ class MaskedAdam:
             if p.shape != m.shape:
                 raise ValueError(f"mask shape {tuple(m.shape)} does not match parameter shape {tuple(p.shape)}")
         self.params = list(params)
-        self.masks = [m.to(device=p.device, dtype=p.dtype) for p, m in zip(params, masks)]
+        # bool masks stay bool (a quarter of a float mask's memory: the torch path converts them a chunk at a time,
+        # kernels/masked_adam.CHUNK_ELEMENTS); 0/1 float masks take the parameters' dtype
+        self.masks = [m.to(device=p.device) if m.dtype == torch.bool else m.to(device=p.device, dtype=p.dtype)
+                      for p, m in zip(params, masks)]
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         # The reference picks Adam when weight_decay == 0, else AdamW.
         self.decoupled = weight_decay > 0 if decoupled is None else decoupled
         self.moments_dtype = moments_dtype
         self.kernel = kernel
         # the kernel reads bool masks (1 byte per element of its 29, against 4 for float masks);
-        # the torch path multiplies by float masks (a bool mask would be converted every step)
+        # the torch path multiplies by the masks as given
         self.step_masks = [m.to(torch.bool) for m in self.masks] if kernel else self.masks
         self.exp_avgs = [torch.zeros_like(p, dtype=moments_dtype or p.dtype) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p, dtype=moments_dtype or p.dtype) for p in self.params]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from starfish_fast import rules
-from starfish_fast.config import HealConfig
+from starfish_fast.config import HealConfig, finish_epochs
 from starfish_fast.models import adapter_for
 from starfish_fast.objectives import Objective, objective
 from starfish_fast.probe import TORCH_DTYPES, Facts, probe, resolve_device  # noqa: F401  (callers import it here)
@@ -60,6 +60,7 @@ class Plan:
     rank: int = 0
     sync_bn: bool = False
     order: str = "joint"              # joint | sequential (block after block: sequential.py)
+    finish: str = "none"              # none | kl: a last whole-model phase (config.phase_configs)
     compile_cache: str | None = None  # torch.compile's saved artifacts for this model, device and dtype
     reasons: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()    # what the run warns about once (a forced 2:4 choice slower than dense)
@@ -84,6 +85,7 @@ class Plan:
                 f"2:4 {'on' if self.semi_structured else 'off'}, scope {self.scope}, {len(self.blocks)} blocks "
                 f"({self.family}, cosine per {self.cosine_per})" +
                 (", sequential order" if self.order == "sequential" else "") +
+                (f", then {self.finish} for the last epochs" if self.finish != "none" else "") +
                 (f", {self.world_size} processes{' with SyncBatchNorm' if self.sync_bn else ''}"
                  if self.world_size > 1 else ""))
 
@@ -160,7 +162,10 @@ def decide(config: HealConfig, adapter, facts: Facts) -> Plan:
                                                     facts.compile_cache_warm.get(precision, False))
     two_four = _two_four(config, facts)
     order, order_reason = _order(config, spec, facts, store, teacher_dtype)
-    reasons = {"order": order_reason, "precision": precision_reason, "teacher_store": store_reason, "compact": compact_reason,
+    finish, finish_reason = rules.finish_rule(config.finish, adapter.next_token_labels, spec.block_local,
+                                              order, finish_epochs(config))
+    reasons = {"order": order_reason, "finish": finish_reason, "precision": precision_reason,
+               "teacher_store": store_reason, "compact": compact_reason,
                "compile": compile_reason,
                "kernels": "requested" if config.kernels != "auto" else "auto: kernels/_dispatch.py table",
                "semi_structured": two_four.reason}
@@ -174,7 +179,7 @@ def decide(config: HealConfig, adapter, facts: Facts) -> Plan:
                 semi_structured_timings=two_four.record() if two_four.shapes else {}, world_size=facts.world_size,
                 rank=facts.rank, sync_bn=config.sync_bn and facts.world_size > 1,
                 compile_cache=facts.compile_cache.get(precision) if compile_on and fast else None, order=order,
-                reasons=reasons,
+                finish=finish, reasons=reasons,
                 warnings=(two_four.warning,) if two_four.warning else ())
 
 

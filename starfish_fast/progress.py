@@ -6,6 +6,7 @@ the loss plot.
     run_log.logged(step=10, loss=0.12, lr=5e-4, images=320)     # at log points only (host syncs)
     run_log.finish(step_losses, history)                          # metrics renamed into place, PNG drawn
     run_log.abort()                                               # interrupted: no partial metrics file
+    join_phases(config, later, first_steps, step_losses, history)  # a run in phases: one metrics file, one plot
     for images, labels in progress_bar(loader, desc="top-1"):     # any other long loop: the same bar
 
 Only the main process shows and writes anything (``main=False`` on the other ranks of a
@@ -84,6 +85,26 @@ class RunLog:
         """The run failed or was interrupted: the temporary metrics file is removed, not renamed."""
         self.bar.close()
         self.files.__exit__(RuntimeError, RuntimeError("healing aborted"), None)
+
+
+def join_phases(config, later, first_steps: int, step_losses: Sequence[float], history: Sequence[dict]) -> None:
+    """A run healed in phases (``config.phase_configs``) leaves one metrics file and one plot at ``config``'s
+    paths: the ``later`` phase's step records numbered on after the ``first_steps`` of the first, each record with
+    its phase's objective, the epochs of the joined ``history``; the later phase's own files are removed."""
+    if config.metrics_path and later.metrics_path:
+        records = []
+        for path, objective, offset in ((config.metrics_path, config.objective, 0),
+                                        (later.metrics_path, later.objective, first_steps)):
+            with open(path) as lines:
+                records += [{**record, "step": record["step"] + offset, "objective": objective}
+                            for record in map(json.loads, lines) if record["type"] == "step"]
+        with atomic_path(config.metrics_path) as tmp, open(tmp, "w") as out:
+            out.writelines(json.dumps(record) + "\n" for record in [*records, *({"type": "epoch", **h} for h in history)])
+        os.remove(later.metrics_path)
+    if config.plot_path and later.plot_path:
+        plot_loss_curve(step_losses, history, config.plot_path,
+                        title=f"healing loss: {config.objective}, then {later.objective} from step {first_steps + 1}")
+        os.remove(later.plot_path)
 
 
 def plot_loss_curve(step_losses: Sequence[float], history: Sequence[dict], path: str | os.PathLike,

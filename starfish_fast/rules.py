@@ -15,6 +15,7 @@ from typing import Mapping, NamedTuple
 
 from starfish_fast.compaction import ATTENTION_LAYERS
 from starfish_fast.kernels._dispatch import AUTO_TRITON_ON_CUDA, OPS, choose
+from starfish_fast.objectives import FINISHES
 
 __all__ = ["AUTO_TRITON_ON_CUDA", "OPS"]   # the kernels' table keeps its one home (kernels/_dispatch.py)
 
@@ -142,6 +143,26 @@ def order_rule(order: str, objective: str, block_local: bool, estimate_bytes: in
     if estimate_bytes > free_bytes:
         return "sequential", f"auto: sequential: {sizes}"
     return "joint", f"auto: joint: {sizes}"
+
+
+def finish_rule(finish: str, language_model: bool, block_local: bool, order: str, epochs: int) -> tuple[str, str]:
+    """``finish``: the whole-model objective of a last phase, or none. ``auto``: KL after a block-local objective
+    for a language model healed jointly (the reference's names keep its one objective). At 100 steps on SmolLM2-135M (in domain) half the steps
+    per-token cosine then half KL beat both alone: magnitude 2:4 106.9 against STARFISH 177.9 and KL 127.7, Wanda
+    2:4 59.4 against 70.2 and 61.8 (bench/results/lm_quality_recipes_smollm2_cpu.md). ``epochs``: the finish
+    phase's epochs (0: the run cannot be split)."""
+    if finish == "none":
+        return "none", "requested"
+    if finish != "auto":
+        return finish, "requested"                        # HealConfig checked that the epochs split
+    why = ("measured on language models only" if not language_model else
+           "the objective is not block-local" if not block_local else
+           "sequential order holds one block at a time" if order == "sequential" else
+           "too few epochs to split in two phases" if not epochs else None)
+    if why:
+        return "none", f"auto: none: {why}"
+    return FINISHES[0], ("auto: kl: block-local, then whole-model KL beat either alone on language models "
+                  "(bench/results/lm_quality_recipes_smollm2_cpu.md)")
 
 
 # ----------------------------------------------------------------------------- compile

@@ -6,6 +6,7 @@ sequential run) and what it returns (``HealResult``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -36,6 +37,24 @@ class HealResult:
     config: dict = field(default_factory=dict)    # the HealConfig as given
     wall_seconds: float = 0.0              # the whole call: plan, teacher pass, compile, loop, write-back
     steady_images_per_second: float = float("nan")   # the loop after its first logged window
+
+    @classmethod
+    def joined(cls, phases: Sequence["HealResult"], plan: Plan, config, wall_seconds: float) -> "HealResult":
+        """One result of a run healed in phases (``config.phase_configs``): epochs numbered on, each history entry
+        with its phase's objective; ``ran`` is the first phase's, the later ones' under ``ran["phases"]``."""
+        history, epochs = [], 0
+        for phase in phases:        # a sequential phase's entries are blocks: their epochs are numbered on after
+            history += [{**entry, **({"epoch": entry["epoch"] + epochs} if "epoch" in entry else {}),
+                         "objective": phase.config["objective"]} for entry in phase.history]
+            epochs += phase.config["epochs"]
+        images = sum(phase.images for phase in phases)
+        steady = images / sum(phase.images / phase.steady_images_per_second for phase in phases)
+        return cls(history=history, step_losses=[loss for phase in phases for loss in phase.step_losses],
+                   steps=sum(phase.steps for phase in phases), images=images,
+                   teacher_seconds=sum(phase.teacher_seconds for phase in phases),
+                   heal_seconds=sum(phase.heal_seconds for phase in phases), plan=plan,
+                   ran={**phases[0].ran, "phases": [phase.ran for phase in phases]},
+                   config=dataclasses.asdict(config), wall_seconds=wall_seconds, steady_images_per_second=steady)
 
     @property
     def compile_seconds(self) -> float:
@@ -77,7 +96,7 @@ class RunState:
     objective: Objective
     adapter: ModelAdapter
     student: nn.Module
-    dense: nn.Module
+    dense: nn.Module | None               # None in sequential order: the block's targets are stored
     masks: Mapping[str, torch.Tensor]
     global_batches: list[torch.Tensor]
     batches: list[torch.Tensor]                 # this process's share of each global batch

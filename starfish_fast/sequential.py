@@ -91,6 +91,9 @@ class BlockSource(abc.ABC):
         """Block i's name in progress output and the history."""
         return f"block {i}"
 
+    def stem_done(self) -> None:
+        """Every batch's stem is taken: what only the stem needed may go (a streamed model's embeddings)."""
+
 
 class ModelBlockSource(BlockSource):
     """The blocks of a student and a dense model held in memory (where they are, usually host memory): block i
@@ -260,6 +263,7 @@ def heal_sequential(source: BlockSource, batches: Sequence[torch.Tensor], config
                      resume["block_step"])
     started = time.perf_counter()
     streams = loop.start()
+    source.stem_done()
     loop.teacher_seconds += time.perf_counter() - started
     try:
         for i in range(len(source)):
@@ -323,6 +327,7 @@ class _Loop:
         student, dense, masks = self.source.open(i)
         started = time.perf_counter()
         targets = self.forward(dense, streams.dense, streams)
+        del dense                             # the targets are all the block needs of its twin: freed before training
         self.teacher_seconds += time.perf_counter() - started
         dense_inputs = self.config.sequential_inputs == "dense"
         inputs = streams.dense if dense_inputs else streams.student
@@ -334,7 +339,7 @@ class _Loop:
             streams.dense = None              # three streams at most: inputs, targets, the carried outputs
         if start < self.per_block:
             started = time.perf_counter()
-            self.train(i, student, dense, masks, inputs, targets, streams, start, resume)
+            self.train(i, student, masks, inputs, targets, streams, start, resume)
             self.heal_seconds += time.perf_counter() - started
         if self.config.checkpoint_every:
             self.healed[i] = {key: value.detach().cpu().clone() for key, value in student.state_dict().items()}
@@ -342,14 +347,14 @@ class _Loop:
         self.source.close(i, student)
         return _Streams(carried, targets, streams.extras, streams.sizes)
 
-    def block_run(self, i: int, student, dense, masks, inputs, streams) -> RunState:
+    def block_run(self, i: int, student, masks, inputs, streams) -> RunState:
         """Block i's ``RunState``: the engine's steps train it as they train a whole model."""
         keys = [key for key, _ in student.named_parameters() if key in masks]
         # one block, eager and dense: compile and 2:4 backends are decided per model, not per block
         plan = dataclasses.replace(self.plan, blocks=(self.source.name(i),), compile=False, compile_cache=None,
                                    semi_structured=False, semi_structured_choice={})
         run = RunState(config=self.config, plan=plan, objective=self.spec,
-                       adapter=_OneBlock(self.source, streams.extras), student=student, dense=dense, masks=masks,
+                       adapter=_OneBlock(self.source, streams.extras), student=student, dense=None, masks=masks,
                        global_batches=list(self.batches), batches=self.local, labels=None, keys=keys,
                        params=[student.get_parameter(k) for k in keys],
                        lrs=lr_schedule_values(self.config.lr, self.config.min_lr, self.config.lr_schedule,
@@ -360,9 +365,9 @@ class _Loop:
                    compile="off: sequential order runs blocks eager", **self.facts)
         return run
 
-    def train(self, i, student, dense, masks, inputs, targets, streams, start, resume) -> None:
+    def train(self, i, student, masks, inputs, targets, streams, start, resume) -> None:
         """Block i's steps from ``start`` (a resumed block: its optimizer and RNG states from ``resume``)."""
-        run = self.block_run(i, student, dense, masks, inputs, streams)
+        run = self.block_run(i, student, masks, inputs, streams)
         apply_masks(student, masks)
         step = ExactStep(run, targets) if self.plan.mode == "exact" else FastStep(run, targets)
         offset, count = i * self.per_block, len(self.local)

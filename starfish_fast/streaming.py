@@ -28,12 +28,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from starfish_fast.calibration import capture_inputs
 from starfish_fast.checkpoint import (check_output_path, error_line, save_masks,
                                       save_safetensors_atomic, state_dict_mismatch)
 from starfish_fast.config import HealConfig
@@ -44,12 +43,14 @@ from starfish_fast.models.hf_shards import MaskFile, ShardedCheckpoint, ShardWri
 from starfish_fast.models.scopes import is_hf_conv1d
 from starfish_fast.packed_masks import pack, packed_header
 from starfish_fast.prune.makers import check_nm, check_sparsity, magnitude_mask, nm_mask, sparsity_summary
+from starfish_fast.prune.wanda import layer_keep
 from starfish_fast.rules import joint_bytes
+from starfish_fast.layer_walk import layer_inputs, materialize, streamed_input_norms
 from starfish_fast.sequential import BlockSource, heal_sequential
 from starfish_fast.teacher import host_available_bytes
 
 log = logging.getLogger(__name__)
-STREAM_METHODS = ("magnitude", "nm")
+STREAM_METHODS = ("magnitude", "nm", "wanda")
 
 
 # ----------------------------------------------------------------------------- the checks, before any weights
@@ -148,22 +149,31 @@ def block_masks(lm: StreamedLM, scope: str = "auto", mask_path: str | None = Non
 
 # ----------------------------------------------------------------------------- streaming prune
 def stream_prune(lm: StreamedLM, output: str | os.PathLike, method: str, sparsity: float | None = None,
-                 n: int = 2, m: int = 4, scope: str = "auto", metadata: Mapping[str, str] | None = None) -> dict:
-    """Magnitude (per layer) or N:M masks of the scope, one weight read at a time; written to ``output``
-    (``.safetensors``: bit-packed; else the reference's torch dict of bool tensors). Returns
-    ``sparsity_summary``'s dict."""
+                 n: int | None = 2, m: int | None = 4, scope: str = "auto", metadata: Mapping[str, str] | None = None,
+                 calib: Sequence[torch.Tensor] | None = None, device: str | torch.device = "cpu") -> dict:
+    """Magnitude (per layer), N:M or Wanda masks of the scope, one weight read at a time (Wanda's input norms one
+    decoder layer at a time over the token batches ``calib``: ``layer_walk.streamed_input_norms``; N:M with ``n``,
+    ``m`` and ``sparsity`` None, as ``wanda_masks``); written to ``output`` (``.safetensors``: bit-packed; else the
+    reference's torch dict of bool tensors). Returns ``sparsity_summary``'s dict."""
     if method not in STREAM_METHODS:
         raise ValueError(f"streaming prune takes {', '.join(STREAM_METHODS)}, not {method!r}")
-    if method == "magnitude":
-        sparsity = check_sparsity(sparsity)
+    if method == "magnitude" or (method == "wanda" and sparsity is not None):
+        sparsity, n, m = check_sparsity(sparsity), None, None
     else:
         check_nm(n, m)
     check_output_path(output, "--output")
-    transposed, layers, masks = lm.transposed(), {}, {}
-    for key in lm.scope_weights(scope):
+    transposed, layers, masks, keys = lm.transposed(), {}, {}, list(lm.scope_weights(scope))
+    if method == "wanda":
+        if not calib:
+            raise ValueError("wanda reads calibration token batches (calib=)")
+        norms = streamed_input_norms(lm, keys, calib, device)
+    for key in keys:
         scores = lm.weights.read(key).abs().float()
-        scores = scores.t() if key in transposed else scores
-        mask = magnitude_mask(scores, sparsity) if method == "magnitude" else nm_mask(scores, n, m)
+        scores = scores.t() if key in transposed else scores                     # (out, in)
+        if method == "wanda":
+            scores = scores * norms[key]
+        mask = nm_mask(scores, n, m) if n is not None else magnitude_mask(scores, sparsity) if method == "magnitude" \
+            else layer_keep(scores, scores.shape[0] * round(sparsity * scores[0].numel()), per_row=True)
         mask = mask.t().contiguous() if key in transposed else mask
         layers.update(sparsity_summary({key: mask})["layers"])
         masks[key] = pack(mask) if str(output).endswith(".safetensors") else mask
@@ -182,21 +192,6 @@ def stream_prune(lm: StreamedLM, output: str | os.PathLike, method: str, sparsit
 
 
 # ----------------------------------------------------------------------------- the block source
-def _materialize(model: nn.Module, module: nn.Module, tensors: Mapping[str, torch.Tensor], device,
-                 skip: tuple[str, ...] = ()) -> None:
-    """``module`` (part of ``model``, on the meta device) given ``tensors`` (assigned as they are); tensors that
-    no checkpoint holds (non-persistent buffers: rotary tables) made by the model's own initialization. The
-    submodules named in ``skip`` (and theirs) stay on the meta device."""
-    module.load_state_dict(tensors, strict=False, assign=True)
-    for name, sub in module.named_modules():
-        if any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        own = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
-        if any(t.is_meta for t in own):
-            sub.to_empty(device=device, recurse=False)
-            model._init_weights(sub)          # transformers' per-module initializer (inv_freq from the config)
-
-
 class HFShardSource(BlockSource):
     """The decoder layers of a sharded Hugging Face checkpoint as a ``BlockSource``: ``open(i)`` reads block i
     (student weights times masks, and the dense twin: the same tensors, or ``dense``'s), ``close(i)`` writes it
@@ -213,7 +208,7 @@ class HFShardSource(BlockSource):
         self.rest_keys = [key for key in lm.weights.keys() if key not in in_blocks]
         self.held: dict[int, int] = {}           # open block -> weights held (student + dense)
         self.peak_held, self.closed = 0, set()
-        self.packed, self.mask_shapes = {}, {}
+        self.mask_shapes: dict[str, tuple] = {}
         self._block_masks: dict[int, dict[str, torch.Tensor]] = {}
         self._stem_model = None
         self.writer = ShardWriter(self.output, len(lm.blocks) + 1)
@@ -233,21 +228,23 @@ class HFShardSource(BlockSource):
             skip = (*self.lm.blocks, *([head] if head else []))
             keys = [key for key in self.rest_keys if not any(key.startswith(s + ".") for s in skip)]
             tensors = {key: self.lm.weights.read(key).to(self.device, self.dtype) for key in keys}
-            _materialize(model, model, tensors, self.device, skip)
+            materialize(model, model, tensors, self.device, skip)
             self.lm.weights.release()
             self._stem_model = model.eval()
         return self._stem_model
+
+    def stem_done(self) -> None:
+        """The embeddings and norms read for the stem go back to the meta device (0.5 GB in fp32 at 7B)."""
+        if self._stem_model is not None:
+            self._stem_model.to("meta")
+            self._stem_model = None
 
     @torch.no_grad()
     def stem(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The hidden states entering block 0 for token ids ``batch`` (B, T) and the keyword arguments every
         block takes (position embeddings, attention mask), as the model's own forward builds them."""
         model = self._stem()
-        first = model.get_submodule(self.lm.blocks[0])
-        args, kwargs = capture_inputs(first, lambda: model.base_model(input_ids=batch.to(self.device),
-                                                                     use_cache=False))
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        return hidden, {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        return layer_inputs(model, model.get_submodule(self.lm.blocks[0]), batch.to(self.device))
 
     def run(self, block: nn.Module, hidden: torch.Tensor, extra: Mapping) -> torch.Tensor:
         """One decoder layer's forward; its hidden states whether it returns a tensor or a tuple."""
@@ -256,13 +253,13 @@ class HFShardSource(BlockSource):
 
     def _block(self, i: int, tensors: Mapping[str, torch.Tensor], trainable) -> nn.Module:
         block = copy.deepcopy(self.lm.skeleton.get_submodule(self.lm.blocks[i]))    # on meta: nothing copied
-        _materialize(self.lm.skeleton, block, tensors, self.device)
+        materialize(self.lm.skeleton, block, tensors, self.device)
         for name, parameter in block.named_parameters():
             parameter.requires_grad_(name in trainable)
         return block.eval()
 
     def open(self, i: int) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
-        """(student block i with its masked weights zeroed, its dense twin, its float 0/1 masks keyed by the
+        """(student block i with its masked weights zeroed, its dense twin, its bool masks keyed by the
         block's own parameter names), in the compute dtype on the compute device; only the student's masked
         weights require gradients."""
         prefix = self.lm.blocks[i] + "."
@@ -280,8 +277,9 @@ class HFShardSource(BlockSource):
         self.peak_held = max(self.peak_held, sum(self.held.values()))
         self.lm.weights.release()
         self.dense.weights.release()
-        float_masks = {name: mask.to(self.device, torch.float32) for name, mask in masks.items()}
-        return self._block(i, student, masks), self._block(i, dense, ()), float_masks
+        # bool masks: a quarter of float ones (808 MB at 7B), the optimizer converts them a chunk at a time
+        masks = {name: mask.to(self.device) for name, mask in masks.items()}
+        return self._block(i, student, masks), self._block(i, dense, ()), masks
 
     @torch.no_grad()
     def close(self, i: int, student: nn.Module) -> None:
@@ -289,15 +287,16 @@ class HFShardSource(BlockSource):
         written as shard i of the output; its masks are kept bit-packed for the mask file."""
         prefix, masks = self.lm.blocks[i] + ".", self._block_masks.pop(i)
         state = student.state_dict()
-        tensors = {}
+        tensors, packed = {}, {}
         for key in self.block_keys[i]:
             name = key[len(prefix):]
             value = state[name].detach().to("cpu", self.lm.weights.dtype(key)) if name in state \
                 else self.lm.weights.read(key)
             if name in masks:
-                value = torch.where(masks[name], value, torch.zeros((), dtype=value.dtype))
-                self.packed[key], self.mask_shapes[key] = pack(masks[name]), tuple(value.shape)
+                value = torch.where(masks[name].cpu(), value, torch.zeros((), dtype=value.dtype))
+                packed[key], self.mask_shapes[key] = pack(masks[name].cpu()), tuple(value.shape)
             tensors[key] = value
+        self.writer.stash_masks(i, packed)       # on disk until finish: 25 MB a block at 7B would pile up here
         self.writer.write(i, tensors)
         self.held.pop(i, None)
         self.closed.add(i)
@@ -311,7 +310,7 @@ class HFShardSource(BlockSource):
             raise RuntimeError(f"blocks {unhealed[:5]} of {self.lm.path} were never closed: the output would lack them")
         self.writer.write(len(self), {key: self.lm.weights.read(key) for key in self.rest_keys})
         self.lm.weights.release()
-        self.writer.finish(self.lm.path, self.packed, self.mask_shapes, self.metadata)
+        self.writer.finish(self.lm.path, self.mask_shapes, self.metadata)
         log.info("healed checkpoint written to %s (%d shards)", self.output, len(self) + 1)
 
     def abort(self) -> None:
@@ -328,6 +327,9 @@ def heal_streaming(source: HFShardSource, batches, config: HealConfig):
 
     config = dataclasses.replace(config, order="sequential", teacher_store=_stream_store(source, batches, config))
     plan = resolve_plan(config, source.lm.skeleton, calib=batches, block_names=source.lm.blocks)
+    if plan.finish != "none":
+        raise ValueError(f"finish={plan.finish!r}: a streamed run holds one block at a time, never the whole model a "
+                         f"last whole-model phase trains; use finish='none'")
     try:
         return heal_sequential(source, batches, config, plan)
     except BaseException:

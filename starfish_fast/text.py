@@ -225,22 +225,42 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, stride: int | 
     from starfish_fast.calibration import evaluating
     from starfish_fast.progress import progress_bar
 
+    score = Scores()
+    with evaluating(model, device) as target:
+        for batch, chunk in progress_bar(window_batches(ids, seq_len, stride, batch_size), desc=desc):
+            score.add(model(input_ids=batch.to(target), use_cache=False).logits, batch, chunk)    # (B, L, V)
+    return score.perplexity()
+
+
+def window_batches(ids: torch.Tensor, seq_len: int, stride: int | None, batch_size: int) -> list[tuple]:
+    """The strided evaluation's windows of ``ids`` as (token batch (B, L), its windows (begin, end, first)), windows
+    of one length ``batch_size`` at a time."""
     ids = ids.flatten().long()
     if ids.numel() < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
-    windows = eval_windows(ids.numel(), seq_len, stride or seq_len)
-    chunks = []                                  # batches of windows of one length
+    windows, batches = eval_windows(ids.numel(), seq_len, stride or seq_len), []
     for length in dict.fromkeys(end - begin for begin, end, _ in windows):
         same = [w for w in windows if w[1] - w[0] == length]
-        chunks += [same[i:i + batch_size] for i in range(0, len(same), batch_size)]
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    with evaluating(model, device) as target:
-        for chunk in progress_bar(chunks, desc=desc):
-            batch = torch.stack([ids[begin:end] for begin, end, _ in chunk]).to(target)          # (B, L)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()            # (B, L-1, V)
-            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")      # (B, L-1)
-            for row, (begin, end, first) in enumerate(chunk):
-                total += nll[row, first - 1:].double().sum().cpu()
-                count += end - begin - first
-    mean = float(total / count)
-    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=count)
+        for i in range(0, len(same), batch_size):
+            chunk = same[i:i + batch_size]
+            batches.append((torch.stack([ids[begin:end] for begin, end, _ in chunk]), chunk))        # (B, L)
+    return batches
+
+
+class Scores:
+    """The negative log-likelihood of the scored tokens of window batches, summed in fp64."""
+
+    def __init__(self):
+        self.total, self.count = torch.zeros((), dtype=torch.float64), 0
+
+    def add(self, logits: torch.Tensor, batch: torch.Tensor, chunk) -> None:
+        """``logits`` (B, L, V) of the token ``batch`` (B, L) whose windows are ``chunk``."""
+        batch = batch.to(logits.device)
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch[:, 1:], reduction="none")  # (B, L-1)
+        for row, (begin, end, first) in enumerate(chunk):
+            self.total += nll[row, first - 1:].double().sum().cpu()
+            self.count += end - begin - first
+
+    def perplexity(self) -> Perplexity:
+        mean = float(self.total / self.count)
+        return Perplexity(ppl=math.exp(mean), nll=mean, tokens=self.count)

@@ -76,6 +76,27 @@ def test_reference_matches_torch_adam(decoupled, weight_decay):
     run_vs_torch(decoupled, weight_decay, "mixed", lr_tensor=False, step_fn=masked_adam_step_reference)
 
 
+@pytest.mark.parametrize("lr_tensor", [False, True])
+def test_reference_in_chunks_equals_one_call(monkeypatch, lr_tensor):
+    """Bounded temporaries (``CHUNK_ELEMENTS``): tensors taken a few at a time give exactly the one-call step."""
+    import starfish_fast.kernels.masked_adam as masked_adam
+
+    results = []
+    for chunk in (1 << 25, 300):                  # one call; then runs of at most 300 elements (a larger one alone)
+        monkeypatch.setattr(masked_adam, "CHUNK_ELEMENTS", chunk)
+        params, masks = make(SHAPES, "mixed")
+        runs = list(masked_adam._chunked({"all": list(range(len(params)))}, params))
+        assert len(runs) == (1 if chunk > 300 else len(params)), runs
+        moments = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        gen = torch.Generator().manual_seed(1)
+        for step in range(1, 4):
+            grads = [torch.randn(*p.shape, generator=gen) for p in params]
+            masked_adam_step_reference(params, grads, *moments, masks, lr=torch.tensor(3e-2) if lr_tensor else 3e-2,
+                                       beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, step=step, decoupled=True)
+        results.append([*params, *moments[0], *moments[1]])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_many_tensors_one_launch():
     """17 tensors of assorted sizes: every program must find its tensor (binary search)."""
     shapes = [(n,) for n in (1, 255, 256, 257, 3, 1000, 2, 511, 64, 1, 700, 5, 9, 300, 31, 2049, 17)]

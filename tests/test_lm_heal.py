@@ -35,8 +35,8 @@ def setup(kind="llama", masks="magnitude"):
     return dense, pruned, made, calib
 
 
-def config(**overrides):
-    settings = dict(epochs=2, batch_size=4, lr=3e-3, min_lr=1e-5, progress=False, log_every=1, device="cpu")
+def config(**overrides):      # one objective per run (the finish phase: test_finish.py)
+    settings = dict(finish="none", epochs=2, batch_size=4, lr=3e-3, min_lr=1e-5, progress=False, log_every=1, device="cpu")
     return HealConfig(**{**settings, **overrides})
 
 
@@ -140,7 +140,8 @@ def test_compiled_decoder_layers_share_one_graph(compiled_graphs):
 
 @pytest.mark.slow
 def test_two_processes_heal_an_lm_as_one(tmp_path):
-    """torchrun, gloo, 2 processes: the engine's DDP path on token batches gives the single-process run."""
+    """torchrun, gloo, 2 processes: the engine's DDP path on token batches gives the single-process run, both
+    phases (block-local, then the KL finish: ``heal_case`` keeps the language model's default)."""
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"out": str(tmp_path)}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -152,7 +153,9 @@ def test_two_processes_heal_an_lm_as_one(tmp_path):
     torch.set_num_threads(1)
     single_model, single, masks = heal_case()
     double = torch.load(tmp_path / "lm.pt", weights_only=True)
-    assert [h["loss"] for h in double["history"]] == pytest.approx([h["loss"] for h in single.history], rel=1e-5)
+    # the KL finish is a mean of two half-batch means, each summed in its own order: 1e-5 apart
+    assert [h["loss"] for h in double["history"]] == pytest.approx([h["loss"] for h in single.history], rel=5e-5)
+    assert [h["objective"] for h in single.history] == ["starfish", "kl"]
     for key, value in single_model.state_dict().items():
         torch.testing.assert_close(double["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     for rank in (0, 1):

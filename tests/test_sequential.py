@@ -163,8 +163,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, where, mode):
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[key], value), key
     with pytest.raises(ValueError, match="refusing to resume.*settings differ: order"):
-        heal(pruned_copy(dense, masks), dense, masks, calib, settings(order="joint", mode=mode, precision="fp32",
-                                                                      checkpoint_path=str(checkpoint), resume=True))
+        heal(pruned_copy(dense, masks), dense, masks, calib, settings(order="joint", finish="none", mode=mode,
+                                                                      precision="fp32", checkpoint_path=str(checkpoint), resume=True))
 
 
 def test_auto_order_follows_the_joint_estimate(monkeypatch):

@@ -3,8 +3,10 @@ random Llama saved in 3 safetensors shards, pruned and healed block by block. Th
 time (counted through the checkpoint's reads), the output's shards and index load in transformers with the
 masked weights zero, masks from a pruned checkpoint's zeros equal the mask file's, bit-packed masks round
 trip, and every mistake of the contract is one line before anything is read or written."""
+import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from starfish_fast.checkpoint import MASKS_FILE, file_kind, load_tensor_file, save_masks  # noqa: E402
+from starfish_fast.masks import apply_masks  # noqa: E402
 from starfish_fast.models.hf import load_healed_lm  # noqa: E402
 from starfish_fast.models.hf_shards import INDEX_NAME, MaskFile, ShardedCheckpoint  # noqa: E402
 from starfish_fast.packed_masks import pack, unpack  # noqa: E402
@@ -90,6 +93,24 @@ def test_streaming_prune_equals_the_in_memory_makers(dense, tmp_path, method):
     for key, mask in expected.items():
         assert torch.equal(found[key], mask), key
     assert lm.weights.reads == len(expected)             # each scope weight read once, nothing else
+
+
+@pytest.mark.parametrize("form", [dict(sparsity=0.5), dict(sparsity=None, n=2, m=4)])
+def test_streaming_wanda_equals_the_in_memory_maker_one_layer_at_a_time(dense, tmp_path, form):
+    from starfish_fast.prune import wanda_masks
+
+    model, path = dense
+    lm = StreamedLM.open(path)
+    calib = [tokens(batch=3, length=11, seed=4), tokens(batch=3, length=11, seed=5)]
+    out = tmp_path / "masks.safetensors"
+    stream_prune(lm, out, "wanda", calib=calib, **form)
+    expected = wanda_masks(model, form["sparsity"], torch.cat(calib), batch_size=3,
+                           **{k: v for k, v in form.items() if k != "sparsity"})
+    found = load_tensor_file(out)
+    assert set(found) == set(expected)
+    for key, mask in expected.items():
+        assert torch.equal(found[key], mask), key
+    assert all(p.is_meta for p in lm.skeleton.parameters())               # nothing of the model left held
 
 
 # ----------------------------------------------------------------------------- healing block by block
@@ -202,6 +223,30 @@ def test_masks_from_a_pruned_checkpoints_zeros_equal_the_mask_file(dense, tmp_pa
     assert all(torch.equal(healed_masks[key], mask) for key, mask in masks.items())
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_perplexity_equals_the_whole_models(tmp_path, tied):
+    """One decoder layer at a time, then the model's own norm and head: ``text.perplexity``'s number (strided,
+    windows of two lengths), with masks applied as read; the skeleton is left on meta."""
+    from starfish_fast.layer_walk import streamed_perplexity
+    from starfish_fast.text import perplexity
+
+    model = tiny_llama(tie_word_embeddings=tied)
+    path = save_sharded(model, tmp_path / "dense")
+    masks = magnitude_masks(model, 0.5)
+    save_masks(masks, tmp_path / "m.safetensors")
+    ids = torch.randint(0, VOCAB, (70,), generator=torch.Generator().manual_seed(2))
+    lm = StreamedLM.open(path)
+    for mask_file in (None, tmp_path / "m.safetensors"):
+        expected = copy.deepcopy(model)
+        if mask_file is not None:
+            apply_masks(expected, masks)
+        want = perplexity(expected, ids, seq_len=16, stride=12, batch_size=3)
+        got = streamed_perplexity(lm, ids, 16, block_masks(lm, mask_path=mask_file) if mask_file else None,
+                                  stride=12, batch_size=3)
+        assert got.tokens == want.tokens and got.ppl == pytest.approx(want.ppl, rel=1e-5), (got, want)
+    assert all(p.is_meta for p in lm.skeleton.parameters())
+
+
 # ----------------------------------------------------------------------------- the contract's mistakes
 def test_mistakes_are_one_line_before_anything_is_read(dense, tmp_path):
     model, path = dense
@@ -297,16 +342,59 @@ def test_cli_prune_and_recover_sequential_stream_a_sharded_directory(text_lm, ca
     assert cli.main(["prune", "--model-name", str(root / "llama"), "--method", "magnitude", "--sparsity", "0.5",
                      "--output", str(masks)]) == 0
     assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5)
+    assert cli.main(["prune", "--model-name", str(root / "llama"), "--method", "wanda", "--sparsity", "0.5",
+                     "--calib-text", str(root / "calib"), "--calib-sequences", "8", "--seq-len", "16",
+                     "--output", str(root / "wanda.safetensors")]) == 0       # norms one decoder layer at a time
+    assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5)
     assert cli.main(["recover", "--model-name", str(root / "llama"), "--mask-path", str(masks), "--order", "sequential",
                      "--calib-text", str(root / "calib"), "--calib-sequences", "8", "--seq-len", "16",
                      "--eval-text", str(root / "eval"), "--epochs", "2", "--batch-size", "4", "--no-progress",
                      "--output-path", str(out)]) == 0
-    report = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    report = json.loads(printed.out)
     assert report["order"] == "sequential (streamed)" and report["steps"] == 3 * 2 * 2
+    assert set(report["perplexity"]) == {"dense", "pruned", "healed"}           # one decoder layer at a time
+    assert "perplexity: dense" in printed.err and "healed block by block in 12 steps" in printed.err
     monkeypatch.undo()
     healed = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
     for key, mask in load_tensor_file(masks).items():
         assert not healed[key][~mask].any(), key
+
+
+def test_cli_recover_a_pruned_directory_against_its_dense_one_without_a_mask_file(text_lm, capsys):
+    """``recover --model-name PRUNED --dense-path DENSE --order sequential``: masks are the pruned weights'
+    non-zeros, the student starts from the pruned weights; without --dense-path (or sequential order) one line."""
+    from starfish_fast import cli
+
+    model, root = text_lm
+    masks = magnitude_masks(model, 0.5)
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for key, mask in masks.items():
+            pruned.get_parameter(key).mul_(mask)
+    pruned.save_pretrained(root / "pruned", max_shard_size="60KB")
+    for file in (root / "llama").iterdir():               # the tokenizer's files
+        if not (root / "pruned" / file.name).exists():
+            shutil.copy(file, root / "pruned" / file.name)
+    out = root / "run" / "healed"
+    capsys.readouterr()                                   # the save's progress bar
+    recover = ["recover", "--model-name", str(root / "pruned"), "--calib-text", str(root / "calib"),
+               "--calib-sequences", "8", "--seq-len", "16", "--epochs", "2", "--batch-size", "4", "--no-progress",
+               "--output-path", str(out)]
+    for extra, words in (([], "--mask-path is required"), (["--dense-path", str(root / "llama")], "--order sequential")):
+        assert cli.main([*recover, *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (root / "run").exists()
+    assert cli.main([*recover, "--dense-path", str(root / "llama"), "--order", "sequential"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["order"] == "sequential (streamed)" and report["steps"] == 3 * 2 * 2
+    healed = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    _, healed_masks = load_healed_lm(str(out))
+    for key, mask in masks.items():
+        assert torch.equal(healed_masks[key], mask), key
+        assert not healed[key][~mask].any(), key
+        assert not torch.equal(healed[key], pruned.state_dict()[key]), key      # trained
 
 
 def test_cli_contract_mistakes_are_one_line_and_exit_2(text_lm, capsys, monkeypatch):

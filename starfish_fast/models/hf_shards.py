@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from starfish_fast.checkpoint import (MASKS_FILE, check_input_file, error_line, key_examples, load_tensor_file,
@@ -33,6 +34,7 @@ from starfish_fast.packed_masks import packed_header, packed_shapes, unpack
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
+MASK_PART = ".masks-{}.safetensors"          # one block's packed masks until the mask file is written
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
@@ -224,17 +226,25 @@ class ShardWriter:
             self.weight_map[key] = name
             self.total_size += value.numel() * value.element_size()
 
-    def finish(self, source_dir: str | os.PathLike, packed_masks: Mapping[str, torch.Tensor] | None = None,
-               mask_shapes: Mapping[str, tuple] | None = None, metadata: Mapping[str, str] | None = None) -> None:
+    def stash_masks(self, shard: int, packed: Mapping[str, torch.Tensor]) -> None:
+        """Shard ``shard``'s masks (``packed_masks.pack``ed) kept on disk until ``finish`` writes the mask file."""
+        save_safetensors_atomic(dict(packed), self.tmp / MASK_PART.format(shard))
+
+    def finish(self, source_dir: str | os.PathLike, mask_shapes: Mapping[str, tuple] | None = None,
+               metadata: Mapping[str, str] | None = None) -> None:
         """The index, the small files of ``source_dir`` (config, tokenizer; not its weights nor masks), the
-        masks (already ``packed_masks.pack``ed, of ``mask_shapes``; ``metadata``), then the rename into place."""
+        stashed masks as one file (of ``mask_shapes``; ``metadata``), then the rename into place."""
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         for file in Path(source_dir).iterdir():
             if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and file.name not in (INDEX_NAME,):
                 shutil.copy2(file, self.tmp / file.name)
-        if packed_masks is not None:
-            save_safetensors_atomic(packed_masks, self.tmp / MASKS_FILE, packed_header(mask_shapes, metadata))
+        parts = sorted(self.tmp.glob(MASK_PART.format("*")))
+        if parts:
+            packed = {key: value for part in parts for key, value in load_file(part).items()}
+            save_safetensors_atomic(packed, self.tmp / MASKS_FILE, packed_header(mask_shapes, metadata))
+            for part in parts:
+                part.unlink()
         old = self.directory.parent / f".{self.directory.name}.{secrets.token_hex(4)}.old"
         if self.directory.exists():
             os.replace(self.directory, old)

@@ -30,7 +30,7 @@ from starfish_fast.prune.makers import (ScoreFn, check_nm_shapes, check_sparsity
 log = logging.getLogger(__name__)
 
 
-def _feature_sums(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def feature_sums(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Sum of squares of each input feature of ``module`` over every token / position of ``x``."""
     x = x.detach().float().pow(2)
     if isinstance(module, nn.Conv2d):
@@ -53,7 +53,7 @@ def input_norms(model: nn.Module, keys: Iterable[str], batches: list[torch.Tenso
     read as single images there a second time)."""
     layers = {key: key.rpartition(".")[0] for key in keys}
     with evaluating(model, device) as target:
-        sums = layer_input_sums(model, layers, batches, lambda _key, module, x: _feature_sums(module, x).double(),
+        sums = layer_input_sums(model, layers, batches, lambda _key, module, x: feature_sums(module, x).double(),
                                 target, purpose="Wanda")
     return {key: value.sqrt().float().cpu() for key, value in sums.items()}
 
