@@ -10,11 +10,12 @@ the whole model in memory: perplexity, and Wanda's input norms.
 A layer's inputs and keyword arguments (position embeddings, attention mask) come from the model's own forward
 stopped at layer 0 (``layer_inputs``); the last step of perplexity is the model's own forward again, its layers
 replayed (the final norm and the LM head as the model applies them). The skeleton is left on the meta device.
+``lm`` is a ``streaming.StreamedLM`` (streaming builds on this module), ``masks`` a ``streaming.BlockMasks``.
 """
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -22,9 +23,6 @@ from torch import nn
 from starfish_fast.calibration import capture_inputs
 from starfish_fast.prune.wanda import feature_sums
 from starfish_fast.text import Perplexity, Scores, window_batches
-
-if TYPE_CHECKING:                 # streaming builds on this module
-    from starfish_fast.streaming import BlockMasks, StreamedLM
 
 
 def materialize(model: nn.Module, module: nn.Module, tensors: Mapping[str, torch.Tensor], device,
@@ -51,8 +49,8 @@ def layer_inputs(model: nn.Module, first: nn.Module, batch: torch.Tensor) -> tup
 
 
 @torch.no_grad()
-def walk_layers(lm: "StreamedLM", batches: Iterable[torch.Tensor], device, dtype: torch.dtype,
-                masks: "BlockMasks | None" = None, watch: Callable[[str, nn.Module], list] | None = None
+def walk_layers(lm, batches: Iterable[torch.Tensor], device, dtype: torch.dtype,
+                masks=None, watch: Callable[[str, nn.Module], list] | None = None
                 ) -> tuple[list[list], bool]:
     """Token ``batches`` through ``lm``'s layers, one layer in memory at a time (its scope weights times ``masks``):
     ``watch(layer name, layer)`` may hook the layer while it runs (the handles it returns are removed after). The
@@ -108,7 +106,7 @@ class _Replay(nn.Module):
 
 
 @torch.no_grad()
-def streamed_perplexity(lm: "StreamedLM", ids: torch.Tensor, seq_len: int, masks: "BlockMasks | None" = None,
+def streamed_perplexity(lm, ids: torch.Tensor, seq_len: int, masks=None,
                         stride: int | None = None, batch_size: int = 4, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> Perplexity:
     """``text.perplexity`` of ``lm`` (its scope weights times ``masks``) with one decoder layer in memory at a time."""
@@ -129,7 +127,7 @@ def streamed_perplexity(lm: "StreamedLM", ids: torch.Tensor, seq_len: int, masks
 
 
 @torch.no_grad()
-def streamed_input_norms(lm: "StreamedLM", keys: Iterable[str], batches: Iterable[torch.Tensor],
+def streamed_input_norms(lm, keys: Iterable[str], batches: Iterable[torch.Tensor],
                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                          ) -> dict[str, torch.Tensor]:
     """``wanda.input_norms`` of the dense ``lm`` over token ``batches`` ({weight key: (in_features,) fp32 CPU}), one
