@@ -2,6 +2,7 @@
 
     python bench/bench_stream_7b.py write --dir /work/tmp7b          # random bf16 weights, ~13.5 GB of shards
     python bench/bench_stream_7b.py prune --dir /work/tmp7b          # 50% magnitude, streamed: masks.safetensors
+    python bench/bench_stream_7b.py prune --method wanda             # 50% Wanda, its norms one layer at a time
     python bench/bench_stream_7b.py heal --dir /work/tmp7b           # one step per block, 128-token sequences
     python bench/bench_stream_7b.py report                           # bench/results/stream_7b_cpu.{json,md}
     (--shape tiny: the same on a 4-layer toy, to try the script in seconds)
@@ -87,17 +88,24 @@ def write(args) -> None:
 
 # ----------------------------------------------------------------------------- prune
 def prune(args) -> None:
+    """Magnitude 50% per layer (masks_magnitude50, what heal reads), or Wanda 50% (``--method wanda``: its input
+    norms one decoder layer at a time over ``--sequences`` x 128 random tokens)."""
     from starfish_fast.streaming import StreamedLM, stream_prune
 
     start = time.perf_counter()
     lm = StreamedLM.open(args.dir)
-    summary = stream_prune(lm, Path(args.dir) / "masks_magnitude50.safetensors", "magnitude", sparsity=0.5)
+    out = Path(args.dir) / f"masks_{args.method}50.safetensors"
+    calib = [torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.sequences, 128),
+                           generator=torch.Generator().manual_seed(1))] if args.method == "wanda" else None
+    summary = stream_prune(lm, out, args.method, sparsity=0.5, calib=calib)
     seconds = time.perf_counter() - start
-    record(f"prune_{args.shape}", {"method": "magnitude 50% per layer, streamed", "tensors": len(summary["layers"]),
-                                   "weights_pruned": summary["pruned"], "weights_in_scope": summary["total"],
-                                   "sparsity": summary["sparsity"], "seconds": round(seconds, 1),
-                                   "bytes_read": lm.weights.bytes_read,
-                                   "mask_file_bytes": (Path(args.dir) / "masks_magnitude50.safetensors").stat().st_size})
+    phase = f"prune_{args.shape}" if args.method == "magnitude" else f"prune_{args.method}_{args.shape}"
+    record(phase, {"method": f"{args.method} 50% per {'layer' if args.method == 'magnitude' else 'output row'}, "
+                             f"streamed" + (f" ({args.sequences} x 128 tokens)" if calib else ""),
+                   "tensors": len(summary["layers"]), "weights_pruned": summary["pruned"],
+                   "weights_in_scope": summary["total"], "sparsity": summary["sparsity"],
+                   "seconds": round(seconds, 1), "bytes_read": lm.weights.bytes_read,
+                   "mask_file_bytes": out.stat().st_size})
 
 
 # ----------------------------------------------------------------------------- heal
@@ -201,16 +209,17 @@ def report(args) -> None:
              "`python bench/bench_stream_7b.py write|prune|heal|report` on this machine (2 cores, 24 GB, no GPU); "
              "random bf16 weights, so the losses mean nothing beyond the run training. Each phase is one process; "
              "peak RSS is its `ru_maxrss`.", "", "| phase | seconds | peak RSS (GiB) | notes |", "|---|---|---|---|"]
-    for phase in ("write_7b", "prune_7b", "heal_7b"):
+    for phase in ("write_7b", "prune_7b", "prune_wanda_7b", "heal_7b"):
         if phase in results:
             r = results[phase]
             seconds = r.get("seconds", r.get("seconds_total"))
             notes = {"write_7b": f"{r.get('shards')} shards, {r.get('bytes', 0) / 1e9:.1f} GB",
                      "prune_7b": f"sparsity {r.get('sparsity', 0):.4f}, mask file {r.get('mask_file_bytes', 0) / 1e9:.2f} GB "
                                  f"(bit-packed)",
+                     "prune_wanda_7b": f"{r.get('method')}, sparsity {r.get('sparsity', 0):.4f}",
                      "heal_7b": f"{r.get('blocks')} blocks, {r.get('seconds_per_block_mean')} s per block, "
                                 f"{r.get('sequences')} x 128 tokens, 1 step per block"}[phase]
-            lines.append(f"| {phase[:-3]} | {seconds} | {r['peak_rss_gib']:.2f} | {notes} |")
+            lines.append(f"| {phase[:-3].replace('_', ' ')} | {seconds} | {r['peak_rss_gib']:.2f} | {notes} |")
     if heal_7b:
         lines += ["", _memory_table(heal_7b)]
     RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -250,6 +259,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--sequences", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--method", choices=("magnitude", "wanda"), default="magnitude", help="prune: the mask maker")
     args = parser.parse_args()
     torch.set_num_threads(2)
     {"write": write, "prune": prune, "heal": heal, "report": report}[args.phase](args)
