@@ -317,8 +317,8 @@ class Text(Modality):
         scope = scope or args.prune_scope
         if args.mask_path is None:
             if args.dense_path is None:
-                raise ValueError("--mask-path: not given, and no --dense-path DIR to heal --model-name's pruned weights "
-                                 "towards (its masks are then its non-zeros)")
+                raise ValueError("--mask-path: not given, and no --dense-path DIR to heal --model-name's pruned "
+                                 "weights towards (its masks are then its non-zeros)")
             return block_masks(StreamedLM.open(args.dense_path, "--dense-path"), scope,
                                pruned=StreamedLM.open(self.spec.arch))
         check_input_file(args.mask_path, "--mask-path", "masks", args.allow_unsafe_pickle)
@@ -421,6 +421,7 @@ class Text(Modality):
                   "plot": config.plot_path, "model_name": args.model_name, "dense_weights": self.weights_label(args),
                   "mask_path": args.mask_path, "perplexity": {k: v for k, v in scores.items() if v is not None} or None,
                   **self.text, "mask_density": mask_density(self.masks), "objective": config.objective,
+                  "finish": result.plan.finish,
                   "final_loss": result.history[-1]["loss"], "steps": result.steps,
                   "heal_seconds": round(result.heal_seconds, 2),
                   "sequences_per_second": round(result.images_per_second, 3),

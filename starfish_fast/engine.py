@@ -8,12 +8,12 @@ output aligns with the dense model's.
     result.ran            # what actually ran (compiled blocks, kernels per op, compacted layers)
     result.images_per_second, result.whole_call_images_per_second, result.compile_seconds
 
-A run that finishes with a whole-model phase (``plan.finish``, ``HealConfig.finish``) is two such runs, one
-after the other (``config.phase_configs``). The flow of each: the plan is resolved (``plan.resolve_plan``) before any work; structured masks may
+The flow: the plan is resolved (``plan.resolve_plan``) before any work; structured masks may
 narrow the student (``compaction``); the teacher store runs the dense model once; one loop
 drives the plan's step (``steps.ExactStep`` or ``steps.FastStep``) with resume checkpoints,
 progress and metrics shared by both; the kept weights are written back. Masked weights stay
-exactly zero and the student is left in eval mode.
+exactly zero and the student is left in eval mode. A run that finishes with a whole-model phase
+(``plan.finish``) is two such runs, one after the other (``config.phase_configs``).
 """
 from __future__ import annotations
 
@@ -70,9 +70,12 @@ def heal(pruned_model: nn.Module, dense_model: nn.Module, masks: Mapping[str, to
     if group is None or group.main:
         log.info("%s", plan.summary())
     if plan.finish != "none":
-        configs = phase_configs(config, plan.finish)
-        phases = [heal(pruned_model, dense_model, masks, calib, phase, labels=labels, block_names=block_names,
-                       predicate=predicate) for phase in configs]
+        configs, phases = phase_configs(config, plan.finish), []
+        for number, phase in enumerate(configs, 1):
+            if group is None or group.main:
+                log.info("phase %d of 2: %s for %d epochs", number, phase.objective, phase.epochs)
+            phases.append(heal(pruned_model, dense_model, masks, calib, phase, labels=labels, block_names=block_names,
+                               predicate=predicate))
         result = HealResult.joined(phases, plan, config, time.perf_counter() - called)
         if group is None or group.main:
             join_phases(config, configs[1], phases[0].steps, result.step_losses, result.history)

@@ -150,5 +150,6 @@ def streamed_input_norms(lm, keys: Iterable[str], batches: Iterable[torch.Tensor
         lm.skeleton.to("meta")
     missing = [key for key in keys if key not in sums]
     if missing:
-        raise ValueError(f"no decoder layer of {lm.path} ran {missing[:3]}: Wanda's norms stream for layer weights only")
+        raise ValueError(f"no decoder layer of {lm.path} ran {missing[:3]}: Wanda's norms stream for layer weights "
+                         f"only")
     return {key: sums[key].sqrt().float().cpu() for key in keys}

@@ -99,7 +99,8 @@ def join_phases(config, later, first_steps: int, step_losses: Sequence[float], h
                 records += [{**record, "step": record["step"] + offset, "objective": objective}
                             for record in map(json.loads, lines) if record["type"] == "step"]
         with atomic_path(config.metrics_path) as tmp, open(tmp, "w") as out:
-            out.writelines(json.dumps(record) + "\n" for record in [*records, *({"type": "epoch", **h} for h in history)])
+            epochs = [{"type": "epoch", **h} for h in history]
+            out.writelines(json.dumps(record) + "\n" for record in [*records, *epochs])
         os.remove(later.metrics_path)
     if config.plot_path and later.plot_path:
         plot_loss_curve(step_losses, history, config.plot_path,
