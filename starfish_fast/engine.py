@@ -244,7 +244,7 @@ def _loop(run: RunState, store, step, resume: dict | None, fingerprints: dict
     config, batches = run.config, run.batches
     losses = torch.zeros(run.total_steps, dtype=torch.float32, device=run.device)          # (S,)
     start = _resume(run, step, losses, resume) if resume is not None else 0
-    run_log = RunLog(config, run.total_steps, start, main=run.main, desc=f"heal ({run.plan.mode})",
+    run_log = RunLog(config, run.total_steps, start, main=run.main, desc=f"heal ({run.plan.mode}, {config.objective})",
                      item=run.adapter.item)
     world = run.plan.world_size
     store.prefetch(start % len(batches))

@@ -144,8 +144,9 @@ def test_4_argparse_errors_are_one_line(argv, words):
     proc = _cli("recover", "--model-name", "fashion_vit", "--mask-path", "m.pt", *argv)
     line, = _errors(proc)
     assert all(word in line for word in words) and "see starfish-fast recover --help" in line
+    # not an argparse error since a pruned language model directory may stand for its masks: the validation's line
     line, = _errors(_cli("recover", "--model-name", "fashion_vit"))
-    assert "--mask-path" in line and "see" in line
+    assert "--mask-path is required" in line and "starfish-fast prune writes them" in line
 
 
 def test_5_progress_moves_every_step_and_says_what_it_reads(lm, tmp_path, capsys, caplog, monkeypatch):
@@ -153,19 +154,22 @@ def test_5_progress_moves_every_step_and_says_what_it_reads(lm, tmp_path, capsys
 
     import starfish_fast.progress as progress
 
-    counts = []
+    counts, bars = [], []
 
     class Bar(progress.tqdm):
         def update(self, n=1):
             super().update(n)
             if self.desc.startswith("heal"):
                 counts.append(self.n)
+                if self.desc not in bars:
+                    bars.append(self.desc)
 
     monkeypatch.setattr(progress, "tqdm", Bar)
     caplog.set_level(logging.INFO, logger="starfish_fast")
     argv = [str(a) for a in _recover_lm(lm, tmp_path / "healed") if a != "--no-progress"]
     assert cli.main(argv) == 0
-    assert counts == list(range(1, 9))                         # every step, though log_every 10 > 8 steps
+    # every step, though log_every 10 > 8 steps; a language model's two phases (finish auto), one bar each
+    assert counts == [*range(1, 5), *range(1, 5)] and bars == ["heal (fast, starfish)", "heal (fast, kl)"]
     assert "seq/s" in capsys.readouterr().err
     assert "reading and tokenizing the text" in caplog.text
     records = [json.loads(line) for line in Path(f"{tmp_path / 'healed'}.metrics.jsonl").read_text().splitlines()]
