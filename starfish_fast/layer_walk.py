@@ -40,6 +40,22 @@ def materialize(model: nn.Module, module: nn.Module, tensors: Mapping[str, torch
             model._init_weights(sub)          # transformers' per-module initializer (inv_freq from the config)
 
 
+def materialize_outside(lm, device, dtype: torch.dtype, head: bool = True) -> nn.Module:
+    """``lm``'s skeleton with its tensors outside the decoder layers read (the layers stay on meta); the output
+    embedding too with ``head`` (read, or tied to the input embeddings where the checkpoint has none)."""
+    model = lm.skeleton
+    inside = tuple(block + "." for block in lm.blocks)
+    name = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+    rest = {key: lm.weights.read(key).to(device, dtype) for key in lm.weights.keys()
+            if not key.startswith(inside) and (head or not key.startswith(name + "."))}
+    tied = head and f"{name}.weight" not in rest          # tied to the input embeddings: not in the checkpoint
+    materialize(model, model, rest, device, skip=(*lm.blocks, *([name] if tied or not head else [])))
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    lm.weights.release()
+    return model
+
+
 def layer_inputs(model: nn.Module, first: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The hidden states entering ``first`` (decoder layer 0) for token ids ``batch`` and the keyword arguments every
     layer takes (position embeddings, attention mask), as the model's own forward builds them."""
@@ -56,15 +72,7 @@ def walk_layers(lm, batches: Iterable[torch.Tensor], device, dtype: torch.dtype,
     ``watch(layer name, layer)`` may hook the layer while it runs (the handles it returns are removed after). The
     skeleton keeps its tensors outside the layers (the caller puts it back on meta). ([hidden, keywords] per batch
     after the last layer, whether the layers return tuples)."""
-    model = lm.skeleton
-    inside = tuple(block + "." for block in lm.blocks)
-    rest = {key: lm.weights.read(key).to(device, dtype) for key in lm.weights.keys() if not key.startswith(inside)}
-    head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
-    tied = f"{head}.weight" not in rest                   # tied to the input embeddings: not in the checkpoint
-    materialize(model, model, rest, device, skip=(*lm.blocks, *([head] if tied else [])))
-    if tied:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    lm.weights.release()
+    model = materialize_outside(lm, device, dtype)
     carried = [list(layer_inputs(model, model.get_submodule(lm.blocks[0]), batch.to(device))) for batch in batches]
     as_tuple = False
     for name in lm.blocks:

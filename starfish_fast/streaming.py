@@ -45,7 +45,7 @@ from starfish_fast.packed_masks import pack, packed_header
 from starfish_fast.prune.makers import check_nm, check_sparsity, magnitude_mask, nm_mask, sparsity_summary
 from starfish_fast.prune.wanda import layer_keep
 from starfish_fast.rules import joint_bytes
-from starfish_fast.layer_walk import layer_inputs, materialize, streamed_input_norms
+from starfish_fast.layer_walk import layer_inputs, materialize, materialize_outside, streamed_input_norms
 from starfish_fast.sequential import BlockSource, heal_sequential
 from starfish_fast.teacher import host_available_bytes
 
@@ -222,15 +222,7 @@ class HFShardSource(BlockSource):
     def _stem(self) -> nn.Module:
         """The model with its parts outside the decoder layers read (the output embedding left on meta)."""
         if self._stem_model is None:
-            model = self.lm.skeleton
-            head = next((name for name, module in model.named_modules()
-                         if module is model.get_output_embeddings()), None)
-            skip = (*self.lm.blocks, *([head] if head else []))
-            keys = [key for key in self.rest_keys if not any(key.startswith(s + ".") for s in skip)]
-            tensors = {key: self.lm.weights.read(key).to(self.device, self.dtype) for key in keys}
-            materialize(model, model, tensors, self.device, skip)
-            self.lm.weights.release()
-            self._stem_model = model.eval()
+            self._stem_model = materialize_outside(self.lm, self.device, self.dtype, head=False).eval()
         return self._stem_model
 
     def stem_done(self) -> None:
